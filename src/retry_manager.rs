@@ -1,0 +1,239 @@
+//! The thread-safe retry manager: a [`RetryBook`] behind one lock, a clock, and
+//! logging.
+//!
+//! Every method reads the clock and updates the book under the lock, then logs
+//! after releasing it: log records may reach Python handlers, and no outside code
+//! runs while the lock is held.
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::backoff::{BackoffPolicy, InvalidSetting, Setting};
+use crate::clock::{nanos_to_seconds, Clock};
+use crate::retry_state::{RecordedFailure, RetryBook, RetryDecision, RetrySnapshot, TaskId};
+
+/// The log target; pyo3-log maps it to the Python logger
+/// `necrocode_dispatch.retry_manager`.
+pub const LOG_TARGET: &str = "necrocode_dispatch::retry_manager";
+
+#[derive(Debug)]
+pub struct RetryManager {
+    clock: Arc<dyn Clock>,
+    book: Mutex<RetryBook>,
+}
+
+impl RetryManager {
+    pub fn new(policy: BackoffPolicy, clock: Arc<dyn Clock>) -> Self {
+        log::info!(
+            target: LOG_TARGET,
+            "RetryManager initialized: max_attempts={}, backoff_base={}, initial_delay={}s, max_delay={}s",
+            policy.max_attempts(),
+            policy.backoff_base(),
+            policy.initial_delay(),
+            policy.max_delay()
+        );
+        RetryManager {
+            clock,
+            book: Mutex::new(RetryBook::new(policy)),
+        }
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The book itself, for callers (the dispatcher) that must combine several
+    /// steps atomically. They must not run outside code while holding it.
+    pub fn lock(&self) -> MutexGuard<'_, RetryBook> {
+        self.book.lock()
+    }
+
+    pub fn policy(&self) -> BackoffPolicy {
+        *self.book.lock().policy()
+    }
+
+    pub fn set_max_attempts(&self, max_attempts: u64) {
+        let mut book = self.book.lock();
+        let policy = book.policy().with_max_attempts(max_attempts);
+        book.set_policy(policy);
+    }
+
+    /// Replaces one float setting; an invalid value changes nothing.
+    pub fn set_float(&self, setting: Setting, value: f64) -> Result<(), InvalidSetting> {
+        let mut book = self.book.lock();
+        let policy = book.policy().with_float(setting, value)?;
+        book.set_policy(policy);
+        Ok(())
+    }
+
+    pub fn record_failure(&self, task_id: &str, failure_reason: Option<&str>) -> RecordedFailure {
+        let recorded = {
+            let mut book = self.book.lock();
+            let now = self.clock.now();
+            book.record_failure(task_id, failure_reason, now)
+        };
+        log_failure(&recorded);
+        recorded
+    }
+
+    pub fn should_retry(&self, task_id: &str) -> bool {
+        let decision = {
+            let book = self.book.lock();
+            book.should_retry(task_id, self.clock.monotonic())
+        };
+        match decision {
+            RetryDecision::Retry => {}
+            RetryDecision::LimitReached {
+                retry_count,
+                max_attempts,
+            } => log::debug!(
+                target: LOG_TARGET,
+                "Task {task_id} has reached max retry attempts ({retry_count}/{max_attempts})"
+            ),
+            RetryDecision::BackingOff { remaining } => log::debug!(
+                target: LOG_TARGET,
+                "Task {task_id} must wait {:.1}s before retry",
+                nanos_to_seconds(remaining)
+            ),
+        }
+        decision.allowed()
+    }
+
+    pub fn retry_count(&self, task_id: &str) -> u64 {
+        self.book.lock().retry_count(task_id)
+    }
+
+    pub fn info(&self, task_id: &str) -> Option<RetrySnapshot> {
+        self.book.lock().info(task_id)
+    }
+
+    pub fn clear(&self, task_id: &str) -> bool {
+        let cleared = self.book.lock().clear(task_id);
+        if cleared {
+            log::debug!(target: LOG_TARGET, "Cleared retry info for task {task_id}");
+        }
+        cleared
+    }
+
+    pub fn all_info(&self) -> Vec<RetrySnapshot> {
+        self.book.lock().all_info()
+    }
+
+    pub fn ready_for_retry(&self) -> Vec<TaskId> {
+        let book = self.book.lock();
+        book.ready_for_retry(self.clock.monotonic())
+    }
+
+    pub fn len(&self) -> usize {
+        self.book.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, task_id: &str) -> bool {
+        self.book.lock().contains(task_id)
+    }
+}
+
+/// The log lines of one recorded failure: INFO for the failure and for reaching
+/// the limit, DEBUG for the delay and the reason.
+pub fn log_failure(recorded: &RecordedFailure) {
+    let info = &recorded.info;
+    let task_id = &info.task_id;
+    log::info!(
+        target: LOG_TARGET,
+        "Recorded failure for task {task_id}: retry_count={}/{}, next_retry_at={}, delay={:.1}s",
+        info.retry_count,
+        recorded.max_attempts,
+        info.next_retry_at.map(|t| t.to_string()).unwrap_or_default(),
+        recorded.delay_seconds
+    );
+    log::debug!(
+        target: LOG_TARGET,
+        "Calculated backoff delay for retry {}: {}s",
+        info.retry_count,
+        recorded.delay_seconds
+    );
+    if let Some(reason) = &info.failure_reason {
+        log::debug!(target: LOG_TARGET, "Failure reason for task {task_id}: {reason}");
+    }
+    if recorded.limit_reached {
+        log::info!(
+            target: LOG_TARGET,
+            "Task {task_id} has reached max retry attempts ({}/{})",
+            info.retry_count,
+            recorded.max_attempts
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::wall_time::WallTime;
+    use std::thread;
+
+    fn manager(max_attempts: u64) -> (RetryManager, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(WallTime::from_micros(0).unwrap()));
+        let policy = BackoffPolicy::default().with_max_attempts(max_attempts);
+        (RetryManager::new(policy, clock.clone()), clock)
+    }
+
+    #[test]
+    fn decisions_follow_the_shared_clock() {
+        let (m, clock) = manager(3);
+        m.record_failure("t", Some("boom"));
+        assert!(!m.should_retry("t"));
+        clock.advance(0.999).unwrap();
+        assert!(!m.should_retry("t"));
+        clock.advance(0.001).unwrap();
+        assert!(m.should_retry("t"));
+        assert_eq!(m.ready_for_retry().len(), 1);
+    }
+
+    #[test]
+    fn a_wall_clock_jump_changes_no_decision() {
+        let (m, clock) = manager(3);
+        m.record_failure("t", None);
+        clock.set_wall(WallTime::MAX);
+        assert!(!m.should_retry("t"));
+        clock.set_wall(WallTime::MIN);
+        clock.advance(1.0).unwrap();
+        assert!(m.should_retry("t"));
+    }
+
+    #[test]
+    fn an_invalid_setting_changes_nothing() {
+        let (m, _) = manager(3);
+        assert!(m.set_float(Setting::MaxDelay, -1.0).is_err());
+        assert_eq!(m.policy(), BackoffPolicy::default());
+        m.set_float(Setting::MaxDelay, 5.0).unwrap();
+        assert_eq!(m.policy().max_delay(), 5.0);
+    }
+
+    #[test]
+    fn concurrent_failures_are_all_counted() {
+        let (m, _) = manager(u64::MAX);
+        let m = Arc::new(m);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let m = Arc::clone(&m);
+                thread::spawn(move || {
+                    for i in 0..5_000 {
+                        m.record_failure(&format!("task-{}", (i + t) % 10), None);
+                        m.should_retry("task-0");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let total: u64 = m.all_info().iter().map(|i| i.retry_count).sum();
+        assert_eq!(total, 40_000);
+    }
+}
