@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple, PyType};
@@ -16,10 +16,6 @@ use crate::wall_time::WallTime;
 
 fn invalid_setting(err: InvalidSetting) -> PyErr {
     PyValueError::new_err(err.to_string())
-}
-
-fn cannot_delete(name: &str) -> PyErr {
-    PyTypeError::new_err(format!("cannot delete attribute {name}"))
 }
 
 /// Retry information of one task. Attributes are writable; `to_dict()` and
@@ -106,8 +102,7 @@ impl PyRetryInfo {
     }
 
     #[setter]
-    fn set_task_id(&mut self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let value = value.ok_or_else(|| cannot_delete("task_id"))?;
+    fn set_task_id(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.task_id = Arc::from(args::string("task_id", value)?.as_ref());
         Ok(())
     }
@@ -118,8 +113,7 @@ impl PyRetryInfo {
     }
 
     #[setter]
-    fn set_retry_count(&mut self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let value = value.ok_or_else(|| cannot_delete("retry_count"))?;
+    fn set_retry_count(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.retry_count = args::non_negative_int("retry_count", value)?;
         Ok(())
     }
@@ -130,8 +124,7 @@ impl PyRetryInfo {
     }
 
     #[setter]
-    fn set_last_retry_at(&mut self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let value = value.ok_or_else(|| cannot_delete("last_retry_at"))?;
+    fn set_last_retry_at(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.last_retry_at = datetime::optional_from_py("last_retry_at", value)?;
         Ok(())
     }
@@ -142,8 +135,7 @@ impl PyRetryInfo {
     }
 
     #[setter]
-    fn set_next_retry_at(&mut self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let value = value.ok_or_else(|| cannot_delete("next_retry_at"))?;
+    fn set_next_retry_at(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.next_retry_at = datetime::optional_from_py("next_retry_at", value)?;
         Ok(())
     }
@@ -154,8 +146,7 @@ impl PyRetryInfo {
     }
 
     #[setter]
-    fn set_failure_reason(&mut self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let value = value.ok_or_else(|| cannot_delete("failure_reason"))?;
+    fn set_failure_reason(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.failure_reason =
             args::optional_string("failure_reason", Some(value))?.map(|r| Arc::from(r.as_ref()));
         Ok(())
@@ -279,8 +270,7 @@ impl PyRetryManager {
         PyRetryManager { core, clock }
     }
 
-    fn set_float(&self, setting: Setting, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let value = value.ok_or_else(|| cannot_delete(setting.name()))?;
+    fn set_float(&self, setting: Setting, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let number = args::number(setting.name(), value)?;
         self.core
             .set_float(setting, number)
@@ -329,8 +319,7 @@ impl PyRetryManager {
     }
 
     #[setter]
-    fn set_max_attempts(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let value = value.ok_or_else(|| cannot_delete("max_attempts"))?;
+    fn set_max_attempts(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let n = args::non_negative_int("max_attempts", value)?;
         self.core.set_max_attempts(n);
         Ok(())
@@ -342,7 +331,7 @@ impl PyRetryManager {
     }
 
     #[setter]
-    fn set_backoff_base(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn set_backoff_base(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.set_float(Setting::BackoffBase, value)
     }
 
@@ -352,7 +341,7 @@ impl PyRetryManager {
     }
 
     #[setter]
-    fn set_initial_delay(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn set_initial_delay(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.set_float(Setting::InitialDelay, value)
     }
 
@@ -362,7 +351,7 @@ impl PyRetryManager {
     }
 
     #[setter]
-    fn set_max_delay(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn set_max_delay(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.set_float(Setting::MaxDelay, value)
     }
 
