@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from necrocode_dispatch import ManualClock, RetryInfo, RetryManager, SystemClock
+from necrocode_dispatch import RetryInfo, RetryManager, SystemClock
 
 from .conftest import START
 
