@@ -6,8 +6,12 @@
 
 pub mod backoff;
 pub mod clock;
+pub mod dispatcher;
+pub mod pools;
+pub mod queue;
 pub mod retry_manager;
 pub mod retry_state;
+pub mod runners;
 pub mod wall_time;
 
 mod bindings;

@@ -39,6 +39,8 @@ pub struct RetrySnapshot {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecordedFailure {
     pub info: RetrySnapshot,
+    /// Monotonic due time of the next retry.
+    pub due: MonoNanos,
     pub delay_seconds: f64,
     pub max_attempts: u64,
     /// The count has reached the attempt limit: no further retry.
@@ -140,9 +142,11 @@ impl RetryBook {
             self.due_index.insert((record.due, Arc::clone(&id)));
         }
         let info = snapshot(&id, &record);
+        let due = record.due;
         self.records.insert(id, record);
         RecordedFailure {
             info,
+            due,
             delay_seconds,
             max_attempts,
             limit_reached,

@@ -1,0 +1,803 @@
+//! The dispatcher state machine.
+//!
+//! [`DispatcherState`] holds every task the dispatcher knows — queued, delayed
+//! for a retry, or running — with the pools, the runners and the counts. Its
+//! methods decide and update in one step and return the side effects for the
+//! caller to perform on the outside world (registry, repo pool, event recorder)
+//! after releasing the lock. `T` is the caller's handle of a task (a Python
+//! object in the bindings); the state never inspects it, and hands it back in
+//! [`Effect::Discard`] when it lets go, so it is never dropped under the lock.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::clock::{nanos_to_seconds, MonoNanos, Now};
+use crate::pools::{PoolIndex, PoolState, Pools};
+use crate::queue::{QueueOrder, ReadyQueue};
+use crate::retry_state::{RecordedFailure, RetryBook, TaskId};
+use crate::runners::{RunnerDetails, Runners, TrackedRunner};
+use crate::wall_time::WallTime;
+
+/// What the dispatcher needs to know of a task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskMeta {
+    pub id: TaskId,
+    pub spec_name: Arc<str>,
+    pub repo_name: Arc<str>,
+    pub priority: i64,
+    pub created_at: Option<WallTime>,
+    pub required_skill: Option<Arc<str>>,
+}
+
+/// Where a held task is. A task is in exactly one place (SPEC §4.5 #4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    Queued,
+    Delayed { due: MonoNanos },
+    Running { runner_id: Arc<str> },
+}
+
+#[derive(Debug)]
+struct HeldTask<T> {
+    meta: TaskMeta,
+    payload: Option<T>,
+    place: Place,
+    order: QueueOrder,
+}
+
+/// The state reported to the task registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportedState {
+    Running,
+    Ready,
+    Done,
+    Failed,
+}
+
+impl ReportedState {
+    pub fn value(self) -> &'static str {
+        match self {
+            ReportedState::Running => "running",
+            ReportedState::Ready => "ready",
+            ReportedState::Done => "done",
+            ReportedState::Failed => "failed",
+        }
+    }
+}
+
+/// The metadata reported with a state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateMetadata {
+    Running {
+        runner_id: Arc<str>,
+        assigned_slot: Option<Arc<str>>,
+        pool_name: Arc<str>,
+        started_at: WallTime,
+    },
+    Retry {
+        retry_count: u64,
+        next_retry_at: WallTime,
+        failure_reason: Arc<str>,
+    },
+    Interrupted,
+    Done {
+        runner_id: Arc<str>,
+        completed_at: WallTime,
+    },
+    Failed {
+        reason: Arc<str>,
+        retries: u64,
+        runner_id: Option<Arc<str>>,
+    },
+}
+
+/// A side effect to perform after the lock is released, in order.
+#[derive(Debug)]
+pub enum Effect<T> {
+    ReleaseSlot {
+        slot_id: Arc<str>,
+    },
+    ReportState {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        state: ReportedState,
+        metadata: StateMetadata,
+    },
+    RunnerFinished {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        slot_id: Option<Arc<str>>,
+        success: bool,
+        execution_time_seconds: f64,
+        failure_reason: Option<Arc<str>>,
+    },
+    TaskCompleted {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        execution_time_seconds: f64,
+    },
+    TaskFailed {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Option<Arc<str>>,
+        failure_reason: Arc<str>,
+        retry_count: u64,
+    },
+    StopRunner {
+        runner_id: Arc<str>,
+    },
+    /// A task handle the state no longer holds.
+    Discard(T),
+}
+
+/// What a failure, completion or timeout did.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    /// False when the runner's outcome had already been applied: nothing changed.
+    pub applied: bool,
+    pub effects: Vec<Effect<T>>,
+    /// The retry record, when a failure was recorded.
+    pub failure: Option<RecordedFailure>,
+}
+
+impl<T> Outcome<T> {
+    fn ignored() -> Self {
+        Outcome {
+            applied: false,
+            effects: Vec::new(),
+            failure: None,
+        }
+    }
+}
+
+/// A request the state refuses; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownPool(String),
+    PoolFull(String),
+    GlobalLimitReached(u64),
+    RunnerAlreadyTracked(String),
+    TaskAlreadyHeld { task_id: String, place: String },
+    RunnerOfAnotherTask { runner_id: String, task_id: String },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::UnknownPool(p) => write!(f, "pool_name: no pool named {p:?}"),
+            Refusal::PoolFull(p) => write!(f, "pool {p:?} is at its max_concurrency"),
+            Refusal::GlobalLimitReached(n) => {
+                write!(f, "the global limit max_global_concurrency={n} is reached")
+            }
+            Refusal::RunnerAlreadyTracked(r) => {
+                write!(f, "runner_id: runner {r:?} is already tracked")
+            }
+            Refusal::TaskAlreadyHeld { task_id, place } => {
+                write!(f, "task_id: task {task_id:?} is already {place}")
+            }
+            Refusal::RunnerOfAnotherTask { runner_id, task_id } => write!(
+                f,
+                "runner_id: runner {runner_id:?} does not run task {task_id:?}"
+            ),
+        }
+    }
+}
+
+/// Counters for `get_status()["metrics"]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub tasks_enqueued: u64,
+    pub tasks_assigned: u64,
+    pub tasks_completed: u64,
+    pub tasks_failed: u64,
+    pub retries_scheduled: u64,
+    pub runner_timeouts: u64,
+    pub runners_force_stopped: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub max_global_concurrency: u64,
+    pub heartbeat_timeout: MonoNanos,
+}
+
+/// A snapshot of the whole state, for `get_status()`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusSnapshot {
+    pub queue_size: usize,
+    /// (task id, next retry at), earliest first.
+    pub delayed: Vec<(TaskId, WallTime)>,
+    pub running_tasks: usize,
+    pub global_running: u64,
+    pub max_global_concurrency: u64,
+    pub pools: Vec<PoolState>,
+    pub metrics: Metrics,
+}
+
+/// A runner as the caller describes it when it starts running a task.
+#[derive(Clone, Debug)]
+pub struct NewRunner {
+    pub runner_id: Arc<str>,
+    pub pool_name: Arc<str>,
+    pub slot_id: Option<Arc<str>>,
+    pub started_at: Option<WallTime>,
+    pub details: RunnerDetails,
+}
+
+#[derive(Debug)]
+pub struct DispatcherState<T> {
+    limits: Limits,
+    tasks: HashMap<TaskId, HeldTask<T>>,
+    queue: ReadyQueue,
+    delayed: BTreeSet<(MonoNanos, TaskId)>,
+    pools: Pools,
+    runners: Runners,
+    global_running: u64,
+    metrics: Metrics,
+    next_seq: u64,
+}
+
+impl<T> DispatcherState<T> {
+    pub fn new(limits: Limits, pools: Pools, by_priority: bool) -> Self {
+        DispatcherState {
+            limits,
+            tasks: HashMap::new(),
+            queue: ReadyQueue::new(by_priority),
+            delayed: BTreeSet::new(),
+            pools,
+            runners: Runners::default(),
+            global_running: 0,
+            metrics: Metrics::default(),
+            next_seq: 0,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    pub fn runners(&self) -> &Runners {
+        &self.runners
+    }
+
+    pub fn global_running(&self) -> u64 {
+        self.global_running
+    }
+
+    pub fn can_accept_globally(&self) -> bool {
+        self.global_running < self.limits.max_global_concurrency
+    }
+
+    pub fn place_of(&self, task_id: &str) -> Option<&Place> {
+        self.tasks.get(task_id).map(|t| &t.place)
+    }
+
+    pub fn queued_ids(&self) -> Vec<TaskId> {
+        self.queue.iter().cloned().collect()
+    }
+
+    fn new_order(&mut self, meta: &TaskMeta, now: Now) -> QueueOrder {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        QueueOrder {
+            priority: meta.priority,
+            age: meta.created_at.unwrap_or(now.wall).micros(),
+            seq,
+        }
+    }
+
+    /// A task from a poll. Queued unless already held (queued, delayed or
+    /// running), in which case the poll is ignored and the handle comes back —
+    /// except that a delayed task held without a handle keeps this one.
+    pub fn offer(&mut self, meta: TaskMeta, payload: T, now: Now) -> Result<(), T> {
+        if let Some(held) = self.tasks.get_mut(&meta.id) {
+            if matches!(held.place, Place::Delayed { .. }) && held.payload.is_none() {
+                held.payload = Some(payload);
+                return Ok(());
+            }
+            return Err(payload);
+        }
+        let order = self.new_order(&meta, now);
+        self.queue.push(meta.id.clone(), order);
+        self.tasks.insert(
+            meta.id.clone(),
+            HeldTask {
+                meta,
+                payload: Some(payload),
+                place: Place::Queued,
+                order,
+            },
+        );
+        self.metrics.tasks_enqueued += 1;
+        Ok(())
+    }
+
+    /// Moves retries whose backoff has elapsed back to the ready queue. A
+    /// delayed task held without a handle is forgotten instead, so the next
+    /// poll that returns it queues it anew. Returns how many were queued.
+    pub fn promote_due(&mut self, now: MonoNanos) -> usize {
+        let due: Vec<(MonoNanos, TaskId)> = self
+            .delayed
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .cloned()
+            .collect();
+        let mut queued = 0;
+        for key in due {
+            self.delayed.remove(&key);
+            let id = key.1;
+            let has_payload = self.tasks.get(&id).is_some_and(|t| t.payload.is_some());
+            if has_payload {
+                let held = self.tasks.get_mut(&id).expect("delayed task is held");
+                held.place = Place::Queued;
+                self.queue.push(id, held.order);
+                queued += 1;
+            } else {
+                self.tasks.remove(&id);
+            }
+        }
+        queued
+    }
+
+    /// Starts tracking `runner` as running `meta`'s task in a pool: reserves
+    /// the pool's and the global capacity. Refused, changing nothing, when the
+    /// pool is unknown or full, the global limit is reached, the runner is
+    /// already tracked or the task is already held.
+    pub fn track_running(
+        &mut self,
+        meta: TaskMeta,
+        payload: Option<T>,
+        runner: NewRunner,
+        now: Now,
+    ) -> Result<(), Refusal> {
+        let pool = self
+            .pools
+            .index(&runner.pool_name)
+            .ok_or_else(|| Refusal::UnknownPool(runner.pool_name.to_string()))?;
+        if let Some(held) = self.tasks.get(&meta.id) {
+            return Err(Refusal::TaskAlreadyHeld {
+                task_id: meta.id.to_string(),
+                place: describe_place(&held.place),
+            });
+        }
+        if self.runners.get(&runner.runner_id).is_some() {
+            return Err(Refusal::RunnerAlreadyTracked(runner.runner_id.to_string()));
+        }
+        if !self.can_accept_globally() {
+            return Err(Refusal::GlobalLimitReached(
+                self.limits.max_global_concurrency,
+            ));
+        }
+        if !self.pools.reserve(pool) {
+            return Err(Refusal::PoolFull(runner.pool_name.to_string()));
+        }
+        self.global_running += 1;
+        let order = self.new_order(&meta, now);
+        self.start_runner(meta, payload, order, pool, runner, now);
+        Ok(())
+    }
+
+    fn start_runner(
+        &mut self,
+        meta: TaskMeta,
+        payload: Option<T>,
+        order: QueueOrder,
+        pool: PoolIndex,
+        runner: NewRunner,
+        now: Now,
+    ) {
+        self.runners.insert(TrackedRunner {
+            runner_id: runner.runner_id.clone(),
+            task_id: meta.id.clone(),
+            spec_name: meta.spec_name.clone(),
+            slot_id: runner.slot_id,
+            pool,
+            started_mono: now.mono,
+            started_at: runner.started_at.unwrap_or(now.wall),
+            last_heartbeat: now.mono,
+            last_heartbeat_at: now.wall,
+            details: runner.details,
+        });
+        self.tasks.insert(
+            meta.id.clone(),
+            HeldTask {
+                meta,
+                payload,
+                place: Place::Running {
+                    runner_id: runner.runner_id,
+                },
+                order,
+            },
+        );
+        self.metrics.tasks_assigned += 1;
+    }
+
+    /// Takes a task out of whatever place it is in.
+    fn take_task(&mut self, task_id: &str) -> Option<HeldTask<T>> {
+        let held = self.tasks.remove(task_id)?;
+        match &held.place {
+            Place::Queued => {
+                self.queue.remove(task_id);
+            }
+            Place::Delayed { due } => {
+                self.delayed.remove(&(*due, held.meta.id.clone()));
+            }
+            Place::Running { .. } => {}
+        }
+        Some(held)
+    }
+
+    /// Gives back the capacity a runner held; counts never go below zero.
+    fn release_runner(&mut self, runner: &TrackedRunner, effects: &mut Vec<Effect<T>>) {
+        self.pools.release(runner.pool);
+        self.global_running = self.global_running.saturating_sub(1);
+        if let Some(slot_id) = &runner.slot_id {
+            effects.push(Effect::ReleaseSlot {
+                slot_id: slot_id.clone(),
+            });
+        }
+    }
+
+    /// `handle_task_failure`: the failure of `task_id`, run by `runner_id` if
+    /// given (else by whichever runner runs it, if any).
+    pub fn fail_task(
+        &mut self,
+        task_id: &str,
+        spec_name: Option<&str>,
+        reason: &str,
+        runner_id: Option<&str>,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Result<Outcome<T>, Refusal> {
+        let runner = match runner_id {
+            Some(rid) => {
+                match self.runners.get(rid) {
+                    None => return Ok(Outcome::ignored()),
+                    Some(r) if &*r.task_id != task_id => {
+                        return Err(Refusal::RunnerOfAnotherTask {
+                            runner_id: rid.to_owned(),
+                            task_id: task_id.to_owned(),
+                        })
+                    }
+                    Some(_) => {}
+                }
+                self.runners.take(rid)
+            }
+            None => match self.tasks.get(task_id).map(|t| &t.place) {
+                Some(Place::Running { runner_id }) => {
+                    let rid = runner_id.clone();
+                    self.runners.take(&rid)
+                }
+                _ => None,
+            },
+        };
+        let mut effects = Vec::new();
+        let failure =
+            self.apply_failure(task_id, spec_name, reason, runner, book, now, &mut effects);
+        Ok(Outcome {
+            applied: true,
+            effects,
+            failure: Some(failure),
+        })
+    }
+
+    /// The failure path shared by failures, failed completions and timeouts.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_failure(
+        &mut self,
+        task_id: &str,
+        spec_name: Option<&str>,
+        reason: &str,
+        runner: Option<TrackedRunner>,
+        book: &mut RetryBook,
+        now: Now,
+        effects: &mut Vec<Effect<T>>,
+    ) -> RecordedFailure {
+        if let Some(r) = &runner {
+            self.release_runner(r, effects);
+        }
+        let held = self.take_task(task_id);
+        let spec: Arc<str> = held
+            .as_ref()
+            .map(|h| h.meta.spec_name.clone())
+            .or_else(|| runner.as_ref().map(|r| r.spec_name.clone()))
+            .or_else(|| spec_name.map(Arc::from))
+            .unwrap_or_else(|| Arc::from("unknown"));
+        let id: TaskId = held
+            .as_ref()
+            .map(|h| h.meta.id.clone())
+            .unwrap_or_else(|| Arc::from(task_id));
+        let reason: Arc<str> = Arc::from(reason);
+        let recorded = book.record_failure(&id, Some(&reason), now);
+        let runner_id = runner.map(|r| r.runner_id);
+        if recorded.limit_reached {
+            effects.push(Effect::TaskFailed {
+                spec_name: spec.clone(),
+                task_id: id.clone(),
+                runner_id: runner_id.clone(),
+                failure_reason: reason.clone(),
+                retry_count: recorded.info.retry_count,
+            });
+            effects.push(Effect::ReportState {
+                spec_name: spec,
+                task_id: id.clone(),
+                state: ReportedState::Failed,
+                metadata: StateMetadata::Failed {
+                    reason,
+                    retries: recorded.info.retry_count,
+                    runner_id,
+                },
+            });
+            book.clear(&id);
+            if let Some(payload) = held.and_then(|h| h.payload) {
+                effects.push(Effect::Discard(payload));
+            }
+            self.metrics.tasks_failed += 1;
+        } else {
+            let due = recorded.due;
+            let (meta, payload, order) = match held {
+                Some(h) => (h.meta, h.payload, h.order),
+                None => {
+                    let meta = TaskMeta {
+                        id: id.clone(),
+                        spec_name: spec.clone(),
+                        repo_name: spec.clone(),
+                        priority: 0,
+                        created_at: None,
+                        required_skill: None,
+                    };
+                    let order = self.new_order(&meta, now);
+                    (meta, None, order)
+                }
+            };
+            self.delayed.insert((due, id.clone()));
+            self.tasks.insert(
+                id.clone(),
+                HeldTask {
+                    meta,
+                    payload,
+                    place: Place::Delayed { due },
+                    order,
+                },
+            );
+            effects.push(Effect::ReportState {
+                spec_name: spec,
+                task_id: id,
+                state: ReportedState::Ready,
+                metadata: StateMetadata::Retry {
+                    retry_count: recorded.info.retry_count,
+                    next_retry_at: recorded.info.next_retry_at.unwrap_or(now.wall),
+                    failure_reason: reason,
+                },
+            });
+            self.metrics.retries_scheduled += 1;
+        }
+        recorded
+    }
+
+    /// `handle_runner_completion`: the first report for a runner wins; later
+    /// ones are ignored.
+    pub fn complete(
+        &mut self,
+        runner_id: &str,
+        success: bool,
+        failure_reason: Option<&str>,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Outcome<T> {
+        let Some(runner) = self.runners.take(runner_id) else {
+            return Outcome::ignored();
+        };
+        let execution_time = nanos_to_seconds(now.mono.saturating_sub(runner.started_mono));
+        let mut effects = Vec::new();
+        let reason = failure_reason.map(Arc::from);
+        effects.push(Effect::RunnerFinished {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            runner_id: runner.runner_id.clone(),
+            slot_id: runner.slot_id.clone(),
+            success,
+            execution_time_seconds: execution_time,
+            failure_reason: if success { None } else { reason.clone() },
+        });
+        if !success {
+            let task_id = runner.task_id.clone();
+            let reason = reason.unwrap_or_else(|| Arc::from("unknown"));
+            let failure = self.apply_failure(
+                &task_id,
+                None,
+                &reason,
+                Some(runner),
+                book,
+                now,
+                &mut effects,
+            );
+            return Outcome {
+                applied: true,
+                effects,
+                failure: Some(failure),
+            };
+        }
+        effects.push(Effect::TaskCompleted {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            runner_id: runner.runner_id.clone(),
+            execution_time_seconds: execution_time,
+        });
+        self.release_runner(&runner, &mut effects);
+        effects.push(Effect::ReportState {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            state: ReportedState::Done,
+            metadata: StateMetadata::Done {
+                runner_id: runner.runner_id.clone(),
+                completed_at: now.wall,
+            },
+        });
+        if let Some(payload) = self.take_task(&runner.task_id).and_then(|h| h.payload) {
+            effects.push(Effect::Discard(payload));
+        }
+        book.clear(&runner.task_id);
+        self.metrics.tasks_completed += 1;
+        Outcome {
+            applied: true,
+            effects,
+            failure: None,
+        }
+    }
+
+    pub fn heartbeat(&mut self, runner_id: &str, now: Now) -> bool {
+        self.runners.heartbeat(runner_id, now.mono, now.wall)
+    }
+
+    /// One runner's timeout: the failure path with reason `timeout`.
+    pub fn time_out(&mut self, runner_id: &str, book: &mut RetryBook, now: Now) -> Outcome<T> {
+        let Some(runner) = self.runners.take(runner_id) else {
+            return Outcome::ignored();
+        };
+        self.metrics.runner_timeouts += 1;
+        let task_id = runner.task_id.clone();
+        let mut effects = Vec::new();
+        let failure = self.apply_failure(
+            &task_id,
+            None,
+            "timeout",
+            Some(runner),
+            book,
+            now,
+            &mut effects,
+        );
+        Outcome {
+            applied: true,
+            effects,
+            failure: Some(failure),
+        }
+    }
+
+    /// Every runner silent for longer than the heartbeat timeout, timed out.
+    pub fn check_heartbeats(&mut self, book: &mut RetryBook, now: Now) -> Vec<Outcome<T>> {
+        let silent = self
+            .runners
+            .silent_since(now.mono, self.limits.heartbeat_timeout);
+        silent
+            .iter()
+            .map(|id| self.time_out(id, book, now))
+            .collect()
+    }
+
+    /// Changes a held task's priority (reordering the queue if it is queued).
+    pub fn set_priority(&mut self, task_id: &str, priority: i64) -> bool {
+        let Some(held) = self.tasks.get_mut(task_id) else {
+            return false;
+        };
+        held.meta.priority = priority;
+        held.order.priority = priority;
+        if held.place == Place::Queued {
+            self.queue.set_priority(task_id, priority);
+        }
+        true
+    }
+
+    pub fn set_by_priority(&mut self, by_priority: bool) {
+        self.queue.set_by_priority(by_priority);
+    }
+
+    pub fn set_pool_enabled(&mut self, name: &str, enabled: bool) -> Result<(), Refusal> {
+        let index = self
+            .pools
+            .index(name)
+            .ok_or_else(|| Refusal::UnknownPool(name.to_owned()))?;
+        self.pools.set_enabled(index, enabled);
+        Ok(())
+    }
+
+    pub fn status(&self, book: &RetryBook) -> StatusSnapshot {
+        let delayed = self
+            .delayed
+            .iter()
+            .map(|(_, id)| {
+                let next = book
+                    .info(id)
+                    .and_then(|i| i.next_retry_at)
+                    .unwrap_or(WallTime::MAX);
+                (id.clone(), next)
+            })
+            .collect();
+        StatusSnapshot {
+            queue_size: self.queue.len(),
+            delayed,
+            running_tasks: self.runners.len(),
+            global_running: self.global_running,
+            max_global_concurrency: self.limits.max_global_concurrency,
+            pools: self.pools.iter().map(|(_, p)| p.clone()).collect(),
+            metrics: self.metrics,
+        }
+    }
+
+    /// Checks every invariant of SPEC §4.5 that the state alone can see;
+    /// `Err` names the first one broken. Used by tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut per_pool = vec![0u64; self.pools.len()];
+        for r in self.runners.iter() {
+            per_pool[r.pool] += 1;
+            match self.tasks.get(&r.task_id).map(|t| &t.place) {
+                Some(Place::Running { runner_id }) if *runner_id == r.runner_id => {}
+                other => return Err(format!("runner {} but task place {other:?}", r.runner_id)),
+            }
+        }
+        for (i, pool) in self.pools.iter() {
+            if pool.running != per_pool[i] {
+                return Err(format!(
+                    "pool {} count {} != {}",
+                    pool.name, pool.running, per_pool[i]
+                ));
+            }
+            if pool.running > pool.max_concurrency {
+                return Err(format!("pool {} over its limit", pool.name));
+            }
+        }
+        if self.global_running != self.runners.len() as u64 {
+            return Err(format!(
+                "global count {} != runners {}",
+                self.global_running,
+                self.runners.len()
+            ));
+        }
+        let queued = self
+            .tasks
+            .values()
+            .filter(|t| t.place == Place::Queued)
+            .count();
+        let delayed = self
+            .tasks
+            .values()
+            .filter(|t| matches!(t.place, Place::Delayed { .. }))
+            .count();
+        if queued != self.queue.len() || delayed != self.delayed.len() {
+            return Err("queue or delayed index out of step with task places".to_owned());
+        }
+        Ok(())
+    }
+}
+
+fn describe_place(place: &Place) -> String {
+    match place {
+        Place::Queued => "queued".to_owned(),
+        Place::Delayed { .. } => "waiting for a retry".to_owned(),
+        Place::Running { runner_id } => format!("running on runner {runner_id:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
