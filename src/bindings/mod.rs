@@ -4,6 +4,7 @@
 mod args;
 mod clock;
 mod datetime;
+mod dispatcher;
 mod retry;
 
 use pyo3::prelude::*;
@@ -12,6 +13,8 @@ use pyo3::prelude::*;
 mod core_module {
     #[pymodule_export]
     use super::clock::{PyManualClock, PySystemClock};
+    #[pymodule_export]
+    use super::dispatcher::PyDispatcherCore;
     #[pymodule_export]
     use super::retry::{PyRetryInfo, PyRetryManager};
 
@@ -27,6 +30,23 @@ mod core_module {
             .filter(log::LevelFilter::Debug)
             .install();
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        let py = m.py();
+        use super::dispatcher as d;
+        m.add("DispatcherError", py.get_type::<d::DispatcherError>())?;
+        m.add(
+            "TaskAssignmentError",
+            py.get_type::<d::TaskAssignmentError>(),
+        )?;
+        m.add(
+            "SlotAllocationError",
+            py.get_type::<d::SlotAllocationError>(),
+        )?;
+        m.add("RunnerLaunchError", py.get_type::<d::RunnerLaunchError>())?;
+        m.add("PoolNotFoundError", py.get_type::<d::PoolNotFoundError>())?;
+        m.add(
+            "DeadlockDetectedError",
+            py.get_type::<d::DeadlockDetectedError>(),
+        )?;
         Ok(())
     }
 }

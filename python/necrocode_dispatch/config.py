@@ -1,0 +1,91 @@
+"""Dispatcher configuration: drop-in for ``necrocode.dispatcher.config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from necrocode_dispatch.models import AgentPool, PoolType, SchedulingPolicy
+
+_RETRY_KEYS = ("max_attempts", "backoff_base", "initial_delay", "max_delay")
+
+
+@dataclass
+class DispatcherConfig:
+    """Settings of a DispatcherCore. Fields stay assignable after construction."""
+
+    poll_interval: float = 5
+    scheduling_policy: SchedulingPolicy = SchedulingPolicy.PRIORITY
+    max_global_concurrency: int = 10
+    heartbeat_timeout: float = 60
+    retry_max_attempts: int = 3
+    retry_backoff_base: float = 2.0
+    graceful_shutdown_timeout: float = 300
+    task_registry_dir: str | None = None
+    agent_pools: list[AgentPool] = field(default_factory=list)
+    skill_mapping: dict[str, list[str]] = field(default_factory=dict)
+    retry_initial_delay: float = 1.0
+    retry_max_delay: float = 300.0
+
+    def get_pool(self, name: str) -> AgentPool | None:
+        return next((p for p in self.agent_pools if p.name == name), None)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DispatcherConfig:
+        """Read the original YAML layout: ``dispatcher:`` (with flat ``retry_*`` or
+        nested ``retry:`` keys), ``agent_pools:`` by name, ``skill_mapping:``."""
+        import yaml  # only needed here
+
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DispatcherConfig:
+        section = dict(data.get("dispatcher") or {})
+        retry = section.pop("retry", None) or {}
+        kwargs: dict[str, Any] = {}
+        for key in (
+            "poll_interval",
+            "max_global_concurrency",
+            "heartbeat_timeout",
+            "retry_max_attempts",
+            "retry_backoff_base",
+            "retry_initial_delay",
+            "retry_max_delay",
+            "graceful_shutdown_timeout",
+            "task_registry_dir",
+        ):
+            if key in section:
+                kwargs[key] = section[key]
+        for key in _RETRY_KEYS:
+            if key in retry:
+                kwargs[f"retry_{key}"] = retry[key]
+        if "scheduling_policy" in section:
+            kwargs["scheduling_policy"] = SchedulingPolicy(section["scheduling_policy"])
+        pools = data.get("agent_pools") or {}
+        if isinstance(pools, dict):
+            items = [dict(spec or {}, name=name) for name, spec in pools.items()]
+        else:
+            items = [dict(spec) for spec in pools]
+        kwargs["agent_pools"] = [
+            AgentPool(
+                name=str(p["name"]),
+                type=PoolType(p.get("type", PoolType.LOCAL_PROCESS.value)),
+                max_concurrency=p.get("max_concurrency", 1),
+                cpu_quota=p.get("cpu_quota"),
+                memory_quota=p.get("memory_quota"),
+                enabled=p.get("enabled", True),
+                config=p.get("config") or {},
+            )
+            for p in items
+        ]
+        mapping = data.get("skill_mapping") or {}
+        kwargs["skill_mapping"] = {
+            str(skill): [pools] if isinstance(pools, str) else list(pools)
+            for skill, pools in mapping.items()
+        }
+        return cls(**kwargs)
