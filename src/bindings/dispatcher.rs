@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::backoff::BackoffPolicy;
 use crate::bindings::args;
-use crate::bindings::retry::PyRetryManager;
+use crate::bindings::retry::{PyRetryInfo, PyRetryManager};
 use crate::bindings::{clock, datetime};
 use crate::clock::{seconds_to_nanos, Clock, Now};
 use crate::dispatcher::{
@@ -897,13 +897,8 @@ impl PyDispatcherCore {
         out.set_item("metrics", metrics)?;
         let infos = PyDict::new(py);
         for info in retry_info {
-            let d = PyDict::new(py);
-            d.set_item("task_id", info.task_id.as_ref())?;
-            d.set_item("retry_count", info.retry_count)?;
-            d.set_item("last_retry_at", info.last_retry_at.map(|t| t.to_string()))?;
-            d.set_item("next_retry_at", info.next_retry_at.map(|t| t.to_string()))?;
-            d.set_item("failure_reason", info.failure_reason.as_deref())?;
-            infos.set_item(info.task_id.as_ref(), d)?;
+            let key = info.task_id.clone();
+            infos.set_item(key.as_ref(), PyRetryInfo::from(info).to_dict(py)?)?;
         }
         out.set_item("retry_info", infos)?;
         Ok(out)

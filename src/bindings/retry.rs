@@ -154,7 +154,7 @@ impl PyRetryInfo {
 
     /// `{"task_id", "retry_count", "last_retry_at", "next_retry_at",
     /// "failure_reason"}`, datetimes as `isoformat()` strings or None.
-    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    pub(crate) fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item(intern!(py, "task_id"), self.task_id.as_ref())?;
         d.set_item(intern!(py, "retry_count"), self.retry_count)?;
