@@ -17,6 +17,7 @@ use crate::pools::{PoolIndex, PoolState, Pools};
 use crate::queue::{QueueOrder, ReadyQueue};
 use crate::retry_state::{RecordedFailure, RetryBook, TaskId};
 use crate::runners::{RunnerDetails, Runners, TrackedRunner};
+use crate::scheduling::{Candidate, Policy, Scheduler, SkillMapping};
 use crate::wall_time::WallTime;
 
 /// What the dispatcher needs to know of a task.
@@ -34,8 +35,34 @@ pub struct TaskMeta {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Place {
     Queued,
-    Delayed { due: MonoNanos },
-    Running { runner_id: Arc<str> },
+    Delayed {
+        due: MonoNanos,
+    },
+    /// Capacity reserved in `pool`; the slot and runner are being set up.
+    /// Counts as running.
+    Assigning {
+        pool: PoolIndex,
+        early: Option<EarlyReport>,
+    },
+    Running {
+        runner_id: Arc<str>,
+    },
+}
+
+/// An outcome reported while the task's runner was still being launched (a
+/// fast runner can finish before `launch` returns). Applied once the runner
+/// is tracked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EarlyReport {
+    Completion {
+        runner_id: Arc<str>,
+        success: bool,
+        reason: Option<Arc<str>>,
+    },
+    Failure {
+        runner_id: Option<Arc<str>>,
+        reason: Arc<str>,
+    },
 }
 
 #[derive(Debug)]
@@ -129,6 +156,23 @@ pub enum Effect<T> {
     StopRunner {
         runner_id: Arc<str>,
     },
+    TaskAssigned {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        slot_id: Option<Arc<str>>,
+        pool_name: Arc<str>,
+        timestamp: WallTime,
+    },
+    RunnerStarted {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        slot_id: Option<Arc<str>>,
+        pool_name: Arc<str>,
+        details: RunnerDetails,
+        timestamp: WallTime,
+    },
     /// A task handle the state no longer holds.
     Discard(T),
 }
@@ -151,6 +195,32 @@ impl<T> Outcome<T> {
             failure: None,
         }
     }
+
+    fn accepted() -> Self {
+        Outcome {
+            applied: true,
+            ..Outcome::ignored()
+        }
+    }
+
+    /// Nothing applied; the handle goes back to the caller to drop.
+    fn returning(payload: T) -> Self {
+        Outcome {
+            effects: vec![Effect::Discard(payload)],
+            ..Outcome::ignored()
+        }
+    }
+}
+
+/// Capacity reserved for a queued task by a scheduling pass. The caller
+/// allocates a slot and launches a runner, then reports back with
+/// `confirm_assignment`, `abort_assignment` or `fail_assignment`.
+#[derive(Debug)]
+pub struct Reservation<T> {
+    pub meta: TaskMeta,
+    pub payload: T,
+    pub pool: PoolIndex,
+    pub pool_name: Arc<str>,
 }
 
 /// A request the state refuses; nothing changed.
@@ -221,7 +291,6 @@ pub struct StatusSnapshot {
 #[derive(Clone, Debug)]
 pub struct NewRunner {
     pub runner_id: Arc<str>,
-    pub pool_name: Arc<str>,
     pub slot_id: Option<Arc<str>>,
     pub started_at: Option<WallTime>,
     pub details: RunnerDetails,
@@ -235,24 +304,58 @@ pub struct DispatcherState<T> {
     delayed: BTreeSet<(MonoNanos, TaskId)>,
     pools: Pools,
     runners: Runners,
+    /// Tracked runners plus reservations (SPEC §4.5 #2).
     global_running: u64,
     metrics: Metrics,
     next_seq: u64,
+    scheduler: Scheduler,
+    /// False once stopping: scheduling passes assign nothing.
+    accepting: bool,
+    /// Set by `force_stop`: a runner launched afterwards is stopped at once.
+    forced: bool,
 }
 
 impl<T> DispatcherState<T> {
-    pub fn new(limits: Limits, pools: Pools, by_priority: bool) -> Self {
+    pub fn new(limits: Limits, pools: Pools, scheduler: Scheduler) -> Self {
         DispatcherState {
             limits,
             tasks: HashMap::new(),
-            queue: ReadyQueue::new(by_priority),
+            queue: ReadyQueue::new(scheduler.policy.orders_by_priority()),
             delayed: BTreeSet::new(),
             pools,
             runners: Runners::default(),
             global_running: 0,
             metrics: Metrics::default(),
             next_seq: 0,
+            scheduler,
+            accepting: true,
+            forced: false,
         }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.scheduler.policy
+    }
+
+    /// Switches the policy; the queue reorders when the order changes.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.scheduler.policy = policy;
+        self.queue.set_by_priority(policy.orders_by_priority());
+    }
+
+    pub fn set_skill_mapping(&mut self, mapping: SkillMapping) {
+        self.scheduler.mapping = mapping;
+    }
+
+    /// `start()`: assign again, and let launched runners run.
+    pub fn resume(&mut self) {
+        self.accepting = true;
+        self.forced = false;
+    }
+
+    /// `stop()`: assign nothing more; running runners go on.
+    pub fn stop_assigning(&mut self) {
+        self.accepting = false;
     }
 
     pub fn limits(&self) -> Limits {
@@ -358,13 +461,14 @@ impl<T> DispatcherState<T> {
         &mut self,
         meta: TaskMeta,
         payload: Option<T>,
+        pool_name: &str,
         runner: NewRunner,
         now: Now,
     ) -> Result<(), Refusal> {
         let pool = self
             .pools
-            .index(&runner.pool_name)
-            .ok_or_else(|| Refusal::UnknownPool(runner.pool_name.to_string()))?;
+            .index(pool_name)
+            .ok_or_else(|| Refusal::UnknownPool(pool_name.to_owned()))?;
         if let Some(held) = self.tasks.get(&meta.id) {
             return Err(Refusal::TaskAlreadyHeld {
                 task_id: meta.id.to_string(),
@@ -380,7 +484,7 @@ impl<T> DispatcherState<T> {
             ));
         }
         if !self.pools.reserve(pool) {
-            return Err(Refusal::PoolFull(runner.pool_name.to_string()));
+            return Err(Refusal::PoolFull(pool_name.to_owned()));
         }
         self.global_running += 1;
         let order = self.new_order(&meta, now);
@@ -433,7 +537,7 @@ impl<T> DispatcherState<T> {
             Place::Delayed { due } => {
                 self.delayed.remove(&(*due, held.meta.id.clone()));
             }
-            Place::Running { .. } => {}
+            Place::Assigning { .. } | Place::Running { .. } => {}
         }
         Some(held)
     }
@@ -463,7 +567,13 @@ impl<T> DispatcherState<T> {
         let runner = match runner_id {
             Some(rid) => {
                 match self.runners.get(rid) {
-                    None => return Ok(Outcome::ignored()),
+                    None => {
+                        let early = EarlyReport::Failure {
+                            runner_id: Some(Arc::from(rid)),
+                            reason: Arc::from(reason),
+                        };
+                        return Ok(self.note_early(task_id, early));
+                    }
                     Some(r) if &*r.task_id != task_id => {
                         return Err(Refusal::RunnerOfAnotherTask {
                             runner_id: rid.to_owned(),
@@ -478,6 +588,13 @@ impl<T> DispatcherState<T> {
                 Some(Place::Running { runner_id }) => {
                     let rid = runner_id.clone();
                     self.runners.take(&rid)
+                }
+                Some(Place::Assigning { .. }) => {
+                    let early = EarlyReport::Failure {
+                        runner_id: None,
+                        reason: Arc::from(reason),
+                    };
+                    return Ok(self.note_early(task_id, early));
                 }
                 _ => None,
             },
@@ -587,17 +704,29 @@ impl<T> DispatcherState<T> {
     }
 
     /// `handle_runner_completion`: the first report for a runner wins; later
-    /// ones are ignored.
+    /// ones are ignored. A report for `task_id` while its runner is still
+    /// being launched is kept and applied once the runner is tracked.
     pub fn complete(
         &mut self,
         runner_id: &str,
+        task_id: Option<&str>,
         success: bool,
         failure_reason: Option<&str>,
         book: &mut RetryBook,
         now: Now,
     ) -> Outcome<T> {
         let Some(runner) = self.runners.take(runner_id) else {
-            return Outcome::ignored();
+            return match task_id {
+                Some(task_id) => {
+                    let early = EarlyReport::Completion {
+                        runner_id: Arc::from(runner_id),
+                        success,
+                        reason: failure_reason.map(Arc::from),
+                    };
+                    self.note_early(task_id, early)
+                }
+                None => Outcome::ignored(),
+            };
         };
         let execution_time = nanos_to_seconds(now.mono.saturating_sub(runner.started_mono));
         let mut effects = Vec::new();
@@ -657,6 +786,274 @@ impl<T> DispatcherState<T> {
         }
     }
 
+    /// One scheduling pass: picks queued tasks and pools by the policy and
+    /// reserves their capacity (pool and global) before any port is called.
+    /// Nothing is picked once stopping.
+    pub fn schedule(&mut self) -> Vec<Reservation<T>> {
+        let budget = self
+            .limits
+            .max_global_concurrency
+            .saturating_sub(self.global_running);
+        if !self.accepting || budget == 0 || self.queue.is_empty() {
+            return Vec::new();
+        }
+        let tasks = &self.tasks;
+        let candidates = self.queue.iter().filter_map(|id| {
+            tasks.get(id).map(|held| Candidate {
+                id: &held.meta.id,
+                spec: &held.meta.spec_name,
+                skill: held.meta.required_skill.as_deref(),
+            })
+        });
+        let picks = self.scheduler.plan(candidates, &self.pools, budget);
+        let mut reservations = Vec::with_capacity(picks.len());
+        for (id, pool) in picks {
+            let Some(held) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            // Queued tasks always have a handle (they came from a poll).
+            let Some(payload) = held.payload.take() else {
+                continue;
+            };
+            if !self.pools.reserve(pool) {
+                held.payload = Some(payload);
+                continue;
+            }
+            self.queue.remove(&id);
+            held.place = Place::Assigning { pool, early: None };
+            self.global_running += 1;
+            reservations.push(Reservation {
+                meta: held.meta.clone(),
+                payload,
+                pool,
+                pool_name: self.pools.get(pool).name.clone(),
+            });
+        }
+        reservations
+    }
+
+    /// The pool a task's reservation holds, if it is being assigned.
+    fn reserved_pool(&self, task_id: &str) -> Option<PoolIndex> {
+        match self.tasks.get(task_id).map(|t| &t.place) {
+            Some(Place::Assigning { pool, .. }) => Some(*pool),
+            _ => None,
+        }
+    }
+
+    fn release_reservation(&mut self, pool: PoolIndex) {
+        self.pools.release(pool);
+        self.global_running = self.global_running.saturating_sub(1);
+    }
+
+    /// Keeps the first outcome reported for a task whose runner is being
+    /// launched; anything else is ignored.
+    fn note_early(&mut self, task_id: &str, report: EarlyReport) -> Outcome<T> {
+        match self.tasks.get_mut(task_id).map(|t| &mut t.place) {
+            Some(Place::Assigning { early, .. }) if early.is_none() => {
+                *early = Some(report);
+                Outcome::accepted()
+            }
+            _ => Outcome::ignored(),
+        }
+    }
+
+    /// No slot for a reservation: the capacity is given back and the task
+    /// returns to its place in the queue; nothing is counted.
+    pub fn abort_assignment(&mut self, task_id: &str, payload: T) -> Outcome<T> {
+        let Some(pool) = self.reserved_pool(task_id) else {
+            return Outcome::returning(payload);
+        };
+        self.release_reservation(pool);
+        let Some(held) = self.tasks.get_mut(task_id) else {
+            return Outcome::returning(payload);
+        };
+        held.payload = Some(payload);
+        held.place = Place::Queued;
+        self.queue.push(held.meta.id.clone(), held.order);
+        Outcome::accepted()
+    }
+
+    /// The launch failed: the capacity and the slot (if any) are released
+    /// and the task takes the failure path with `reason`.
+    pub fn fail_assignment(
+        &mut self,
+        task_id: &str,
+        payload: T,
+        slot_id: Option<Arc<str>>,
+        reason: &str,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Outcome<T> {
+        let Some(pool) = self.reserved_pool(task_id) else {
+            return Outcome::returning(payload);
+        };
+        self.release_reservation(pool);
+        let mut effects = Vec::new();
+        if let Some(slot_id) = slot_id {
+            effects.push(Effect::ReleaseSlot { slot_id });
+        }
+        if let Some(held) = self.tasks.get_mut(task_id) {
+            held.payload = Some(payload);
+        }
+        let failure = self.apply_failure(task_id, None, reason, None, book, now, &mut effects);
+        Outcome {
+            applied: true,
+            effects,
+            failure: Some(failure),
+        }
+    }
+
+    /// The runner is launched: it is tracked, RUNNING is reported and the
+    /// events recorded. An outcome reported meanwhile is applied now; after
+    /// a forced stop the runner is stopped at once.
+    pub fn confirm_assignment(
+        &mut self,
+        task_id: &str,
+        payload: T,
+        runner: NewRunner,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Outcome<T> {
+        let Some(pool) = self.reserved_pool(task_id) else {
+            return Outcome::returning(payload);
+        };
+        if self.runners.get(&runner.runner_id).is_some() {
+            let reason = format!(
+                "launch failed: runner id {:?} is already tracked",
+                runner.runner_id
+            );
+            return self.fail_assignment(task_id, payload, runner.slot_id, &reason, book, now);
+        }
+        let Some(held) = self.tasks.remove(task_id) else {
+            return Outcome::returning(payload);
+        };
+        let early = match held.place {
+            Place::Assigning { early, .. } => early,
+            _ => None,
+        };
+        let (spec_name, id) = (held.meta.spec_name.clone(), held.meta.id.clone());
+        let pool_name = self.pools.get(pool).name.clone();
+        let runner_id = runner.runner_id.clone();
+        let started_at = runner.started_at.unwrap_or(now.wall);
+        let mut effects = vec![
+            Effect::ReportState {
+                spec_name: spec_name.clone(),
+                task_id: id.clone(),
+                state: ReportedState::Running,
+                metadata: StateMetadata::Running {
+                    runner_id: runner_id.clone(),
+                    assigned_slot: runner.slot_id.clone(),
+                    pool_name: pool_name.clone(),
+                    started_at,
+                },
+            },
+            Effect::TaskAssigned {
+                spec_name: spec_name.clone(),
+                task_id: id.clone(),
+                runner_id: runner_id.clone(),
+                slot_id: runner.slot_id.clone(),
+                pool_name: pool_name.clone(),
+                timestamp: now.wall,
+            },
+            Effect::RunnerStarted {
+                spec_name,
+                task_id: id.clone(),
+                runner_id: runner_id.clone(),
+                slot_id: runner.slot_id.clone(),
+                pool_name,
+                details: runner.details.clone(),
+                timestamp: now.wall,
+            },
+        ];
+        self.start_runner(held.meta, Some(payload), held.order, pool, runner, now);
+        let mut failure = None;
+        if self.forced {
+            self.interrupt(&runner_id, now, &mut effects);
+        } else if let Some(report) = early {
+            let later = match report {
+                EarlyReport::Completion {
+                    runner_id: rid,
+                    success,
+                    reason,
+                } if rid == runner_id => {
+                    self.complete(&rid, None, success, reason.as_deref(), book, now)
+                }
+                EarlyReport::Failure {
+                    runner_id: rid,
+                    reason,
+                } if rid.as_ref().is_none_or(|r| *r == runner_id) => self
+                    .fail_task(&id, None, &reason, Some(&runner_id), book, now)
+                    .unwrap_or_else(|_| Outcome::ignored()),
+                // Reported for some other runner: not this one's outcome.
+                _ => Outcome::ignored(),
+            };
+            effects.extend(later.effects);
+            failure = later.failure;
+        }
+        Outcome {
+            applied: true,
+            effects,
+            failure,
+        }
+    }
+
+    /// Forces one runner to stop: the launcher stops it, its capacity and
+    /// slot are released, its task is reported READY (`interrupted`) and
+    /// queued again for when the dispatcher restarts. Not a failure: the
+    /// retry count is unchanged.
+    fn interrupt(&mut self, runner_id: &str, now: Now, effects: &mut Vec<Effect<T>>) {
+        let Some(runner) = self.runners.take(runner_id) else {
+            return;
+        };
+        effects.push(Effect::StopRunner {
+            runner_id: runner.runner_id.clone(),
+        });
+        effects.push(Effect::RunnerFinished {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            runner_id: runner.runner_id.clone(),
+            slot_id: runner.slot_id.clone(),
+            success: false,
+            execution_time_seconds: nanos_to_seconds(now.mono.saturating_sub(runner.started_mono)),
+            failure_reason: Some(Arc::from("interrupted")),
+        });
+        self.release_runner(&runner, effects);
+        effects.push(Effect::ReportState {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            state: ReportedState::Ready,
+            metadata: StateMetadata::Interrupted,
+        });
+        match self.tasks.get_mut(&runner.task_id) {
+            Some(held) if held.payload.is_some() => {
+                held.place = Place::Queued;
+                self.queue.push(held.meta.id.clone(), held.order);
+            }
+            _ => {
+                self.tasks.remove(&runner.task_id);
+            }
+        }
+        self.metrics.runners_force_stopped += 1;
+    }
+
+    /// `stop()` after the grace period: every runner still tracked is forced
+    /// to stop, and any launched later is stopped as soon as it is tracked.
+    pub fn force_stop(&mut self, now: Now) -> Outcome<T> {
+        self.accepting = false;
+        self.forced = true;
+        let mut ids = self.runners.ids();
+        ids.sort();
+        let mut effects = Vec::new();
+        for id in &ids {
+            self.interrupt(id, now, &mut effects);
+        }
+        Outcome {
+            applied: !ids.is_empty(),
+            effects,
+            failure: None,
+        }
+    }
+
     pub fn heartbeat(&mut self, runner_id: &str, now: Now) -> bool {
         self.runners.heartbeat(runner_id, now.mono, now.wall)
     }
@@ -709,10 +1106,6 @@ impl<T> DispatcherState<T> {
         true
     }
 
-    pub fn set_by_priority(&mut self, by_priority: bool) {
-        self.queue.set_by_priority(by_priority);
-    }
-
     pub fn set_pool_enabled(&mut self, name: &str, enabled: bool) -> Result<(), Refusal> {
         let index = self
             .pools
@@ -749,6 +1142,13 @@ impl<T> DispatcherState<T> {
     /// `Err` names the first one broken. Used by tests.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut per_pool = vec![0u64; self.pools.len()];
+        let mut reserved = 0u64;
+        for t in self.tasks.values() {
+            if let Place::Assigning { pool, .. } = t.place {
+                per_pool[pool] += 1;
+                reserved += 1;
+            }
+        }
         for r in self.runners.iter() {
             per_pool[r.pool] += 1;
             match self.tasks.get(&r.task_id).map(|t| &t.place) {
@@ -767,9 +1167,9 @@ impl<T> DispatcherState<T> {
                 return Err(format!("pool {} over its limit", pool.name));
             }
         }
-        if self.global_running != self.runners.len() as u64 {
+        if self.global_running != self.runners.len() as u64 + reserved {
             return Err(format!(
-                "global count {} != runners {}",
+                "global count {} != runners {} + reservations {reserved}",
                 self.global_running,
                 self.runners.len()
             ));
@@ -795,6 +1195,7 @@ fn describe_place(place: &Place) -> String {
     match place {
         Place::Queued => "queued".to_owned(),
         Place::Delayed { .. } => "waiting for a retry".to_owned(),
+        Place::Assigning { .. } => "being assigned".to_owned(),
         Place::Running { runner_id } => format!("running on runner {runner_id:?}"),
     }
 }

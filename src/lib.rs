@@ -12,6 +12,7 @@ pub mod queue;
 pub mod retry_manager;
 pub mod retry_state;
 pub mod runners;
+pub mod scheduling;
 pub mod wall_time;
 
 mod bindings;

@@ -31,7 +31,7 @@ impl PoolState {
 /// Index of a pool in [`Pools`]; stable for the life of the dispatcher.
 pub type PoolIndex = usize;
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Pools {
     list: Vec<PoolState>,
     by_name: HashMap<Arc<str>, PoolIndex>,

@@ -38,14 +38,13 @@ fn state() -> DispatcherState<&'static str> {
             heartbeat_timeout: 60 * SECOND,
         },
         Pools::new([pool("p", 2), pool("q", 2)]),
-        true,
+        Scheduler::new(Policy::Priority, SkillMapping::default()),
     )
 }
 
-fn runner(id: &str, pool: &str) -> NewRunner {
+fn runner(id: &str) -> NewRunner {
     NewRunner {
         runner_id: id.into(),
-        pool_name: pool.into(),
         slot_id: Some(format!("slot-{id}").into()),
         started_at: None,
         details: RunnerDetails::default(),
@@ -75,26 +74,26 @@ fn reported(effects: &[Effect<&str>]) -> Vec<ReportedState> {
 #[test]
 fn tracking_reserves_capacity_and_refuses_without_change() {
     let mut s = state();
-    s.track_running(meta("t1"), Some("h1"), runner("r1", "p"), at(0))
+    s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(0))
         .unwrap();
-    s.track_running(meta("t2"), None, runner("r2", "p"), at(0))
+    s.track_running(meta("t2"), None, "p", runner("r2"), at(0))
         .unwrap();
     assert_eq!(
-        s.track_running(meta("t3"), None, runner("r3", "p"), at(0)),
+        s.track_running(meta("t3"), None, "p", runner("r3"), at(0)),
         Err(Refusal::PoolFull("p".into()))
     );
     assert!(matches!(
-        s.track_running(meta("t3"), None, runner("r3", "nope"), at(0)),
+        s.track_running(meta("t3"), None, "nope", runner("r3"), at(0)),
         Err(Refusal::UnknownPool(_))
     ));
     assert!(matches!(
-        s.track_running(meta("t1"), None, runner("r9", "q"), at(0)),
+        s.track_running(meta("t1"), None, "q", runner("r9"), at(0)),
         Err(Refusal::TaskAlreadyHeld { .. })
     ));
-    s.track_running(meta("t3"), None, runner("r3", "q"), at(0))
+    s.track_running(meta("t3"), None, "q", runner("r3"), at(0))
         .unwrap();
     assert_eq!(
-        s.track_running(meta("t4"), None, runner("r4", "q"), at(0)),
+        s.track_running(meta("t4"), None, "q", runner("r4"), at(0)),
         Err(Refusal::GlobalLimitReached(3))
     );
     assert_eq!(s.global_running(), 3);
@@ -105,7 +104,7 @@ fn tracking_reserves_capacity_and_refuses_without_change() {
 fn first_failure_releases_once_and_delays_until_the_backoff() {
     let mut s = state();
     let mut book = RetryBook::new(BackoffPolicy::default());
-    s.track_running(meta("t1"), Some("h1"), runner("r1", "p"), at(0))
+    s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(0))
         .unwrap();
     let out = s
         .fail_task("t1", None, "boom", Some("r1"), &mut book, at(10))
@@ -131,7 +130,7 @@ fn first_failure_releases_once_and_delays_until_the_backoff() {
 fn failure_at_the_limit_fails_the_task_and_forgets_it() {
     let mut s = state();
     let mut book = RetryBook::new(BackoffPolicy::default().with_max_attempts(1));
-    s.track_running(meta("t1"), Some("h1"), runner("r1", "p"), at(0))
+    s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(0))
         .unwrap();
     let out = s
         .fail_task("t1", None, "boom", Some("r1"), &mut book, at(1))
@@ -154,15 +153,15 @@ fn completion_and_timeout_race_applies_one_outcome() {
     for completion_first in [true, false] {
         let mut s = state();
         let mut book = RetryBook::new(BackoffPolicy::default());
-        s.track_running(meta("t1"), Some("h1"), runner("r1", "p"), at(0))
+        s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(0))
             .unwrap();
         let (first, second) = if completion_first {
-            let a = s.complete("r1", true, None, &mut book, at(100));
+            let a = s.complete("r1", None, true, None, &mut book, at(100));
             let b = s.time_out("r1", &mut book, at(100));
             (a, b)
         } else {
             let a = s.time_out("r1", &mut book, at(100));
-            let b = s.complete("r1", true, None, &mut book, at(100));
+            let b = s.complete("r1", None, true, None, &mut book, at(100));
             (a, b)
         };
         assert!(first.applied && !second.applied);
@@ -179,9 +178,9 @@ fn successful_completion_reports_done_and_clears_retries() {
     let mut s = state();
     let mut book = RetryBook::new(BackoffPolicy::default());
     book.record_failure("t1", Some("earlier"), at(0));
-    s.track_running(meta("t1"), Some("h1"), runner("r1", "p"), at(5))
+    s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(5))
         .unwrap();
-    let out = s.complete("r1", true, None, &mut book, at(7));
+    let out = s.complete("r1", None, true, None, &mut book, at(7));
     let kinds: Vec<&str> = out
         .effects
         .iter()
@@ -212,9 +211,9 @@ fn successful_completion_reports_done_and_clears_retries() {
 fn heartbeats_keep_runners_alive_and_silence_times_them_out() {
     let mut s = state();
     let mut book = RetryBook::new(BackoffPolicy::default());
-    s.track_running(meta("t1"), Some("h1"), runner("r1", "p"), at(0))
+    s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(0))
         .unwrap();
-    s.track_running(meta("t2"), Some("h2"), runner("r2", "p"), at(0))
+    s.track_running(meta("t2"), Some("h2"), "p", runner("r2"), at(0))
         .unwrap();
     assert!(s.heartbeat("r2", at(50)));
     let outcomes = s.check_heartbeats(&mut book, at(61));
@@ -240,7 +239,7 @@ fn polls_of_held_tasks_are_ignored() {
     let mut book = RetryBook::new(BackoffPolicy::default());
     assert!(s.offer(meta("q"), "hq", at(0)).is_ok());
     assert_eq!(s.offer(meta("q"), "again", at(0)), Err("again"));
-    s.track_running(meta("r"), Some("hr"), runner("r1", "p"), at(0))
+    s.track_running(meta("r"), Some("hr"), "p", runner("r1"), at(0))
         .unwrap();
     assert_eq!(s.offer(meta("r"), "again", at(0)), Err("again"));
     s.fail_task("r", None, "x", None, &mut book, at(0)).unwrap();
@@ -268,7 +267,7 @@ fn a_delayed_task_without_handle_is_forgotten_when_due_unless_polled() {
 fn a_runner_of_another_task_is_refused() {
     let mut s = state();
     let mut book = RetryBook::new(BackoffPolicy::default());
-    s.track_running(meta("t1"), None, runner("r1", "p"), at(0))
+    s.track_running(meta("t1"), None, "p", runner("r1"), at(0))
         .unwrap();
     assert!(matches!(
         s.fail_task("t2", None, "x", Some("r1"), &mut book, at(0)),
@@ -276,4 +275,218 @@ fn a_runner_of_another_task_is_refused() {
     ));
     assert_eq!(s.runners().len(), 1);
     assert_eq!(book.len(), 0);
+}
+
+fn queued(s: &mut DispatcherState<&'static str>, id: &'static str, priority: i64, at_s: u64) {
+    let meta = TaskMeta {
+        priority,
+        ..meta(id)
+    };
+    s.offer(meta, id, at(at_s)).unwrap();
+}
+
+fn reserved_ids(reservations: &[Reservation<&'static str>]) -> Vec<String> {
+    reservations.iter().map(|r| r.meta.id.to_string()).collect()
+}
+
+#[test]
+fn scheduling_reserves_capacity_in_priority_order_up_to_the_global_limit() {
+    let mut s = state(); // global limit 3, pools p and q with 2 each
+    queued(&mut s, "low", 1, 0);
+    queued(&mut s, "high-new", 5, 2);
+    queued(&mut s, "high-old", 5, 1);
+    queued(&mut s, "mid", 3, 3);
+    let r = s.schedule();
+    assert_eq!(reserved_ids(&r), ["high-old", "high-new", "mid"]);
+    assert_eq!(s.global_running(), 3);
+    assert_eq!(s.place_of("low"), Some(&Place::Queued));
+    assert!(matches!(s.place_of("mid"), Some(Place::Assigning { .. })));
+    // Reservations count as running: nothing more fits.
+    assert!(s.schedule().is_empty());
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn fifo_ignores_priority() {
+    let mut s = state();
+    s.set_policy(Policy::Fifo);
+    queued(&mut s, "old", 0, 0);
+    queued(&mut s, "urgent", 9, 1);
+    assert_eq!(reserved_ids(&s.schedule()), ["old", "urgent"]);
+}
+
+#[test]
+fn abort_puts_the_task_back_in_its_place_and_counts_nothing() {
+    let mut s = state();
+    queued(&mut s, "a", 1, 0);
+    queued(&mut s, "b", 2, 0);
+    let mut r = s.schedule();
+    let b = r.remove(0);
+    assert_eq!(b.meta.id.as_ref(), "b");
+    assert!(s.abort_assignment("b", b.payload).applied);
+    assert_eq!(s.queued_ids(), [Arc::<str>::from("b")]);
+    assert_eq!(s.global_running(), 1);
+    assert_eq!(
+        s.status(&RetryBook::new(BackoffPolicy::default()))
+            .metrics
+            .tasks_assigned,
+        0
+    );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failed_launch_releases_the_slot_and_takes_the_failure_path() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    queued(&mut s, "t1", 0, 0);
+    let r = s.schedule().pop().unwrap();
+    let out = s.fail_assignment(
+        "t1",
+        r.payload,
+        Some("slot-1".into()),
+        "launch failed: no docker",
+        &mut book,
+        at(5),
+    );
+    assert!(out.applied);
+    assert_eq!(released(&out.effects), ["slot-1"]);
+    assert_eq!(reported(&out.effects), [ReportedState::Ready]);
+    assert_eq!(s.global_running(), 0);
+    assert_eq!(s.place_of("t1"), Some(&Place::Delayed { due: 6 * SECOND }));
+    assert_eq!(
+        book.info("t1").unwrap().failure_reason.as_deref(),
+        Some("launch failed: no docker")
+    );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn confirming_tracks_the_runner_and_reports_running_with_events() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    queued(&mut s, "t1", 0, 0);
+    let r = s.schedule().pop().unwrap();
+    let out = s.confirm_assignment("t1", r.payload, runner("r1"), &mut book, at(3));
+    assert!(out.applied);
+    assert_eq!(reported(&out.effects), [ReportedState::Running]);
+    assert!(matches!(
+        &out.effects[0],
+        Effect::ReportState {
+            metadata: StateMetadata::Running { runner_id, assigned_slot: Some(slot), .. },
+            ..
+        } if runner_id.as_ref() == "r1" && slot.as_ref() == "slot-r1"
+    ));
+    assert!(matches!(out.effects[1], Effect::TaskAssigned { .. }));
+    assert!(matches!(out.effects[2], Effect::RunnerStarted { .. }));
+    assert_eq!(
+        s.place_of("t1"),
+        Some(&Place::Running {
+            runner_id: "r1".into()
+        })
+    );
+    assert_eq!(s.runners().len(), 1);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_completion_reported_during_the_launch_is_applied_on_confirmation() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    queued(&mut s, "t1", 0, 0);
+    let r = s.schedule().pop().unwrap();
+    // The runner finished before launch() returned.
+    assert!(
+        s.complete("r1", Some("t1"), true, None, &mut book, at(1))
+            .applied
+    );
+    assert!(
+        !s.complete("r1", Some("t1"), true, None, &mut book, at(1))
+            .applied
+    );
+    let out = s.confirm_assignment("t1", r.payload, runner("r1"), &mut book, at(2));
+    assert_eq!(
+        reported(&out.effects),
+        [ReportedState::Running, ReportedState::Done]
+    );
+    assert_eq!(released(&out.effects), ["slot-r1"]);
+    assert_eq!(s.place_of("t1"), None);
+    assert_eq!(s.global_running(), 0);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failure_reported_during_the_launch_is_applied_on_confirmation() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    queued(&mut s, "t1", 0, 0);
+    let r = s.schedule().pop().unwrap();
+    assert!(
+        s.fail_task("t1", None, "crash", None, &mut book, at(1))
+            .unwrap()
+            .applied
+    );
+    assert_eq!(book.retry_count("t1"), 0, "recorded only once applied");
+    let out = s.confirm_assignment("t1", r.payload, runner("r1"), &mut book, at(2));
+    assert_eq!(
+        reported(&out.effects),
+        [ReportedState::Running, ReportedState::Ready]
+    );
+    assert_eq!(book.retry_count("t1"), 1);
+    assert!(matches!(s.place_of("t1"), Some(Place::Delayed { .. })));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn force_stop_interrupts_runners_and_requeues_their_tasks() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    queued(&mut s, "t1", 0, 0);
+    queued(&mut s, "t2", 0, 0);
+    let mut r = s.schedule();
+    let second = r.pop().unwrap();
+    let first = r.pop().unwrap();
+    s.confirm_assignment("t1", first.payload, runner("r1"), &mut book, at(1));
+    let out = s.force_stop(at(2));
+    assert!(matches!(out.effects[0], Effect::StopRunner { .. }));
+    assert_eq!(released(&out.effects), ["slot-r1"]);
+    assert!(out.effects.iter().any(|e| matches!(
+        e,
+        Effect::ReportState {
+            metadata: StateMetadata::Interrupted,
+            ..
+        }
+    )));
+    assert_eq!(s.place_of("t1"), Some(&Place::Queued));
+    assert_eq!(
+        book.retry_count("t1"),
+        0,
+        "an interruption is not a failure"
+    );
+    // A runner launched after the forced stop is stopped as soon as it is tracked.
+    let late = s.confirm_assignment("t2", second.payload, runner("r2"), &mut book, at(3));
+    assert!(late
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::StopRunner { runner_id } if runner_id.as_ref() == "r2")));
+    assert_eq!(s.global_running(), 0);
+    assert!(s.schedule().is_empty(), "stopped: nothing is assigned");
+    s.resume();
+    assert_eq!(s.schedule().len(), 2);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_duplicate_runner_id_from_the_launcher_fails_the_assignment() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    s.track_running(meta("t0"), Some("h0"), "p", runner("r1"), at(0))
+        .unwrap();
+    queued(&mut s, "t1", 0, 0);
+    let r = s.schedule().pop().unwrap();
+    let out = s.confirm_assignment("t1", r.payload, runner("r1"), &mut book, at(1));
+    assert_eq!(reported(&out.effects), [ReportedState::Ready]);
+    assert_eq!(released(&out.effects), ["slot-r1"]);
+    assert_eq!(s.global_running(), 1);
+    s.check_invariants().unwrap();
 }

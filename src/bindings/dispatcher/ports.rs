@@ -1,0 +1,438 @@
+//! Calling the ports: the effects the core decided, and the slot allocation
+//! and launch of an assignment. Every call here happens with no lock held.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::settings::{getattr_opt, optional_arc};
+use super::{PyDispatcherCore, LOG_TARGET};
+use crate::bindings::{args, datetime};
+use crate::dispatcher::{Effect, NewRunner, Outcome, Reservation, StateMetadata, TaskMeta};
+use crate::retry_manager::log_failure;
+use crate::runners::RunnerDetails;
+
+/// The outside world, injected. Each may be None (its calls are skipped).
+pub struct Ports {
+    pub config: Py<PyAny>,
+    pub task_source: Py<PyAny>,
+    pub task_registry: Py<PyAny>,
+    pub repo_pool_manager: Py<PyAny>,
+    pub runner_launcher: Py<PyAny>,
+    pub event_recorder: Py<PyAny>,
+    pub task_state_type: Py<PyAny>,
+    /// The configured pool objects, by pool index, for `launch`.
+    pub pool_objects: Vec<Py<PyAny>>,
+}
+
+/// How one assignment ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Assigned {
+    Launched,
+    /// No slot (or the allocation raised): the task is queued again.
+    NoSlot,
+    /// The launch raised: the task took the failure path.
+    LaunchFailed,
+}
+
+/// What the slot allocation gave: the slot object for `launch` and its id.
+struct Slot {
+    object: Py<PyAny>,
+    id: Option<Arc<str>>,
+}
+
+impl PyDispatcherCore {
+    pub(super) fn port(&self, py: Python<'_>, pick: fn(&Ports) -> &Py<PyAny>) -> Py<PyAny> {
+        pick(&self.ports.read()).clone_ref(py)
+    }
+
+    pub(super) fn set_port(
+        &self,
+        pick: fn(&mut Ports) -> &mut Py<PyAny>,
+        value: &Bound<'_, PyAny>,
+    ) {
+        let old = {
+            let mut ports = self.ports.write();
+            std::mem::replace(pick(&mut ports), value.clone().unbind())
+        };
+        drop(old); // after the lock: dropping may run Python code
+    }
+
+    /// Performs an outcome's effects on the ports, in order. A port that raises
+    /// is logged and the rest still happen.
+    pub(super) fn perform(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) -> bool {
+        if let Some(failure) = &outcome.failure {
+            log_failure(failure);
+        }
+        for effect in outcome.effects {
+            if let Err(err) = self.perform_one(py, effect) {
+                log::error!(target: LOG_TARGET, "{err}");
+            }
+        }
+        outcome.applied
+    }
+
+    fn perform_one(&self, py: Python<'_>, effect: Effect<Py<PyAny>>) -> Result<(), String> {
+        let fail = |what: &str, e: PyErr| format!("{what} failed: {e}");
+        match effect {
+            Effect::Discard(handle) => drop(handle),
+            Effect::ReleaseSlot { slot_id } => {
+                let pool = self.port(py, |p| &p.repo_pool_manager).into_bound(py);
+                if !pool.is_none() {
+                    let kwargs = PyDict::new(py);
+                    kwargs
+                        .set_item("cleanup", true)
+                        .map_err(|e| fail("release_slot", e))?;
+                    pool.call_method("release_slot", (slot_id.as_ref(),), Some(&kwargs))
+                        .map_err(|e| fail(&format!("release_slot({slot_id:?})"), e))?;
+                }
+            }
+            Effect::ReportState {
+                spec_name,
+                task_id,
+                state,
+                metadata,
+            } => {
+                let registry = self.port(py, |p| &p.task_registry).into_bound(py);
+                if registry.is_none() {
+                    return Ok(());
+                }
+                let result = (|| -> PyResult<()> {
+                    let state_type = self.port(py, |p| &p.task_state_type).into_bound(py);
+                    let new_state = state_type.call1((state.value(),))?;
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item("spec_name", spec_name.as_ref())?;
+                    kwargs.set_item("task_id", task_id.as_ref())?;
+                    kwargs.set_item("new_state", new_state)?;
+                    kwargs.set_item("metadata", metadata_dict(py, &metadata)?)?;
+                    registry.call_method("update_task_state", (), Some(&kwargs))?;
+                    Ok(())
+                })();
+                result.map_err(|e| {
+                    fail(
+                        &format!("update_task_state({task_id:?} -> {})", state.value()),
+                        e,
+                    )
+                })?;
+            }
+            Effect::TaskAssigned {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                pool_name,
+                timestamp,
+            } => self
+                .record_event(py, "record_task_assigned", |k| {
+                    k.set_item("spec_name", spec_name.as_ref())?;
+                    k.set_item("task_id", task_id.as_ref())?;
+                    k.set_item("runner_id", runner_id.as_ref())?;
+                    k.set_item("slot_id", slot_id.as_deref())?;
+                    k.set_item("pool_name", pool_name.as_ref())?;
+                    k.set_item("timestamp", datetime::to_py(py, timestamp)?)
+                })
+                .map_err(|e| fail("record_task_assigned", e))?,
+            Effect::RunnerStarted {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                pool_name,
+                details,
+                timestamp,
+            } => self
+                .record_event(py, "record_runner_started", |k| {
+                    k.set_item("spec_name", spec_name.as_ref())?;
+                    k.set_item("task_id", task_id.as_ref())?;
+                    k.set_item("runner_id", runner_id.as_ref())?;
+                    k.set_item("slot_id", slot_id.as_deref())?;
+                    k.set_item("pool_name", pool_name.as_ref())?;
+                    k.set_item("pid", details.pid)?;
+                    k.set_item("container_id", details.container_id.as_deref())?;
+                    k.set_item("job_name", details.job_name.as_deref())?;
+                    k.set_item("timestamp", datetime::to_py(py, timestamp)?)
+                })
+                .map_err(|e| fail("record_runner_started", e))?,
+            Effect::RunnerFinished {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                success,
+                execution_time_seconds,
+                failure_reason,
+            } => self
+                .record_event(py, "record_runner_finished", |k| {
+                    k.set_item("spec_name", spec_name.as_ref())?;
+                    k.set_item("task_id", task_id.as_ref())?;
+                    k.set_item("runner_id", runner_id.as_ref())?;
+                    k.set_item("slot_id", slot_id.as_deref())?;
+                    k.set_item("success", success)?;
+                    k.set_item("execution_time_seconds", execution_time_seconds)?;
+                    k.set_item("failure_reason", failure_reason.as_deref())
+                })
+                .map_err(|e| fail("record_runner_finished", e))?,
+            Effect::TaskCompleted {
+                spec_name,
+                task_id,
+                runner_id,
+                execution_time_seconds,
+            } => self
+                .record_event(py, "record_task_completed", |k| {
+                    k.set_item("spec_name", spec_name.as_ref())?;
+                    k.set_item("task_id", task_id.as_ref())?;
+                    k.set_item("runner_id", runner_id.as_ref())?;
+                    k.set_item("execution_time_seconds", execution_time_seconds)
+                })
+                .map_err(|e| fail("record_task_completed", e))?,
+            Effect::TaskFailed {
+                spec_name,
+                task_id,
+                runner_id,
+                failure_reason,
+                retry_count,
+            } => self
+                .record_event(py, "record_task_failed", |k| {
+                    k.set_item("spec_name", spec_name.as_ref())?;
+                    k.set_item("task_id", task_id.as_ref())?;
+                    k.set_item("runner_id", runner_id.as_deref())?;
+                    k.set_item("failure_reason", failure_reason.as_ref())?;
+                    k.set_item("retry_count", retry_count)
+                })
+                .map_err(|e| fail("record_task_failed", e))?,
+            Effect::StopRunner { runner_id } => {
+                let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
+                if !launcher.is_none() && launcher.hasattr("stop").unwrap_or(false) {
+                    launcher
+                        .call_method1("stop", (runner_id.as_ref(),))
+                        .map_err(|e| fail(&format!("stop({runner_id:?})"), e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record_event(
+        &self,
+        py: Python<'_>,
+        method: &str,
+        fill: impl FnOnce(&Bound<'_, PyDict>) -> PyResult<()>,
+    ) -> PyResult<()> {
+        let recorder = self.port(py, |p| &p.event_recorder).into_bound(py);
+        if recorder.is_none() {
+            return Ok(());
+        }
+        let kwargs = PyDict::new(py);
+        fill(&kwargs)?;
+        recorder.call_method(method, (), Some(&kwargs))?;
+        Ok(())
+    }
+
+    /// Carries out one reservation: allocate a slot, launch, and report back
+    /// to the core. The capacity stays reserved throughout, and is released
+    /// on every path that does not end in a tracked runner.
+    pub(super) fn assign(&self, py: Python<'_>, reservation: Reservation<Py<PyAny>>) -> Assigned {
+        let Reservation {
+            meta,
+            payload,
+            pool,
+            pool_name,
+        } = reservation;
+        let slot = match self.allocate_slot(py, &meta, &pool_name) {
+            Ok(Some(slot)) => slot,
+            result => {
+                match result {
+                    Err(e) => log::error!(
+                        target: LOG_TARGET,
+                        "allocate_slot for task {:?} (repo {:?}) failed: {e}",
+                        meta.id,
+                        meta.repo_name
+                    ),
+                    _ => log::debug!(
+                        target: LOG_TARGET,
+                        "no slot free for task {:?} (repo {:?}); it stays queued",
+                        meta.id,
+                        meta.repo_name
+                    ),
+                }
+                let outcome = self.decide(|state, _, _| state.abort_assignment(&meta.id, payload));
+                self.perform(py, outcome);
+                return Assigned::NoSlot;
+            }
+        };
+        let pool_object = self
+            .ports
+            .read()
+            .pool_objects
+            .get(pool)
+            .map(|p| p.clone_ref(py));
+        let pool_object = pool_object.unwrap_or_else(|| py.None());
+        match self.launch(py, &payload, &slot, pool_object) {
+            Ok(runner) => {
+                log::info!(
+                    target: LOG_TARGET,
+                    "assigned task {:?} to pool {pool_name:?} (runner {:?}, slot {:?})",
+                    meta.id,
+                    runner.runner_id,
+                    runner.slot_id
+                );
+                let outcome = self.decide(|state, book, now| {
+                    state.confirm_assignment(&meta.id, payload, runner, book, now)
+                });
+                self.perform(py, outcome);
+                Assigned::Launched
+            }
+            Err(e) => {
+                let reason = format!("launch failed: {e}");
+                log::error!(target: LOG_TARGET, "task {:?}: {reason}", meta.id);
+                let outcome = self.decide(|state, book, now| {
+                    state.fail_assignment(&meta.id, payload, slot.id, &reason, book, now)
+                });
+                self.perform(py, outcome);
+                Assigned::LaunchFailed
+            }
+        }
+    }
+
+    /// `allocate_slot(repo_name, metadata=...)`; without a repo pool manager
+    /// the runner gets no slot.
+    fn allocate_slot(
+        &self,
+        py: Python<'_>,
+        meta: &TaskMeta,
+        pool_name: &str,
+    ) -> PyResult<Option<Slot>> {
+        let manager = self.port(py, |p| &p.repo_pool_manager).into_bound(py);
+        if manager.is_none() {
+            return Ok(Some(Slot {
+                object: py.None(),
+                id: None,
+            }));
+        }
+        let metadata = PyDict::new(py);
+        metadata.set_item("task_id", meta.id.as_ref())?;
+        metadata.set_item("spec_name", meta.spec_name.as_ref())?;
+        metadata.set_item("pool_name", pool_name)?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("metadata", metadata)?;
+        let slot =
+            manager.call_method("allocate_slot", (meta.repo_name.as_ref(),), Some(&kwargs))?;
+        if slot.is_none() {
+            return Ok(None);
+        }
+        let id = getattr_opt(&slot, "slot_id")?.ok_or_else(|| {
+            args::type_error("the allocated slot", "an object with a slot_id", &slot)
+        })?;
+        let id = Arc::from(args::string("slot.slot_id", &id)?.as_ref());
+        Ok(Some(Slot {
+            object: slot.unbind(),
+            id: Some(id),
+        }))
+    }
+
+    /// `launch(task, slot, pool)`, and what the returned runner tells.
+    fn launch(
+        &self,
+        py: Python<'_>,
+        task: &Py<PyAny>,
+        slot: &Slot,
+        pool: Py<PyAny>,
+    ) -> PyResult<NewRunner> {
+        let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
+        let runner = launcher.call_method1("launch", (task, &slot.object, pool))?;
+        let runner_id = getattr_opt(&runner, "runner_id")?.ok_or_else(|| {
+            args::type_error("the launched runner", "an object with a runner_id", &runner)
+        })?;
+        let runner_id = Arc::from(args::string("runner.runner_id", &runner_id)?.as_ref());
+        // The optional details are informational: a malformed one is dropped
+        // (and logged) rather than losing track of a runner that is running.
+        let optional = |name: &str| -> Option<Bound<'_, PyAny>> {
+            getattr_opt(&runner, name)
+                .ok()
+                .flatten()
+                .filter(|v| !v.is_none())
+        };
+        let pid = optional("pid")
+            .and_then(|p| lenient("pid", args::saturating_int("runner.pid", &p).map(Some)));
+        let container_id = lenient(
+            "container_id",
+            optional_arc("runner.container_id", optional("container_id").as_ref()),
+        );
+        let job_name = lenient(
+            "job_name",
+            optional_arc("runner.job_name", optional("job_name").as_ref()),
+        );
+        let started_at = optional("started_at").and_then(|s| {
+            lenient(
+                "started_at",
+                datetime::optional_from_py("runner.started_at", &s),
+            )
+        });
+        Ok(NewRunner {
+            runner_id,
+            slot_id: slot.id.clone(),
+            started_at,
+            details: RunnerDetails {
+                pid,
+                container_id,
+                job_name,
+            },
+        })
+    }
+}
+
+/// A runner's optional detail, or None (logged) when it is malformed.
+fn lenient<T>(name: &str, value: PyResult<Option<T>>) -> Option<T> {
+    value.unwrap_or_else(|e| {
+        log::warn!(target: LOG_TARGET, "ignoring the launched runner's {name}: {e}");
+        None
+    })
+}
+
+pub fn metadata_dict<'py>(
+    py: Python<'py>,
+    metadata: &StateMetadata,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match metadata {
+        StateMetadata::Running {
+            runner_id,
+            assigned_slot,
+            pool_name,
+            started_at,
+        } => {
+            d.set_item("runner_id", runner_id.as_ref())?;
+            d.set_item("assigned_slot", assigned_slot.as_deref())?;
+            d.set_item("pool_name", pool_name.as_ref())?;
+            d.set_item("started_at", started_at.to_string())?;
+        }
+        StateMetadata::Retry {
+            retry_count,
+            next_retry_at,
+            failure_reason,
+        } => {
+            d.set_item("retry_count", retry_count)?;
+            d.set_item("next_retry_at", next_retry_at.to_string())?;
+            d.set_item("failure_reason", failure_reason.as_ref())?;
+        }
+        StateMetadata::Interrupted => d.set_item("interrupted", true)?,
+        StateMetadata::Done {
+            runner_id,
+            completed_at,
+        } => {
+            d.set_item("runner_id", runner_id.as_ref())?;
+            d.set_item("completed_at", completed_at.to_string())?;
+        }
+        StateMetadata::Failed {
+            reason,
+            retries,
+            runner_id,
+        } => {
+            d.set_item("reason", reason.as_ref())?;
+            d.set_item("retries", retries)?;
+            d.set_item("runner_id", runner_id.as_deref())?;
+        }
+    }
+    Ok(d)
+}

@@ -1,0 +1,69 @@
+//! The background loop's control: which run of the loop is current, and
+//! waking it early when it is asked to stop.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use pyo3::prelude::*;
+
+#[derive(Default)]
+struct Control {
+    /// Bumped by every start and stop; a loop runs while its generation is
+    /// the current one, so a late-finishing old loop never outlives a stop.
+    generation: u64,
+    thread: Option<Py<PyAny>>,
+}
+
+#[derive(Default)]
+pub struct LoopControl {
+    control: Mutex<Control>,
+    wake: Condvar,
+}
+
+impl LoopControl {
+    /// A new run of the loop; returns its generation.
+    pub fn begin(&self) -> u64 {
+        let mut c = self.control.lock();
+        c.generation += 1;
+        c.generation
+    }
+
+    /// Keeps the thread of the current run, for `stop()` to join. Returns the
+    /// previous one, to be dropped by the caller outside the lock.
+    pub fn set_thread(&self, thread: Option<Py<PyAny>>) -> Option<Py<PyAny>> {
+        std::mem::replace(&mut self.control.lock().thread, thread)
+    }
+
+    /// Ends the current run and wakes it; hands back its thread.
+    pub fn end(&self) -> Option<Py<PyAny>> {
+        let mut c = self.control.lock();
+        c.generation += 1;
+        self.wake.notify_all();
+        c.thread.take()
+    }
+
+    /// Wakes a sleeping loop so it looks at the `running` flag again.
+    pub fn nudge(&self) {
+        let _c = self.control.lock();
+        self.wake.notify_all();
+    }
+
+    pub fn is_current(&self, generation: u64) -> bool {
+        self.control.lock().generation == generation
+    }
+
+    /// Sleeps up to `interval`, or until the run ends or is nudged. Call
+    /// with the GIL released. Returns whether the run is still current.
+    pub fn sleep(&self, generation: u64, interval: Duration) -> bool {
+        let mut c = self.control.lock();
+        if c.generation == generation {
+            match Instant::now().checked_add(interval) {
+                Some(deadline) => {
+                    self.wake.wait_until(&mut c, deadline);
+                }
+                None => self.wake.wait(&mut c),
+            }
+        }
+        c.generation == generation
+    }
+}
