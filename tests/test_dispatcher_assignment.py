@@ -1,0 +1,362 @@
+"""The original assignment and main-loop scenarios: slot allocation, launch,
+RUNNING report, events, the failure paths, start/stop and priority changes."""
+
+import logging
+import threading
+import time
+from datetime import datetime
+from types import SimpleNamespace
+from unittest.mock import Mock
+
+from necrocode_dispatch import AgentPool, SchedulingPolicy, TaskState
+
+from .dispatcher_helpers import START, make_dispatcher, task
+from .fakes import Slots, build, make_task
+
+
+def test_assignment_success():
+    dispatcher, _ = make_dispatcher()
+    t = task("t1", spec="spec-a")
+    t.metadata["repo_name"] = "repo-x"
+    dispatcher.task_source.poll_ready_tasks.return_value = [t]
+    slot = SimpleNamespace(slot_id="slot-7")
+    dispatcher.repo_pool_manager.allocate_slot.return_value = slot
+    dispatcher.runner_launcher.launch.return_value = SimpleNamespace(
+        runner_id="runner-1", pid=4242, container_id=None, job_name=None
+    )
+
+    result = dispatcher.tick()
+
+    assert result["enqueued"] == 1 and result["assigned"] == 1
+    alloc = dispatcher.repo_pool_manager.allocate_slot.call_args
+    assert alloc.args == ("repo-x",)
+    assert alloc.kwargs["metadata"] == {
+        "task_id": "t1",
+        "spec_name": "spec-a",
+        "pool_name": "local",
+    }
+    launched_task, launched_slot, pool = dispatcher.runner_launcher.launch.call_args.args
+    assert launched_task is t and launched_slot is slot
+    assert isinstance(pool, AgentPool) and pool.name == "local"
+    update = dispatcher.task_registry.update_task_state.call_args.kwargs
+    assert update["task_id"] == "t1" and update["spec_name"] == "spec-a"
+    assert update["new_state"] is TaskState.RUNNING
+    assert update["metadata"] == {
+        "runner_id": "runner-1",
+        "assigned_slot": "slot-7",
+        "pool_name": "local",
+        "started_at": START.isoformat(),
+    }
+    events = dispatcher.event_recorder
+    events.record_task_assigned.assert_called_once_with(
+        spec_name="spec-a",
+        task_id="t1",
+        runner_id="runner-1",
+        slot_id="slot-7",
+        pool_name="local",
+        timestamp=START,
+    )
+    events.record_runner_started.assert_called_once_with(
+        spec_name="spec-a",
+        task_id="t1",
+        runner_id="runner-1",
+        slot_id="slot-7",
+        pool_name="local",
+        pid=4242,
+        container_id=None,
+        job_name=None,
+        timestamp=START,
+    )
+    assert dispatcher.get_task_place("t1") == "running"
+    assert dispatcher.get_global_running_count() == 1
+    assert dispatcher.get_status()["metrics"]["tasks_assigned"] == 1
+    # The tracked runner's outcome is applied through the usual path.
+    assert dispatcher.handle_runner_completion("runner-1", success=True)
+    assert dispatcher.repo_pool_manager.released == {"slot-7": 1}
+    dispatcher._check_invariants()
+
+
+def test_no_slot_keeps_the_task_queued_and_counts_nothing():
+    dispatcher, _ = make_dispatcher()
+    dispatcher.task_source.poll_ready_tasks.return_value = [task("t1")]
+    dispatcher.repo_pool_manager.allocate_slot.return_value = None
+
+    result = dispatcher.tick()
+
+    assert result["assigned"] == 0 and result["no_slot"] == 1
+    dispatcher.runner_launcher.launch.assert_not_called()
+    dispatcher.task_registry.update_task_state.assert_not_called()
+    assert dispatcher.get_queued_task_ids() == ["t1"]
+    assert dispatcher.get_global_running_count() == 0
+    status = dispatcher.get_status()
+    assert all(p["current_running"] == 0 for p in status["pool_statuses"])
+    assert status["metrics"]["tasks_assigned"] == 0
+    dispatcher._check_invariants()
+
+
+def test_slot_allocation_raising_keeps_the_task_queued_and_is_logged(caplog):
+    dispatcher, _ = make_dispatcher()
+    dispatcher.task_source.poll_ready_tasks.return_value = [task("t1")]
+    dispatcher.repo_pool_manager.allocate_slot.side_effect = OSError("disk full")
+
+    with caplog.at_level(logging.ERROR, logger="necrocode_dispatch"):
+        result = dispatcher.tick()
+
+    assert result["no_slot"] == 1
+    assert any(
+        "allocate_slot" in r.getMessage() and "disk full" in r.getMessage() for r in caplog.records
+    )
+    dispatcher.runner_launcher.launch.assert_not_called()
+    assert dispatcher.get_queued_task_ids() == ["t1"]
+    assert dispatcher.get_global_running_count() == 0
+    # Once slots are back, the task is assigned.
+    dispatcher.repo_pool_manager.allocate_slot.side_effect = None
+    dispatcher.repo_pool_manager.allocate_slot.return_value = SimpleNamespace(slot_id="s1")
+    dispatcher.runner_launcher.launch.return_value = SimpleNamespace(runner_id="r1")
+    assert dispatcher.tick()["assigned"] == 1
+
+
+def test_launch_raising_releases_the_slot_and_takes_the_failure_path(caplog):
+    dispatcher, ports = build([make_task("t1")])
+    ports.launcher.fail_tasks.add("t1")
+
+    with caplog.at_level(logging.ERROR, logger="necrocode_dispatch"):
+        result = dispatcher.tick()
+
+    assert result["launch_failed"] == 1 and result["assigned"] == 0
+    assert ports.slots.released == {"slot-1": 1}
+    state, metadata = ports.registry.history["t1"][-1]
+    assert state is TaskState.READY
+    assert metadata["retry_count"] == 1
+    assert metadata["failure_reason"] == "launch failed: RuntimeError: no executor available"
+    assert dispatcher.get_task_place("t1") == "delayed"
+    assert dispatcher.get_global_running_count() == 0
+    assert any("launch failed" in r.getMessage() for r in caplog.records)
+    dispatcher._check_invariants()
+
+
+def test_a_runner_without_runner_id_is_a_failed_launch():
+    dispatcher, _ = make_dispatcher()
+    dispatcher.task_source.poll_ready_tasks.return_value = [task("t1")]
+    dispatcher.repo_pool_manager.allocate_slot.return_value = SimpleNamespace(slot_id="s1")
+    dispatcher.runner_launcher.launch.return_value = SimpleNamespace(pid=1)
+    assert dispatcher.tick()["launch_failed"] == 1
+    assert dispatcher.repo_pool_manager.released == {"s1": 1}
+    assert dispatcher.get_task_place("t1") == "delayed"
+
+
+def test_a_completion_reported_before_launch_returns_is_applied():
+    dispatcher, ports = build([make_task("t1")])
+
+    def finish_at_once(launch):
+        assert dispatcher.handle_runner_completion(
+            launch.runner_id, task_id=launch.task_id, success=True
+        )
+
+    ports.launcher.on_launch = finish_at_once
+    assert dispatcher.tick()["assigned"] == 1
+    states = [s for s, _ in ports.registry.history["t1"]]
+    assert states == [TaskState.RUNNING, TaskState.DONE]
+    assert dispatcher.get_task_place("t1") is None
+    assert ports.slots.each_released_once()
+    dispatcher._check_invariants()
+
+
+def test_main_loop_iteration_polls_the_source_and_schedules():
+    dispatcher, ports = build([make_task("t1"), make_task("t2")])
+    source = Mock(wraps=ports.registry)
+    dispatcher.task_source = source
+    result = dispatcher.tick()
+    source.poll_ready_tasks.assert_called_once_with()
+    assert result["enqueued"] == 2 and result["assigned"] == 2
+    assert ports.launcher.order() == ["t1", "t2"]
+    # The next pass sees both as running: the poll returns nothing new.
+    assert dispatcher.tick()["enqueued"] == 0
+
+
+def test_without_a_launcher_tasks_stay_queued():
+    dispatcher, _ = build([make_task("t1")])
+    dispatcher.runner_launcher = None
+    assert dispatcher.tick()["assigned"] == 0
+    assert dispatcher.get_queued_task_ids() == ["t1"]
+
+
+def test_the_background_loop_polls_and_assigns():
+    launched = threading.Event()
+    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
+    ports.launcher.on_launch = lambda _: launched.set()
+    dispatcher.start()
+    try:
+        assert dispatcher.running is True
+        assert launched.wait(10)
+        loops = [t for t in threading.enumerate() if t.name == "necrocode-dispatch-loop"]
+        assert len(loops) == 1 and loops[0].daemon
+    finally:
+        dispatcher.handle_runner_completion("runner-1", success=True)
+        dispatcher.stop(timeout=5)
+    assert dispatcher.running is False
+    assert not [t for t in threading.enumerate() if t.name == "necrocode-dispatch-loop"]
+
+
+def test_stop_when_not_running_does_nothing(caplog):
+    dispatcher, _ = build()
+    with caplog.at_level(logging.WARNING, logger="necrocode_dispatch"):
+        dispatcher.stop()
+    assert dispatcher.running is False
+    assert any("not running" in r.getMessage() for r in caplog.records)
+
+
+def test_start_twice_runs_one_loop():
+    dispatcher, _ = build(poll_interval=0.01)
+    dispatcher.start()
+    dispatcher.start()
+    try:
+        loops = [t for t in threading.enumerate() if t.name == "necrocode-dispatch-loop"]
+        assert len(loops) == 1
+    finally:
+        dispatcher.stop(timeout=1)
+
+
+def test_stop_does_not_wait_out_the_poll_interval():
+    # An hour between polls: stop() must wake the loop, not wait for it.
+    dispatcher, _ = build(poll_interval=3600)
+    dispatcher.start()
+    began = time.monotonic()
+    dispatcher.stop(timeout=60)
+    assert time.monotonic() - began < 5
+
+
+def test_waiting_for_runners_with_none_running_returns_at_once():
+    dispatcher, ports = build(poll_interval=0.01)
+    dispatcher.start()
+    began = time.monotonic()
+    dispatcher.stop(timeout=60)
+    assert time.monotonic() - began < 5
+    assert ports.launcher.stopped == []
+
+
+def test_stop_waits_for_a_runner_that_finishes_in_time():
+    launched = threading.Event()
+    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
+    ports.launcher.on_launch = lambda _: launched.set()
+    dispatcher.start()
+    assert launched.wait(10)
+    finisher = threading.Timer(
+        0.2, lambda: dispatcher.handle_runner_completion("runner-1", success=True)
+    )
+    finisher.start()
+    dispatcher.stop(timeout=30)
+    finisher.join()
+    assert ports.launcher.stopped == []
+    assert ports.registry.states["t1"] is TaskState.DONE
+    assert ports.slots.each_released_once()
+
+
+def test_waiting_times_out_and_forces_the_stop():
+    launched = threading.Event()
+    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
+    ports.launcher.on_launch = lambda _: launched.set()
+    dispatcher.start()
+    assert launched.wait(10)
+
+    began = time.monotonic()
+    dispatcher.stop(timeout=0.2)
+    assert time.monotonic() - began >= 0.2
+
+    assert ports.launcher.stopped == ["runner-1"]
+    assert ports.slots.released == {"slot-1": 1}
+    state, metadata = ports.registry.history["t1"][-1]
+    assert state is TaskState.READY and metadata == {"interrupted": True}
+    assert dispatcher.get_global_running_count() == 0
+    assert dispatcher.get_status()["metrics"]["runners_force_stopped"] == 1
+    assert dispatcher.retry_manager.get_retry_count("t1") == 0
+    # The runner's late report changes nothing.
+    assert dispatcher.handle_runner_completion("runner-1", success=True) is False
+    assert ports.slots.released == {"slot-1": 1}
+    dispatcher._check_invariants()
+
+
+def test_stop_uses_the_configured_grace_period():
+    launched = threading.Event()
+    dispatcher, ports = build([make_task("t1")], poll_interval=0.01, graceful_shutdown_timeout=0.1)
+    ports.launcher.on_launch = lambda _: launched.set()
+    dispatcher.start()
+    assert launched.wait(10)
+    dispatcher.stop()
+    assert ports.launcher.stopped == ["runner-1"]
+
+
+def test_an_interrupted_task_is_assigned_again_after_a_restart():
+    launched = threading.Event()
+    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
+    ports.launcher.on_launch = lambda _: launched.set()
+    dispatcher.start()
+    assert launched.wait(10)
+    dispatcher.stop(timeout=0)
+    assert dispatcher.get_queued_task_ids() == ["t1"]
+    assert dispatcher.tick()["assigned"] == 0, "stopped: nothing is assigned"
+    launched.clear()
+    dispatcher.start()
+    try:
+        assert launched.wait(10)
+        assert ports.launcher.order() == ["t1", "t1"]
+    finally:
+        dispatcher.handle_runner_completion("runner-2", success=True)
+        dispatcher.stop(timeout=5)
+
+
+def test_dynamic_priority_change_reorders_the_queue():
+    dispatcher, ports = build(
+        [make_task("a", priority=1), make_task("b", priority=2), make_task("c", priority=3)],
+        global_limit=1,
+    )
+    dispatcher.runner_launcher = None  # only queue this pass
+    dispatcher.tick()
+    assert dispatcher.get_queued_task_ids() == ["c", "b", "a"]
+    assert dispatcher.update_task_priority("spec-a", "a", 10) is True
+    assert dispatcher.get_queued_task_ids() == ["a", "c", "b"]
+    assert dispatcher.update_task_priority("spec-a", "missing", 10) is False
+    dispatcher.runner_launcher = ports.launcher
+    dispatcher.tick()
+    assert ports.launcher.order() == ["a"]
+
+
+def test_set_scheduling_policy_and_priority_switches():
+    dispatcher, ports = build(
+        [
+            make_task("old-low", priority=0, created_at=datetime(2025, 1, 1)),
+            make_task("new-high", priority=9, created_at=datetime(2025, 1, 2)),
+        ]
+    )
+    dispatcher.runner_launcher = None
+    dispatcher.tick()
+    assert dispatcher.get_queued_task_ids() == ["new-high", "old-low"]
+    dispatcher.disable_priority_scheduling()
+    assert dispatcher.get_status()["scheduling_policy"] == "fifo"
+    assert ports.config.scheduling_policy is SchedulingPolicy.FIFO
+    assert dispatcher.get_queued_task_ids() == ["old-low", "new-high"]
+    dispatcher.enable_priority_scheduling()
+    assert dispatcher.get_status()["scheduling_policy"] == "priority"
+    assert dispatcher.get_queued_task_ids() == ["new-high", "old-low"]
+    dispatcher.set_scheduling_policy(SchedulingPolicy.FAIR_SHARE)
+    assert dispatcher.get_status()["scheduling_policy"] == "fair-share"
+    dispatcher.set_scheduling_policy("skill-based")
+    assert ports.config.scheduling_policy is SchedulingPolicy.SKILL_BASED
+
+
+def test_disabled_pools_get_nothing_until_enabled():
+    dispatcher, _ = build([make_task("t1")], pools=(("only", 2),))
+    dispatcher.disable_pool("only")
+    assert dispatcher.tick()["assigned"] == 0
+    assert dispatcher.get_status()["pool_statuses"][0]["enabled"] is False
+    dispatcher.enable_pool("only")
+    assert dispatcher.tick()["assigned"] == 1
+
+
+def test_tasks_without_a_free_slot_wait_in_the_queue():
+    slots = Slots(free=1)
+    dispatcher, _ = build([make_task(f"t{i}") for i in range(3)], slots=slots)
+    result = dispatcher.tick()
+    assert result["assigned"] == 1 and result["no_slot"] == 2
+    assert dispatcher.get_queued_task_ids() == ["t1", "t2"]
+    dispatcher._check_invariants()
