@@ -8,6 +8,8 @@ from datetime import datetime
 from types import SimpleNamespace
 from unittest.mock import Mock
 
+import pytest
+
 from necrocode_dispatch import AgentPool, SchedulingPolicy, TaskState
 
 from .dispatcher_helpers import START, make_dispatcher, task
@@ -181,21 +183,21 @@ def test_without_a_launcher_tasks_stay_queued():
     assert dispatcher.get_queued_task_ids() == ["t1"]
 
 
+def loop_threads():
+    return [t for t in threading.enumerate() if t.name == "necrocode-dispatch-loop"]
+
+
 def test_the_background_loop_polls_and_assigns():
-    launched = threading.Event()
-    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
-    ports.launcher.on_launch = lambda _: launched.set()
-    dispatcher.start()
+    dispatcher, _, _ = started_with_one_runner()
     try:
         assert dispatcher.running is True
-        assert launched.wait(10)
-        loops = [t for t in threading.enumerate() if t.name == "necrocode-dispatch-loop"]
+        loops = loop_threads()
         assert len(loops) == 1 and loops[0].daemon
     finally:
         dispatcher.handle_runner_completion("runner-1", success=True)
         dispatcher.stop(timeout=5)
     assert dispatcher.running is False
-    assert not [t for t in threading.enumerate() if t.name == "necrocode-dispatch-loop"]
+    assert loop_threads() == []
 
 
 def test_stop_when_not_running_does_nothing(caplog):
@@ -211,23 +213,15 @@ def test_start_twice_runs_one_loop():
     dispatcher.start()
     dispatcher.start()
     try:
-        loops = [t for t in threading.enumerate() if t.name == "necrocode-dispatch-loop"]
-        assert len(loops) == 1
+        assert len(loop_threads()) == 1
     finally:
         dispatcher.stop(timeout=1)
 
 
-def test_stop_does_not_wait_out_the_poll_interval():
-    # An hour between polls: stop() must wake the loop, not wait for it.
-    dispatcher, _ = build(poll_interval=3600)
-    dispatcher.start()
-    began = time.monotonic()
-    dispatcher.stop(timeout=60)
-    assert time.monotonic() - began < 5
-
-
-def test_waiting_for_runners_with_none_running_returns_at_once():
-    dispatcher, ports = build(poll_interval=0.01)
+# An hour between polls: stop() must wake the loop, not wait it out.
+@pytest.mark.parametrize("poll_interval", [0.01, 3600])
+def test_waiting_for_runners_with_none_running_returns_at_once(poll_interval):
+    dispatcher, ports = build(poll_interval=poll_interval)
     dispatcher.start()
     began = time.monotonic()
     dispatcher.stop(timeout=60)
@@ -235,12 +229,19 @@ def test_waiting_for_runners_with_none_running_returns_at_once():
     assert ports.launcher.stopped == []
 
 
-def test_stop_waits_for_a_runner_that_finishes_in_time():
+def started_with_one_runner(**config):
+    """A started dispatcher whose loop has launched runner-1 for task t1."""
     launched = threading.Event()
-    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
+    dispatcher, ports = build([make_task("t1")], poll_interval=0.01, **config)
     ports.launcher.on_launch = lambda _: launched.set()
     dispatcher.start()
     assert launched.wait(10)
+    launched.clear()
+    return dispatcher, ports, launched
+
+
+def test_stop_waits_for_a_runner_that_finishes_in_time():
+    dispatcher, ports, _ = started_with_one_runner()
     finisher = threading.Timer(
         0.2, lambda: dispatcher.handle_runner_completion("runner-1", success=True)
     )
@@ -253,12 +254,7 @@ def test_stop_waits_for_a_runner_that_finishes_in_time():
 
 
 def test_waiting_times_out_and_forces_the_stop():
-    launched = threading.Event()
-    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
-    ports.launcher.on_launch = lambda _: launched.set()
-    dispatcher.start()
-    assert launched.wait(10)
-
+    dispatcher, ports, _ = started_with_one_runner()
     began = time.monotonic()
     dispatcher.stop(timeout=0.2)
     assert time.monotonic() - began >= 0.2
@@ -277,25 +273,16 @@ def test_waiting_times_out_and_forces_the_stop():
 
 
 def test_stop_uses_the_configured_grace_period():
-    launched = threading.Event()
-    dispatcher, ports = build([make_task("t1")], poll_interval=0.01, graceful_shutdown_timeout=0.1)
-    ports.launcher.on_launch = lambda _: launched.set()
-    dispatcher.start()
-    assert launched.wait(10)
+    dispatcher, ports, _ = started_with_one_runner(graceful_shutdown_timeout=0.1)
     dispatcher.stop()
     assert ports.launcher.stopped == ["runner-1"]
 
 
 def test_an_interrupted_task_is_assigned_again_after_a_restart():
-    launched = threading.Event()
-    dispatcher, ports = build([make_task("t1")], poll_interval=0.01)
-    ports.launcher.on_launch = lambda _: launched.set()
-    dispatcher.start()
-    assert launched.wait(10)
+    dispatcher, ports, launched = started_with_one_runner()
     dispatcher.stop(timeout=0)
     assert dispatcher.get_queued_task_ids() == ["t1"]
     assert dispatcher.tick()["assigned"] == 0, "stopped: nothing is assigned"
-    launched.clear()
     dispatcher.start()
     try:
         assert launched.wait(10)
@@ -360,3 +347,17 @@ def test_tasks_without_a_free_slot_wait_in_the_queue():
     assert result["assigned"] == 1 and result["no_slot"] == 2
     assert dispatcher.get_queued_task_ids() == ["t1", "t2"]
     dispatcher._check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"), [(-1, ValueError), (float("nan"), ValueError), ("soon", TypeError)]
+)
+def test_stop_rejects_a_bad_timeout_and_keeps_running(timeout, error):
+    dispatcher, _ = build(poll_interval=0.01)
+    dispatcher.start()
+    try:
+        with pytest.raises(error, match="timeout"):
+            dispatcher.stop(timeout=timeout)
+        assert dispatcher.running is True
+    finally:
+        dispatcher.stop(timeout=1)
