@@ -386,6 +386,11 @@ impl<T> DispatcherState<T> {
         self.tasks.get(task_id).map(|t| &t.place)
     }
 
+    /// When the earliest delayed retry becomes due.
+    pub fn next_due(&self) -> Option<MonoNanos> {
+        self.delayed.first().map(|(due, _)| *due)
+    }
+
     pub fn queued_ids(&self) -> Vec<TaskId> {
         self.queue.iter().cloned().collect()
     }

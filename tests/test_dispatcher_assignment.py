@@ -10,7 +10,7 @@ from unittest.mock import Mock
 
 import pytest
 
-from necrocode_dispatch import AgentPool, SchedulingPolicy, TaskState
+from necrocode_dispatch import AgentPool, SchedulingPolicy, SystemClock, TaskState
 
 from .dispatcher_helpers import START, make_dispatcher, task
 from .fakes import Slots, build, make_task
@@ -232,7 +232,8 @@ def test_waiting_for_runners_with_none_running_returns_at_once(poll_interval):
 def started_with_one_runner(**config):
     """A started dispatcher whose loop has launched runner-1 for task t1."""
     launched = threading.Event()
-    dispatcher, ports = build([make_task("t1")], poll_interval=0.01, **config)
+    config.setdefault("poll_interval", 0.01)
+    dispatcher, ports = build([make_task("t1")], **config)
     ports.launcher.on_launch = lambda _: launched.set()
     dispatcher.start()
     assert launched.wait(10)
@@ -270,6 +271,20 @@ def test_waiting_times_out_and_forces_the_stop():
     assert dispatcher.handle_runner_completion("runner-1", success=True) is False
     assert ports.slots.released == {"slot-1": 1}
     dispatcher._check_invariants()
+
+
+def test_the_loop_wakes_for_a_due_retry_before_the_next_poll():
+    # An hour between polls, but the retry is due after 50 ms.
+    dispatcher, ports, launched = started_with_one_runner(
+        clock=SystemClock(), poll_interval=3600, retry_initial_delay=0.05
+    )
+    try:
+        dispatcher.handle_runner_completion("runner-1", success=False, failure_reason="exit 1")
+        assert launched.wait(10)
+        first, second = ports.launcher.launches
+        assert second.task_id == "t1" and second.at - first.at >= 0.05
+    finally:
+        dispatcher.stop(timeout=0)
 
 
 def test_stop_uses_the_configured_grace_period():

@@ -21,7 +21,7 @@ pub use errors::{
     SlotAllocationError, TaskAssignmentError,
 };
 use ports::{Assigned, Ports};
-use run_loop::LoopControl;
+use run_loop::{LoopControl, Wake};
 use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta};
 
 use crate::bindings::args;
@@ -171,6 +171,19 @@ impl PyDispatcherCore {
             }
         }
         true
+    }
+
+    /// How long until the earliest delayed retry is due (at least 1 ms), so
+    /// the loop wakes for it instead of waiting out a long poll interval.
+    fn until_next_retry(&self) -> Duration {
+        let next_due = { self.state.lock().next_due() };
+        match next_due {
+            Some(due) => {
+                let wait = due.saturating_sub(self.clock.now().mono);
+                Duration::from_nanos(wait).max(Duration::from_millis(1))
+            }
+            None => Duration::MAX,
+        }
     }
 
     /// Sets the policy in the core and, where it can, in `config`.
@@ -414,7 +427,8 @@ impl PyDispatcherCore {
         Ok(())
     }
 
-    /// The background loop's body (the thread's target).
+    /// The background loop's body (the thread's target): a pass, then sleep
+    /// until the next poll or the next retry due, whichever is sooner.
     fn _run_loop(&self, py: Python<'_>, generation: u64) {
         while self.running() && self.run_loop.is_current(generation) {
             self.tick_once(py);
@@ -425,8 +439,23 @@ impl PyDispatcherCore {
                     Duration::from_secs(5)
                 }
             };
-            if !py.detach(|| self.run_loop.sleep(generation, interval)) {
-                break;
+            let next_poll = Instant::now().checked_add(interval);
+            loop {
+                let now = Instant::now();
+                let poll_in = next_poll.map_or(Duration::MAX, |t| t.saturating_duration_since(now));
+                let wait = poll_in.min(self.until_next_retry());
+                if wait.is_zero() {
+                    break;
+                }
+                let deadline = now
+                    .checked_add(wait)
+                    .unwrap_or(now + Duration::from_secs(86_400));
+                match py.detach(|| self.run_loop.sleep_until(generation, deadline)) {
+                    Wake::Ended => return,
+                    Wake::TimedOut => break,
+                    Wake::Nudged if !self.running() => return,
+                    Wake::Nudged => {}
+                }
             }
         }
     }

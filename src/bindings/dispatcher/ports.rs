@@ -64,6 +64,10 @@ impl PyDispatcherCore {
     pub(super) fn perform(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) -> bool {
         if let Some(failure) = &outcome.failure {
             log_failure(failure);
+            if !failure.limit_reached {
+                // A retry is now delayed: the loop may have to wake sooner.
+                self.run_loop.nudge();
+            }
         }
         for effect in outcome.effects {
             if let Err(err) = self.perform_one(py, effect) {

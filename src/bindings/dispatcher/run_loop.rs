@@ -1,7 +1,7 @@
 //! The background loop's control: which run of the loop is current, and
 //! waking it early when it is asked to stop.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
@@ -42,7 +42,8 @@ impl LoopControl {
         c.thread.take()
     }
 
-    /// Wakes a sleeping loop so it looks at the `running` flag again.
+    /// Wakes a sleeping loop so it looks again at the `running` flag and at
+    /// when the next retry is due.
     pub fn nudge(&self) {
         let _c = self.control.lock();
         self.wake.notify_all();
@@ -52,18 +53,30 @@ impl LoopControl {
         self.control.lock().generation == generation
     }
 
-    /// Sleeps up to `interval`, or until the run ends or is nudged. Call
-    /// with the GIL released. Returns whether the run is still current.
-    pub fn sleep(&self, generation: u64, interval: Duration) -> bool {
+    /// Sleeps until `deadline`, the run's end or a nudge. Call with the GIL
+    /// released.
+    pub fn sleep_until(&self, generation: u64, deadline: Instant) -> Wake {
         let mut c = self.control.lock();
-        if c.generation == generation {
-            match Instant::now().checked_add(interval) {
-                Some(deadline) => {
-                    self.wake.wait_until(&mut c, deadline);
-                }
-                None => self.wake.wait(&mut c),
-            }
+        if c.generation != generation {
+            return Wake::Ended;
         }
-        c.generation == generation
+        let timed_out = self.wake.wait_until(&mut c, deadline).timed_out();
+        if c.generation != generation {
+            Wake::Ended
+        } else if timed_out {
+            Wake::TimedOut
+        } else {
+            Wake::Nudged
+        }
     }
+}
+
+/// Why a loop's sleep ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// `stop()` ended this run of the loop.
+    Ended,
+    TimedOut,
+    /// Something changed (a retry was scheduled, `running` was set).
+    Nudged,
 }
