@@ -1,0 +1,315 @@
+"""``necrocode-dispatch run JOBFILE``: dispatch a job file's shell commands on
+this machine through the Rust core, with retries, live progress, an event log
+and a final table.
+
+Exit status: 0 every task done, 1 some task failed, 2 a bad job file (nothing
+runs), 130 interrupted by Ctrl-C (143 by SIGTERM): running commands are stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from necrocode_dispatch import DispatcherCore, DispatcherError, TaskState
+from necrocode_dispatch.job import JobError, load_job
+from necrocode_dispatch.local import (
+    InMemoryTaskRegistry,
+    JsonlEventRecorder,
+    LocalSlotPool,
+    SubprocessLauncher,
+)
+
+PROG = "necrocode-dispatch"
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_JOB = 0, 1, 2
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; exit with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Dispatch tasks with retries through the necrocode-dispatch core."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="run every task of a job file to the end",
+        description="Run every task of a YAML job file to the end, retrying failures "
+        "with exponential backoff.",
+    )
+    run.add_argument("jobfile", help="the job file (dispatcher, agent_pools, skill_mapping, tasks)")
+    run.add_argument("--json", action="store_true", help="print the final status as JSON")
+    run.add_argument(
+        "--events", metavar="PATH", help="the event log, JSON lines (default: WORKDIR/events.jsonl)"
+    )
+    run.add_argument(
+        "--workdir", metavar="DIR", help="slots and command logs (default: a new temporary dir)"
+    )
+    run.add_argument("--quiet", action="store_true", help="no live progress")
+    run.add_argument("-v", "--verbose", action="store_true", help="log the dispatcher's decisions")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format=f"{PROG}: %(levelname)s %(name)s: %(message)s",
+    )
+    return run_job(args)
+
+
+def run_job(args: argparse.Namespace) -> int:
+    try:
+        job = load_job(args.jobfile)
+    except JobError as e:
+        print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"{PROG}-"))
+    events_path = Path(args.events) if args.events else workdir / "events.jsonl"
+    progress = Progress(
+        sys.stderr, [t.id for t in job.tasks], job.config.retry_max_attempts, args.quiet
+    )
+    registry = InMemoryTaskRegistry(job.tasks, listener=progress.on_change)
+    launcher = SubprocessLauncher(
+        workdir / "logs", heartbeat_interval=min(1.0, job.config.heartbeat_timeout / 3)
+    )
+    try:
+        dispatcher = DispatcherCore(
+            job.config,
+            task_source=registry,
+            task_registry=registry,
+            repo_pool_manager=LocalSlotPool(workdir / "slots", job.slots_per_repo),
+            runner_launcher=launcher,
+        )
+    except (ValueError, TypeError, DispatcherError) as e:
+        print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    recorder = JsonlEventRecorder(events_path)
+    dispatcher.event_recorder = recorder
+    launcher.dispatcher = dispatcher
+
+    interrupted = _run_until_finished(dispatcher, registry, launcher)
+    recorder.close()
+    progress.finish()
+
+    rows = summarize(registry)
+    failed = any(r.outcome == "failed" for r in rows)
+    if interrupted is not None:
+        code = interrupted.exit_code
+    else:
+        code = EXIT_FAILED if failed else EXIT_DONE
+    if args.json:
+        report = {
+            "exit_code": code,
+            "interrupted": interrupted is not None,
+            "events": str(events_path),
+            "workdir": str(workdir),
+            "tasks": [r.to_dict() for r in rows],
+            "status": dispatcher.get_status(),
+        }
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(rows, sys.stdout)
+        print(f"\nevent log: {events_path}\ncommand logs: {workdir / 'logs'}")
+        if interrupted is not None:
+            print(f"interrupted ({interrupted}): running commands were stopped")
+    return code
+
+
+def _run_until_finished(dispatcher, registry, launcher) -> Interrupted | None:
+    """Runs the dispatcher until every task is done or failed, or SIGINT /
+    SIGTERM. Returns the interruption, if any."""
+    # Handled explicitly: a shell without job control starts background
+    # commands with SIGINT ignored, and Python would keep ignoring it.
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in handled}
+    interrupted = None
+    try:
+        dispatcher.start()
+        while not registry.all_finished():
+            time.sleep(0.05)
+    except Interrupted as e:
+        interrupted = e
+    finally:
+        # A second signal must not cut the shutdown short: slots and
+        # processes are being cleaned up.
+        for s in handled:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            dispatcher.stop(timeout=0 if interrupted else None)
+            launcher.close()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return interrupted
+
+
+@dataclass
+class Row:
+    task_id: str
+    attempts: int
+    outcome: str
+    last_failure: str | None
+    history: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.task_id,
+            "outcome": self.outcome,
+            "attempts": self.attempts,
+            "last_failure": self.last_failure,
+            "history": self.history,
+        }
+
+
+def summarize(registry: InMemoryTaskRegistry) -> list[Row]:
+    rows = []
+    for task_id in registry.task_ids():
+        history = registry.get_history(task_id)
+        attempts = sum(1 for change in history if change.state is TaskState.RUNNING)
+        last_failure = None
+        for change in history:
+            reason = change.metadata.get("failure_reason") or change.metadata.get("reason")
+            if reason:
+                last_failure = reason
+        last = history[-1] if history else None
+        if last is None:
+            outcome = "not started"
+        elif last.state is TaskState.DONE:
+            outcome = "done"
+        elif last.state is TaskState.FAILED:
+            outcome = "failed"
+        elif last.metadata.get("interrupted"):
+            outcome = "interrupted"
+        elif last.state is TaskState.READY:
+            outcome = "waiting to retry"
+        else:
+            outcome = last.state.value
+        rows.append(
+            Row(
+                task_id,
+                attempts,
+                outcome,
+                last_failure,
+                [
+                    {"state": c.state.value, "at": c.at.isoformat(), "metadata": c.metadata}
+                    for c in history
+                ],
+            )
+        )
+    return rows
+
+
+def print_table(rows: list[Row], out: TextIO) -> None:
+    header = ("task", "attempts", "outcome", "last failure")
+    cells = [(r.task_id, str(r.attempts), r.outcome, r.last_failure or "-") for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header[:3])]
+    for line in [header, *cells]:
+        head = "  ".join(text.ljust(width) for text, width in zip(line, widths))
+        print(f"{head}  {line[3]}".rstrip(), file=out)
+
+
+class Progress:
+    """Live progress: a line per state change, and on a terminal a bar kept
+    at the bottom. Called from the dispatcher's threads."""
+
+    BAR = 24
+
+    def __init__(self, stream: TextIO, task_ids: list[str], max_attempts: int, quiet: bool = False):
+        self.stream = stream
+        self.total = len(task_ids)
+        self.width = max(map(len, task_ids), default=0)
+        self.max_attempts = max_attempts
+        self.quiet = quiet
+        self.tty = stream.isatty() and not quiet
+        self.start = time.monotonic()
+        self.lock = threading.Lock()
+        self.labels: dict[str, str] = {}
+        self.attempts: dict[str, int] = {}
+
+    def on_change(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
+        with self.lock:
+            line = self._describe(task_id, state, metadata)
+            if self.quiet:
+                return
+            if self.tty:
+                self.stream.write("\r\x1b[K")
+            self.stream.write(f"{time.monotonic() - self.start:7.2f}s  {line}\n")
+            if self.tty:
+                self.stream.write(self._bar())
+            self.stream.flush()
+
+    def _describe(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> str:
+        name = task_id.ljust(self.width)
+        if state is TaskState.RUNNING:
+            self.attempts[task_id] = self.attempts.get(task_id, 0) + 1
+            self.labels[task_id] = "running"
+            attempt = self.attempts[task_id]
+            return f"{name}  started    attempt {attempt} on {metadata.get('pool_name')}"
+        if state is TaskState.DONE:
+            self.labels[task_id] = "done"
+            return f"{name}  done       after {self.attempts.get(task_id, 0)} attempt(s)"
+        if state is TaskState.FAILED:
+            self.labels[task_id] = "failed"
+            return (
+                f"{name}  FAILED     {metadata.get('reason')} "
+                f"(gave up after {metadata.get('retries')} attempts)"
+            )
+        if metadata.get("interrupted"):
+            self.labels[task_id] = "interrupted"
+            return f"{name}  interrupted"
+        self.labels[task_id] = "retry-wait"
+        delay = ""
+        if metadata.get("next_retry_at"):
+            due = datetime.fromisoformat(metadata["next_retry_at"])
+            seconds = (due - datetime.now()).total_seconds()
+            delay = f"; retry in {max(0.0, seconds):.1f} s"
+        return (
+            f"{name}  failed     {metadata.get('failure_reason')} "
+            f"[{metadata.get('retry_count')}/{self.max_attempts}]{delay}"
+        )
+
+    def _bar(self) -> str:
+        counts: dict[str, int] = {}
+        for label in self.labels.values():
+            counts[label] = counts.get(label, 0) + 1
+        finished = counts.get("done", 0) + counts.get("failed", 0)
+        filled = self.BAR * finished // max(1, self.total)
+        parts = " · ".join(
+            f"{label} {counts[label]}"
+            for label in ("done", "failed", "running", "retry-wait")
+            if counts.get(label)
+        )
+        return f"[{'#' * filled}{'.' * (self.BAR - filled)}] {finished}/{self.total}  {parts}"
+
+    def finish(self) -> None:
+        with self.lock:
+            if self.tty:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

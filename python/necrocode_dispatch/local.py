@@ -1,0 +1,472 @@
+"""An embedded local setup: working ports for running shell commands on this
+machine through a DispatcherCore.
+
+- ``InMemoryTaskRegistry``: tasks and their state history; also the task source.
+- ``LocalSlotPool``: numbered slots per repo, each a working directory.
+- ``SubprocessLauncher``: runs a task's ``command`` in its slot, sends heartbeats
+  while it runs, reports the outcome (exit code, signal, timeout) and kills the
+  process group on ``stop``.
+- ``JsonlEventRecorder``: the SPEC §4.2 event methods, one JSON object a line.
+
+POSIX only (process groups). Nothing here is imported by ``import necrocode_dispatch``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from necrocode_dispatch.models import Task, TaskState
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "InMemoryTaskRegistry",
+    "JsonlEventRecorder",
+    "LocalRunner",
+    "LocalSlot",
+    "LocalSlotPool",
+    "StateChange",
+    "SubprocessLauncher",
+]
+
+
+def _safe_name(name: str) -> str:
+    """``name`` usable as one path component."""
+    return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "_"
+
+
+def _field(task: Any, name: str, default: Any = None) -> Any:
+    """A task attribute, else its metadata entry (tasks may be dicts too)."""
+    if isinstance(task, dict):
+        return task.get(name, (task.get("metadata") or {}).get(name, default))
+    value = getattr(task, name, None)
+    if value is not None:
+        return value
+    return (getattr(task, "metadata", None) or {}).get(name, default)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    state: TaskState
+    metadata: dict[str, Any]
+    at: datetime
+
+
+@dataclass
+class _Record:
+    task: Task
+    state: TaskState = TaskState.READY
+    history: list[StateChange] = field(default_factory=list)
+
+
+class InMemoryTaskRegistry:
+    """Task states with their history. As a task source, a poll returns the
+    READY tasks. ``listener(task_id, state, metadata)`` is called after each
+    change, outside the registry's lock."""
+
+    def __init__(
+        self,
+        tasks: Any = (),
+        listener: Callable[[str, TaskState, dict[str, Any]], None] | None = None,
+    ):
+        self._lock = threading.Lock()
+        self._records: dict[str, _Record] = {}
+        self.listener = listener
+        for task in tasks:
+            self.add(task)
+
+    def add(self, task: Task) -> None:
+        with self._lock:
+            if task.id in self._records:
+                raise ValueError(f"task id {task.id!r} is already registered")
+            self._records[task.id] = _Record(task)
+
+    def poll_ready_tasks(self) -> list[Task]:
+        with self._lock:
+            return [r.task for r in self._records.values() if r.state is TaskState.READY]
+
+    def update_task_state(self, spec_name, task_id, new_state, metadata=None):
+        state = TaskState(getattr(new_state, "value", new_state))
+        change = StateChange(state, dict(metadata or {}), datetime.now())
+        with self._lock:
+            record = self._records.get(task_id)
+            if record is None:
+                raise KeyError(f"task_id: no task {task_id!r} in the registry")
+            record.state = state
+            record.history.append(change)
+        if self.listener is not None:
+            self.listener(task_id, state, change.metadata)
+
+    def get_state(self, task_id: str) -> TaskState:
+        with self._lock:
+            return self._records[task_id].state
+
+    def get_history(self, task_id: str) -> list[StateChange]:
+        with self._lock:
+            return list(self._records[task_id].history)
+
+    def task_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._records)
+
+    def counts(self) -> Counter[TaskState]:
+        with self._lock:
+            return Counter(r.state for r in self._records.values())
+
+    def all_finished(self) -> bool:
+        """Every task DONE or FAILED."""
+        with self._lock:
+            return all(
+                r.state in (TaskState.DONE, TaskState.FAILED) for r in self._records.values()
+            )
+
+
+@dataclass(frozen=True)
+class LocalSlot:
+    slot_id: str
+    repo_name: str
+    path: Path
+
+
+class LocalSlotPool:
+    """``slots_per_repo`` numbered slots per repo, each a directory under
+    ``root``. ``release_slot(cleanup=True)`` empties the directory."""
+
+    def __init__(self, root: str | os.PathLike, slots_per_repo: int = 4):
+        if slots_per_repo < 1:
+            raise ValueError(f"slots_per_repo must be >= 1, got {slots_per_repo!r}")
+        self.root = Path(root)
+        self.slots_per_repo = slots_per_repo
+        self._lock = threading.Lock()
+        self._busy: dict[str, LocalSlot] = {}
+        self.released: Counter[str] = Counter()
+
+    def allocate_slot(self, repo_name: str, metadata: dict | None = None) -> LocalSlot | None:
+        safe = _safe_name(repo_name)
+        with self._lock:
+            for n in range(1, self.slots_per_repo + 1):
+                slot_id = f"{safe}-{n}"
+                if slot_id not in self._busy:
+                    path = self.root / safe / f"slot-{n}"
+                    path.mkdir(parents=True, exist_ok=True)
+                    slot = LocalSlot(slot_id, repo_name, path)
+                    self._busy[slot_id] = slot
+                    return slot
+        return None
+
+    def release_slot(self, slot_id: str, cleanup: bool = True) -> None:
+        with self._lock:
+            slot = self._busy.pop(slot_id, None)
+            self.released[slot_id] += 1
+        if slot is None:
+            logger.warning("release_slot: slot %r is not allocated", slot_id)
+        elif cleanup:
+            for entry in slot.path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    def busy(self) -> list[str]:
+        with self._lock:
+            return sorted(self._busy)
+
+
+@dataclass
+class LocalRunner:
+    """A running command, as ``launch`` returns it."""
+
+    runner_id: str
+    task_id: str
+    spec_name: str
+    pool_name: str
+    slot_id: str | None
+    attempt: int
+    pid: int
+    log_path: Path
+    started_at: datetime
+    container_id: str | None = None
+    job_name: str | None = None
+
+
+@dataclass
+class _Process:
+    runner: LocalRunner
+    popen: subprocess.Popen
+    timeout: float | None
+    stopped: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+class SubprocessLauncher:
+    """Runs ``task.command`` (or ``task.metadata["command"]``) with ``sh -c`` in
+    its slot's directory, in a process group of its own. A watcher thread per
+    runner sends heartbeats every ``heartbeat_interval`` seconds, kills the group
+    at the task's ``timeout``, and reports the outcome to the dispatcher.
+
+    The command sees ``NECROCODE_TASK_ID``, ``NECROCODE_ATTEMPT`` (1 for the
+    first run) and ``NECROCODE_SLOT_DIR``; its output goes to ``log_dir``."""
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        dispatcher: Any = None,
+        *,
+        heartbeat_interval: float = 1.0,
+        kill_grace: float = 2.0,
+        env: dict[str, str] | None = None,
+    ):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.dispatcher = dispatcher
+        self.heartbeat_interval = heartbeat_interval
+        self.kill_grace = kill_grace
+        self.env = dict(os.environ if env is None else env)
+        self._lock = threading.Lock()
+        self._processes: dict[str, _Process] = {}
+        self._count = 0
+
+    def launch(self, task: Any, slot: Any, pool: Any) -> LocalRunner:
+        if self.dispatcher is None:
+            raise RuntimeError("SubprocessLauncher.dispatcher is not set")
+        command = _field(task, "command")
+        if not isinstance(command, str) or not command.strip():
+            raise ValueError(f"task {_field(task, 'id')!r} has no command")
+        task_id = _field(task, "id")
+        timeout = _field(task, "timeout")
+        attempt = self.dispatcher.retry_manager.get_retry_count(task_id) + 1
+        with self._lock:
+            self._count += 1
+            runner_id = f"local-{self._count}"
+        slot_dir = Path(getattr(slot, "path", None) or self.log_dir)
+        log_path = self.log_dir / f"{_safe_name(task_id)}.{attempt}.log"
+        env = dict(
+            self.env,
+            NECROCODE_TASK_ID=task_id,
+            NECROCODE_ATTEMPT=str(attempt),
+            NECROCODE_SLOT_DIR=str(slot_dir),
+        )
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                ["/bin/sh", "-c", command],
+                cwd=slot_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        metadata = _field(task, "metadata") or {}
+        runner = LocalRunner(
+            runner_id=runner_id,
+            task_id=task_id,
+            spec_name=metadata.get("spec_name", "unknown"),
+            pool_name=getattr(pool, "name", str(pool)),
+            slot_id=getattr(slot, "slot_id", None),
+            attempt=attempt,
+            pid=popen.pid,
+            log_path=log_path,
+            started_at=datetime.now(),
+        )
+        process = _Process(runner, popen, float(timeout) if timeout else None)
+        process.thread = threading.Thread(
+            target=self._watch, args=(process,), name=f"watch-{runner_id}", daemon=True
+        )
+        with self._lock:
+            self._processes[runner_id] = process
+        process.thread.start()
+        return runner
+
+    def stop(self, runner_id: str) -> None:
+        """Kills the runner's process group; its outcome is not reported (the
+        dispatcher that asked already applied it)."""
+        with self._lock:
+            process = self._processes.get(runner_id)
+        if process is not None:
+            process.stopped.set()
+            self._kill(process)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops every runner still running and waits for the watchers."""
+        with self._lock:
+            processes = list(self._processes.values())
+        for process in processes:
+            if process.popen.poll() is None:
+                self.stop(process.runner.runner_id)
+        for process in processes:
+            if process.thread is not None:
+                process.thread.join(timeout)
+
+    def running(self) -> list[LocalRunner]:
+        with self._lock:
+            return [p.runner for p in self._processes.values()]
+
+    def _kill(self, process: _Process) -> None:
+        pid = process.popen.pid
+        for sig, wait in ((signal.SIGTERM, self.kill_grace), (signal.SIGKILL, None)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.popen.wait(wait)
+                # The shell is gone; make sure nothing it started lingers.
+                os.killpg(pid, signal.SIGKILL)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                return
+
+    def _watch(self, process: _Process) -> None:
+        runner = process.runner
+        started = time.monotonic()
+        reason = None
+        while True:
+            wait = self.heartbeat_interval
+            if process.timeout is not None:
+                wait = min(wait, max(0.0, started + process.timeout - time.monotonic()))
+            try:
+                code = process.popen.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if process.stopped.is_set():
+                break
+            if process.timeout is not None and time.monotonic() >= started + process.timeout:
+                reason = f"timeout after {process.timeout:g} s"
+                self._kill(process)
+                code = process.popen.wait()
+                break
+            self.dispatcher.update_heartbeat(runner.runner_id)
+        with self._lock:
+            self._processes.pop(runner.runner_id, None)
+        if process.stopped.is_set():
+            return
+        if reason is None and code != 0:
+            reason = _exit_reason(code, runner.log_path)
+        try:
+            self.dispatcher.handle_runner_completion(
+                runner.runner_id,
+                task_id=runner.task_id,
+                spec_name=runner.spec_name,
+                success=reason is None,
+                slot_id=runner.slot_id,
+                pool_name=runner.pool_name,
+                failure_reason=reason,
+            )
+        except Exception:
+            logger.exception("reporting runner %s failed", runner.runner_id)
+
+
+def _exit_reason(code: int, log_path: Path) -> str:
+    if code < 0:
+        try:
+            reason = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            reason = f"killed by signal {-code}"
+    else:
+        reason = f"exit code {code}"
+    last = _last_line(log_path)
+    return f"{reason}: {last}" if last else reason
+
+
+def _last_line(path: Path, limit: int = 120) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    last = lines[-1].strip() if lines else ""
+    return last if len(last) <= limit else last[: limit - 1] + "…"
+
+
+class JsonlEventRecorder:
+    """Writes each event as a JSON line: ``event``, ``time`` (local ISO),
+    ``elapsed`` (monotonic seconds since the recorder was made) and the event's
+    keyword arguments. Thread-safe; each line is flushed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+
+    def _write(self, event: str, fields: dict[str, Any]) -> None:
+        line = {
+            "event": event,
+            "time": datetime.now().isoformat(),
+            "elapsed": round(time.monotonic() - self._start, 6),
+        }
+        for key, value in fields.items():
+            line[key] = value.isoformat() if isinstance(value, datetime) else value
+        text = json.dumps(line, default=str)
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(text + "\n")
+                self._file.flush()
+
+    def record_task_assigned(self, spec_name, task_id, runner_id, slot_id, pool_name, timestamp):
+        self._write("task_assigned", _event_fields(locals()))
+
+    def record_runner_started(
+        self,
+        spec_name,
+        task_id,
+        runner_id,
+        slot_id,
+        pool_name,
+        pid,
+        container_id,
+        job_name,
+        timestamp,
+    ):
+        self._write("runner_started", _event_fields(locals()))
+
+    def record_runner_finished(
+        self,
+        spec_name,
+        task_id,
+        runner_id,
+        slot_id,
+        success,
+        execution_time_seconds,
+        failure_reason,
+    ):
+        self._write("runner_finished", _event_fields(locals()))
+
+    def record_task_completed(self, spec_name, task_id, runner_id, execution_time_seconds):
+        self._write("task_completed", _event_fields(locals()))
+
+    def record_task_failed(self, spec_name, task_id, runner_id, failure_reason, retry_count):
+        self._write("task_failed", _event_fields(locals()))
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> list[dict[str, Any]]:
+        """The events of a log file, in order."""
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def _event_fields(names: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in names.items() if k != "self"}

@@ -1,0 +1,333 @@
+"""`necrocode-dispatch run JOBFILE` as a subprocess on small job files: exit
+codes, retries and their delays, timeouts, bad job files, pool limits (all
+checked from the event log), --json, and Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from necrocode_dispatch.local import JsonlEventRecorder
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local runner needs POSIX")
+
+
+def write_job(tmp_path: Path, text: str) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(textwrap.dedent(text))
+    return job
+
+
+def run_cli(tmp_path, job, *extra, timeout=60):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "necrocode_dispatch",
+            "run",
+            str(job),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--quiet",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def events(tmp_path, kind=None):
+    path = tmp_path / "work" / "events.jsonl"
+    found = JsonlEventRecorder.read(path) if path.exists() else []
+    return [e for e in found if kind is None or e["event"] == kind]
+
+
+def group_is_gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process group `pid` has no process left (killed processes may
+    linger briefly as zombies until they are reaped)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_all_tasks_succeed_exit_0(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+        tasks:
+          - {id: a, command: "echo one"}
+          - {id: b, command: "true"}
+          - {id: c, command: "exit 0", priority: 3}
+        """,
+    )
+    result = run_cli(tmp_path, job)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["task", "attempts", "outcome", "last", "failure"]
+    assert {tuple(line.split()[:3]) for line in lines[1:4]} == {
+        ("a", "1", "done"),
+        ("b", "1", "done"),
+        ("c", "1", "done"),
+    }
+    assert sorted(e["task_id"] for e in events(tmp_path, "task_completed")) == ["a", "b", "c"]
+    assert (tmp_path / "work" / "logs" / "a.1.log").read_text() == "one\n"
+
+
+def test_a_flaky_task_is_retried_with_delays_growing_by_the_base(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+        dispatcher:
+          retry: {max_attempts: 4, initial_delay: 0.2, backoff_base: 3, max_delay: 60}
+        tasks:
+          - id: flaky
+            command: '[ "$NECROCODE_ATTEMPT" -ge 3 ] || { echo "not yet" >&2; exit 7; }'
+        """,
+    )
+    result = run_cli(tmp_path, job)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[:3] == ["flaky", "3", "done"]
+    failures = [e for e in events(tmp_path, "runner_finished") if not e["success"]]
+    assert [e["failure_reason"] for e in failures] == ["exit code 7: not yet"] * 2
+    starts = [e["elapsed"] for e in events(tmp_path, "task_assigned")]
+    assert len(starts) == 3
+    waits = [start - failure["elapsed"] for start, failure in zip(starts[1:], failures)]
+    # 0.2 s, then 0.2 * 3 = 0.6 s; never early, and picked up when due.
+    for waited, delay in zip(waits, [0.2, 0.6]):
+        assert delay - 0.01 <= waited < delay + 0.5, waits
+
+
+def test_a_task_that_keeps_failing_fails_the_run(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+        dispatcher: {retry: {max_attempts: 2, initial_delay: 0.05}}
+        tasks:
+          - {id: ok, command: "true"}
+          - {id: broken, command: "echo 'permission denied' >&2; exit 2"}
+        """,
+    )
+    result = run_cli(tmp_path, job)
+    assert result.returncode == 1
+    row = next(line for line in result.stdout.splitlines() if line.startswith("broken"))
+    assert row.split()[:3] == ["broken", "2", "failed"]
+    assert row.endswith("exit code 2: permission denied")
+    (failed,) = events(tmp_path, "task_failed")
+    assert failed["retry_count"] == 2 and failed["task_id"] == "broken"
+
+
+def test_a_hanging_task_is_killed_at_its_timeout_and_retried(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+        dispatcher: {retry: {initial_delay: 0.1}}
+        tasks:
+          - id: hangs
+            timeout: 0.5
+            command: '[ "$NECROCODE_ATTEMPT" -ge 2 ] || sleep 60; echo fine'
+        """,
+    )
+    began = time.monotonic()
+    result = run_cli(tmp_path, job)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - began < 30
+    first, second = events(tmp_path, "runner_finished")
+    assert first["success"] is False and first["failure_reason"] == "timeout after 0.5 s"
+    assert 0.5 <= first["execution_time_seconds"] < 3
+    assert second["success"] is True
+    started = events(tmp_path, "runner_started")
+    assert group_is_gone(started[0]["pid"]), "the hung command's process group is killed"
+
+
+# A task that would leave a trace if anything ran.
+TOUCH = "tasks:\n  - {id: a, command: 'touch MARKER'}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tasks:\n  - {id: a}\n", "tasks[0] ('a').command: missing"),
+        (
+            "agent_pools: {cpu: {max_concurrency: 1}}\nskill_mapping: {ml: [gpu]}\n" + TOUCH,
+            "skill_mapping.ml: no pool named 'gpu'",
+        ),
+        (
+            "agent_pools: {cpu: {max_concurrency: -1}}\n" + TOUCH,
+            "agent_pools.cpu.max_concurrency: must be >= 0, got -1",
+        ),
+        ("tasks: [ {id: a, command: 'touch MARKER'\n", "not valid YAML at line"),
+        ("tasks:\n  - {id: a, comand: 'touch MARKER'}\n", "tasks[0] ('a'): unknown key 'comand'"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+        ("dispatcher: {retry: {backoff_base: -2}}\n" + TOUCH, "backoff_base"),
+        (
+            "agent_pools: {gpu: {type: docker}}\n" + TOUCH,
+            "agent_pools.gpu.type: 'docker' pools cannot run here",
+        ),
+    ],
+    ids=[
+        "missing-command",
+        "unknown-pool",
+        "negative-concurrency",
+        "not-yaml",
+        "typo",
+        "not-mapping",
+        "bad-retry",
+        "docker",
+    ],
+)
+def test_a_bad_job_file_exits_2_and_runs_nothing(tmp_path, text, message):
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    result = run_cli(tmp_path, job)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.startswith(f"necrocode-dispatch: {job}: ")
+    assert result.stdout == ""
+    assert not list(tmp_path.rglob("MARKER"))
+    assert events(tmp_path) == []
+
+
+def test_pool_concurrency_is_never_exceeded(tmp_path):
+    job = write_job(
+        tmp_path,
+        textwrap.dedent(
+            """
+            dispatcher: {max_global_concurrency: 3}
+            agent_pools:
+              small: {max_concurrency: 2}
+              big: {max_concurrency: 5}
+            skill_mapping: {slow: [small], default: [big]}
+            tasks:
+            """
+        )
+        + "".join(
+            f"  - {{id: s{i}, command: 'sleep 0.2', required_skill: slow}}\n" for i in range(6)
+        )
+        + "".join(f"  - {{id: b{i}, command: 'sleep 0.1'}}\n" for i in range(6)),
+    )
+    result = run_cli(tmp_path, job)
+    assert result.returncode == 0, result.stderr
+    pool_of = {}
+    running = {"small": 0, "big": 0}
+    peak = {"small": 0, "big": 0, "all": 0}
+    for event in events(tmp_path):
+        if event["event"] == "runner_started":
+            pool_of[event["runner_id"]] = event["pool_name"]
+            running[event["pool_name"]] += 1
+        elif event["event"] == "runner_finished":
+            running[pool_of[event["runner_id"]]] -= 1
+        for pool in ("small", "big"):
+            peak[pool] = max(peak[pool], running[pool])
+        peak["all"] = max(peak["all"], sum(running.values()))
+    assert peak["small"] <= 2 and peak["all"] <= 3
+    assert peak["all"] == 3, "the limits were reached, not just respected"
+    assert {pool_of[e["runner_id"]] for e in events(tmp_path, "runner_started")} == {"small", "big"}
+
+
+def test_json_output(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+        dispatcher: {retry: {max_attempts: 1}}
+        tasks:
+          - {id: good, command: "true"}
+          - {id: bad, command: "exit 4"}
+        """,
+    )
+    result = run_cli(tmp_path, job, "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == 1 and report["interrupted"] is False
+    outcomes = {t["id"]: (t["outcome"], t["attempts"], t["last_failure"]) for t in report["tasks"]}
+    assert outcomes == {"good": ("done", 1, None), "bad": ("failed", 1, "exit code 4")}
+    assert report["status"]["metrics"]["tasks_completed"] == 1
+    assert report["status"]["global_running_count"] == 0
+    assert Path(report["events"]).exists()
+
+
+def test_ctrl_c_stops_running_commands_and_exits_130(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+        tasks:
+          - {id: forever, command: "sleep 600"}
+          - {id: quick, command: "true"}
+        """,
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "necrocode_dispatch",
+            "run",
+            str(job),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            started = [e for e in events(tmp_path, "runner_started") if e["task_id"] == "forever"]
+            done = events(tmp_path, "task_completed")
+            if started and done:
+                break
+            time.sleep(0.05)
+        assert started, "the long command never started"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:3]}
+    assert rows == {"forever": ["1", "interrupted"], "quick": ["1", "done"]}
+    assert "interrupted (SIGINT)" in out
+    assert group_is_gone(started[0]["pid"])
+    (finished,) = [e for e in events(tmp_path, "runner_finished") if e["task_id"] == "forever"]
+    assert finished["failure_reason"] == "interrupted"
+
+
+def test_the_console_script_and_module_agree():
+    script = Path(sys.executable).parent / "necrocode-dispatch"
+    module = subprocess.run(
+        [sys.executable, "-m", "necrocode_dispatch", "--help"], capture_output=True, text=True
+    )
+    assert module.returncode == 0 and "run" in module.stdout
+    if script.exists():
+        result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+        assert result.stdout == module.stdout
+
+
+def test_importing_the_package_does_not_import_the_cli():
+    code = (
+        "import sys, necrocode_dispatch; "
+        "print(sorted(m for m in ('necrocode_dispatch.cli', 'necrocode_dispatch.local', "
+        "'necrocode_dispatch.job', 'yaml', 'argparse') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_the_example_job_prints_the_table_the_readme_shows(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("```text\n", 1)[1].split("```", 1)[0]
+    result = run_cli(tmp_path, root / "examples" / "flaky-job.yaml")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith(block)

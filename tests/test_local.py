@@ -1,0 +1,121 @@
+"""The embedded local ports on their own, and wired to a DispatcherCore in
+this process."""
+
+import os
+import time
+from datetime import datetime
+
+import pytest
+
+from necrocode_dispatch import (
+    AgentPool,
+    DispatcherConfig,
+    DispatcherCore,
+    PoolType,
+    Task,
+    TaskState,
+)
+from necrocode_dispatch.local import (
+    InMemoryTaskRegistry,
+    JsonlEventRecorder,
+    LocalSlotPool,
+    SubprocessLauncher,
+)
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local runner needs POSIX")
+
+
+def test_slot_pool_hands_out_numbered_slots_and_cleans_them(tmp_path):
+    pool = LocalSlotPool(tmp_path, slots_per_repo=2)
+    first = pool.allocate_slot("org/repo", metadata={"task_id": "t1"})
+    second = pool.allocate_slot("org/repo")
+    assert (first.slot_id, second.slot_id) == ("org_repo-1", "org_repo-2")
+    assert first.path.is_dir() and first.path != second.path
+    assert pool.allocate_slot("org/repo") is None
+    assert pool.allocate_slot("other").slot_id == "other-1"
+    (first.path / "build").mkdir()
+    (first.path / "build" / "out.txt").write_text("x")
+    (first.path / "file").write_text("y")
+    pool.release_slot(first.slot_id)
+    assert list(first.path.iterdir()) == []
+    assert pool.allocate_slot("org/repo").slot_id == "org_repo-1"
+    assert pool.released == {"org_repo-1": 1}
+
+
+def test_registry_keeps_the_history_and_polls_ready_tasks():
+    changes = []
+    registry = InMemoryTaskRegistry(
+        [Task(id="a"), Task(id="b")], listener=lambda *change: changes.append(change)
+    )
+    registry.update_task_state("s", "a", TaskState.RUNNING, {"runner_id": "r1"})
+    assert [t.id for t in registry.poll_ready_tasks()] == ["b"]
+    registry.update_task_state(spec_name="s", task_id="a", new_state="done", metadata={})
+    assert [c.state for c in registry.get_history("a")] == [TaskState.RUNNING, TaskState.DONE]
+    assert changes[0] == ("a", TaskState.RUNNING, {"runner_id": "r1"})
+    assert not registry.all_finished()
+    with pytest.raises(KeyError, match="'zzz'"):
+        registry.update_task_state("s", "zzz", TaskState.DONE, {})
+    with pytest.raises(ValueError, match="'a'"):
+        registry.add(Task(id="a"))
+
+
+def test_event_recorder_writes_json_lines(tmp_path):
+    recorder = JsonlEventRecorder(tmp_path / "events.jsonl")
+    recorder.record_task_assigned(
+        spec_name="s",
+        task_id="t",
+        runner_id="r",
+        slot_id=None,
+        pool_name="p",
+        timestamp=datetime(2025, 1, 2, 3, 4, 5),
+    )
+    recorder.record_task_failed("s", "t", "r", "boom", 3)
+    recorder.close()
+    first, second = JsonlEventRecorder.read(tmp_path / "events.jsonl")
+    assert first["event"] == "task_assigned" and first["timestamp"] == "2025-01-02T03:04:05"
+    assert second == {**second, "event": "task_failed", "failure_reason": "boom", "retry_count": 3}
+    assert second["elapsed"] >= first["elapsed"] >= 0
+
+
+def test_launcher_needs_a_dispatcher(tmp_path):
+    launcher = SubprocessLauncher(tmp_path)
+    with pytest.raises(RuntimeError, match="dispatcher"):
+        launcher.launch(Task(id="t", metadata={"command": "true"}), None, None)
+
+
+def test_commands_run_through_the_dispatcher_in_process(tmp_path):
+    config = DispatcherConfig(
+        poll_interval=0.01,
+        retry_initial_delay=0.01,
+        agent_pools=[AgentPool(name="local", type=PoolType.LOCAL_PROCESS, max_concurrency=2)],
+    )
+    tasks = [
+        Task(id="ok", metadata={"command": 'echo "$NECROCODE_TASK_ID" > out.txt'}),
+        Task(id="flaky", metadata={"command": '[ "$NECROCODE_ATTEMPT" = 2 ]'}),
+    ]
+    registry = InMemoryTaskRegistry(tasks)
+    launcher = SubprocessLauncher(tmp_path / "logs", heartbeat_interval=0.05)
+    slots = LocalSlotPool(tmp_path / "slots", slots_per_repo=2)
+    dispatcher = DispatcherCore(
+        config,
+        task_source=registry,
+        task_registry=registry,
+        repo_pool_manager=slots,
+        runner_launcher=launcher,
+    )
+    launcher.dispatcher = dispatcher
+    dispatcher.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not registry.all_finished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        dispatcher.stop(timeout=5)
+        launcher.close()
+    assert registry.get_state("ok") is TaskState.DONE
+    assert registry.get_state("flaky") is TaskState.DONE
+    flaky = [c.state for c in registry.get_history("flaky")]
+    assert flaky == [TaskState.RUNNING, TaskState.READY, TaskState.RUNNING, TaskState.DONE]
+    assert slots.busy() == []
+    assert sum(slots.released.values()) == 3
+    dispatcher._check_invariants()
