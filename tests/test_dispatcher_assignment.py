@@ -237,6 +237,11 @@ def started_with_one_runner(**config):
     ports.launcher.on_launch = lambda _: launched.set()
     dispatcher.start()
     assert launched.wait(10)
+    # launch() has returned and the runner is tracked once RUNNING is reported.
+    deadline = time.monotonic() + 10
+    while not any(state is TaskState.RUNNING for state, _ in ports.registry.history["t1"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     launched.clear()
     return dispatcher, ports, launched
 
