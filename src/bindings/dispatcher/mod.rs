@@ -441,6 +441,7 @@ impl PyDispatcherCore {
             };
             let next_poll = Instant::now().checked_add(interval);
             loop {
+                let seen = self.run_loop.nudges();
                 let now = Instant::now();
                 let poll_in = next_poll.map_or(Duration::MAX, |t| t.saturating_duration_since(now));
                 let wait = poll_in.min(self.until_next_retry());
@@ -450,7 +451,7 @@ impl PyDispatcherCore {
                 let deadline = now
                     .checked_add(wait)
                     .unwrap_or(now + Duration::from_secs(86_400));
-                match py.detach(|| self.run_loop.sleep_until(generation, deadline)) {
+                match py.detach(|| self.run_loop.sleep_until(generation, seen, deadline)) {
                     Wake::Ended => return,
                     Wake::TimedOut => break,
                     Wake::Nudged if !self.running() => return,

@@ -11,6 +11,10 @@ struct Control {
     /// Bumped by every start and stop; a loop runs while its generation is
     /// the current one, so a late-finishing old loop never outlives a stop.
     generation: u64,
+    /// Bumped by every nudge, so one that comes while the loop is not yet
+    /// asleep is not lost: the loop compares it with what it saw before
+    /// computing how long to sleep.
+    nudges: u64,
     thread: Option<Py<PyAny>>,
 }
 
@@ -45,20 +49,29 @@ impl LoopControl {
     /// Wakes a sleeping loop so it looks again at the `running` flag and at
     /// when the next retry is due.
     pub fn nudge(&self) {
-        let _c = self.control.lock();
+        let mut c = self.control.lock();
+        c.nudges = c.nudges.wrapping_add(1);
         self.wake.notify_all();
+    }
+
+    /// The nudge count, to pass to `sleep_until`.
+    pub fn nudges(&self) -> u64 {
+        self.control.lock().nudges
     }
 
     pub fn is_current(&self, generation: u64) -> bool {
         self.control.lock().generation == generation
     }
 
-    /// Sleeps until `deadline`, the run's end or a nudge. Call with the GIL
-    /// released.
-    pub fn sleep_until(&self, generation: u64, deadline: Instant) -> Wake {
+    /// Sleeps until `deadline`, the run's end or a nudge after the count
+    /// `seen`. Call with the GIL released.
+    pub fn sleep_until(&self, generation: u64, seen: u64, deadline: Instant) -> Wake {
         let mut c = self.control.lock();
         if c.generation != generation {
             return Wake::Ended;
+        }
+        if c.nudges != seen {
+            return Wake::Nudged;
         }
         let timed_out = self.wake.wait_until(&mut c, deadline).timed_out();
         if c.generation != generation {
