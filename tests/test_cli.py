@@ -331,3 +331,31 @@ def test_the_example_job_prints_the_table_the_readme_shows(tmp_path):
     result = run_cli(tmp_path, root / "examples" / "flaky-job.yaml")
     assert result.returncode == 1, result.stderr
     assert result.stdout.startswith(block)
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from necrocode_dispatch.cli import Progress
+    from necrocode_dispatch.models import TaskState
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream in (Terminal(), io.StringIO()):
+        progress = Progress(stream, ["a", "bb"], max_attempts=3)
+        progress.on_change("a", TaskState.RUNNING, {"pool_name": "local"})
+        progress.on_change(
+            "a", TaskState.READY, {"retry_count": 1, "failure_reason": "exit code 1"}
+        )
+        progress.on_change("a", TaskState.RUNNING, {"pool_name": "local"})
+        progress.on_change("a", TaskState.DONE, {})
+        progress.finish()
+        text = stream.getvalue()
+        assert "a   started    attempt 2 on local" in text
+        assert "a   failed     exit code 1 [1/3]" in text
+        assert "a   done       after 2 attempt(s)" in text
+        bar = "[############............] 1/2  done 1"
+        assert (bar in text) is isinstance(stream, Terminal)
+        assert ("\x1b[K" in text) is isinstance(stream, Terminal)
