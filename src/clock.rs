@@ -136,8 +136,29 @@ mod sys {
         let since_epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let secs = since_epoch.as_secs() as libc::time_t;
+        let secs = since_epoch.as_secs() as i64;
         let micros = since_epoch.subsec_micros();
+        // Local time only changes offset at a whole second, so one
+        // `localtime_r` per second (and thread) is enough.
+        thread_local! {
+            static SECOND: std::cell::Cell<Option<(i64, WallTime)>> =
+                const { std::cell::Cell::new(None) };
+        }
+        let start = match SECOND.get() {
+            Some((cached, start)) if cached == secs => start,
+            _ => {
+                let start = local_second(secs);
+                SECOND.set(Some((secs, start)));
+                start
+            }
+        };
+        start.saturating_add_micros(i64::from(micros))
+    }
+
+    /// The local time at the start of the Unix second `secs`.
+    fn local_second(secs: i64) -> WallTime {
+        let micros = 0;
+        let secs = secs as libc::time_t;
         // SAFETY: `tm` is plain old data, fully written by a successful localtime_r.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
         let converted = unsafe { !libc::localtime_r(&secs, &mut tm).is_null() };

@@ -8,11 +8,13 @@
 //! object in the bindings); the state never inspects it, and hands it back in
 //! [`Effect::Discard`] when it lets go, so it is never dropped under the lock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
 use std::fmt;
 use std::sync::Arc;
 
 use crate::clock::{nanos_to_seconds, MonoNanos, Now};
+use crate::hashing::FastMap;
 use crate::pools::{PoolIndex, PoolState, Pools};
 use crate::queue::{QueueOrder, ReadyQueue};
 use crate::retry_state::{RecordedFailure, RetryBook, TaskId};
@@ -299,7 +301,7 @@ pub struct NewRunner {
 #[derive(Debug)]
 pub struct DispatcherState<T> {
     limits: Limits,
-    tasks: HashMap<TaskId, HeldTask<T>>,
+    tasks: FastMap<TaskId, HeldTask<T>>,
     queue: ReadyQueue,
     delayed: BTreeSet<(MonoNanos, TaskId)>,
     pools: Pools,
@@ -319,7 +321,7 @@ impl<T> DispatcherState<T> {
     pub fn new(limits: Limits, pools: Pools, scheduler: Scheduler) -> Self {
         DispatcherState {
             limits,
-            tasks: HashMap::new(),
+            tasks: FastMap::default(),
             queue: ReadyQueue::new(scheduler.policy.orders_by_priority()),
             delayed: BTreeSet::new(),
             pools,

@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod dispatcher;
+pub mod hashing;
 pub mod pools;
 pub mod queue;
 pub mod retry_manager;

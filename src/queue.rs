@@ -5,7 +5,9 @@
 //! time it was first queued; ties keep arrival order. Removing any task, not only
 //! the head, is O(log n): a scheduling pass takes the task it chose, not the head.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use crate::hashing::FastMap;
 
 use crate::retry_state::TaskId;
 
@@ -25,7 +27,7 @@ type Rank = (i128, i64, u64);
 #[derive(Debug, Default)]
 pub struct ReadyQueue {
     by_priority: bool,
-    ranks: HashMap<TaskId, (Rank, QueueOrder)>,
+    ranks: FastMap<TaskId, (Rank, QueueOrder)>,
     order: BTreeSet<(Rank, TaskId)>,
 }
 

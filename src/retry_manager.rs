@@ -121,7 +121,7 @@ impl RetryManager {
     }
 
     pub fn ready_for_retry(&self) -> Vec<TaskId> {
-        let book = self.book.lock();
+        let mut book = self.book.lock();
         book.ready_for_retry(self.clock.monotonic())
     }
 
@@ -148,7 +148,8 @@ pub fn log_failure(recorded: &RecordedFailure) {
         "Recorded failure for task {task_id}: retry_count={}/{}, next_retry_at={}, delay={:.1}s",
         info.retry_count,
         recorded.max_attempts,
-        info.next_retry_at.map(|t| t.to_string()).unwrap_or_default(),
+        // Formatted only if the record is wanted.
+        crate::wall_time::DisplayOptional(info.next_retry_at),
         recorded.delay_seconds
     );
     log::debug!(

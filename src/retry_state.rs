@@ -1,28 +1,105 @@
 //! Per-task retry records and the index of due times.
 //!
 //! [`RetryBook`] is plain data with no lock and no clock: callers pass the time
-//! in, which keeps every decision deterministic and testable. Records of tasks
-//! still below the attempt limit are also kept in an index ordered by due time,
-//! so "which tasks are ready" costs O(k log n) for k ready tasks.
+//! in, which keeps every decision deterministic and testable.
+//!
+//! Layout, chosen for SPEC §6 (speed and memory per tracked task): records
+//! live in a slab; a hash table of slot numbers (4 bytes a bucket) finds them
+//! by id; ids live back to back in one string arena; failure reasons, which
+//! repeat, are stored once each. Due times of records below the attempt limit
+//! sit in a min-heap; "which tasks are ready" pops the due ones into a list
+//! kept in due order, so a query costs O(ready), not O(tracked). A record
+//! failing again leaves its old heap entry behind: entries carry the record's
+//! sequence number, stale ones are skipped, and the index is rebuilt when
+//! they outnumber the live ones.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
 
 use crate::backoff::BackoffPolicy;
 use crate::clock::{MonoNanos, Now};
+use crate::hashing::{FastMap, FxHasher};
 use crate::wall_time::{timedelta_micros, WallTime};
 
-/// Task ids are shared between the record map and the due index.
+/// Task ids as handed out to callers.
 pub type TaskId = Arc<str>;
 
-#[derive(Clone, Debug, PartialEq)]
+type Slot = u32;
+const NO_REASON: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, Default)]
 struct RetryRecord {
+    /// The id's place in the arena.
+    id_start: u32,
+    id_len: u32,
     retry_count: u32,
+    /// Index in the reason table, or [`NO_REASON`].
+    reason: u32,
     last_retry_at: WallTime,
     next_retry_at: WallTime,
     /// Monotonic due time of the next retry: what decisions use.
     due: MonoNanos,
-    failure_reason: Option<Arc<str>>,
+    /// Sequence number of the latest failure; 0 marks a free slot.
+    seq: u64,
+}
+
+/// A due-index entry: valid while its record still has this `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct DueEntry {
+    due: MonoNanos,
+    seq: u64,
+    slot: Slot,
+}
+
+/// Failure reasons, stored once each and counted by the records using them.
+#[derive(Debug, Default)]
+struct Reasons {
+    texts: Vec<(Arc<str>, u32)>,
+    by_text: FastMap<Arc<str>, u32>,
+    free: Vec<u32>,
+}
+
+impl Reasons {
+    fn acquire(&mut self, text: &str) -> u32 {
+        if let Some(&index) = self.by_text.get(text) {
+            self.texts[index as usize].1 += 1;
+            return index;
+        }
+        let text: Arc<str> = Arc::from(text);
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.texts[index as usize] = (text.clone(), 1);
+                index
+            }
+            None => {
+                self.texts.push((text.clone(), 1));
+                (self.texts.len() - 1) as u32
+            }
+        };
+        self.by_text.insert(text, index);
+        index
+    }
+
+    fn release(&mut self, index: u32) {
+        if index == NO_REASON {
+            return;
+        }
+        let entry = &mut self.texts[index as usize];
+        entry.1 -= 1;
+        if entry.1 == 0 {
+            let text = std::mem::replace(&mut entry.0, Arc::from(""));
+            self.by_text.remove(&text);
+            self.free.push(index);
+        }
+    }
+
+    fn get(&self, index: u32) -> Option<&Arc<str>> {
+        (index != NO_REASON).then(|| &self.texts[index as usize].0)
+    }
 }
 
 /// A copy of one task's record, as reported to callers.
@@ -64,15 +141,42 @@ impl RetryDecision {
 #[derive(Debug, Default)]
 pub struct RetryBook {
     policy: BackoffPolicy,
-    records: HashMap<TaskId, RetryRecord>,
-    /// (due, task) of every record whose count is below `max_attempts`.
-    due_index: BTreeSet<(MonoNanos, TaskId)>,
+    slots: Vec<RetryRecord>,
+    free_slots: Vec<Slot>,
+    /// (slot, 32 bits of its id's hash): growing the table rehashes from
+    /// the stored bits instead of reading every record and id again.
+    by_id: HashTable<(Slot, u32)>,
+    ids: String,
+    /// Arena bytes of forgotten ids, reclaimed by compaction.
+    wasted_id_bytes: usize,
+    reasons: Reasons,
+    /// Entries not yet due, earliest first.
+    pending: BinaryHeap<Reverse<DueEntry>>,
+    /// Entries found due by a query, in due order; they stay until their
+    /// record changes.
+    due_now: Vec<DueEntry>,
+    /// Records below the attempt limit: each has one valid entry.
+    indexed: usize,
+    len: usize,
+    next_seq: u64,
+}
+
+/// 32 bits of an id's hash, kept in the table.
+fn short_hash(id: &str) -> u32 {
+    use std::hash::BuildHasher;
+    (BuildHasherDefault::<FxHasher>::default().hash_one(id) >> 32) as u32
+}
+
+/// The table's 64-bit hash, rebuilt from the stored 32 bits.
+fn table_hash(short: u32) -> u64 {
+    (u64::from(short) << 32) | u64::from(short)
 }
 
 impl RetryBook {
     pub fn new(policy: BackoffPolicy) -> Self {
         RetryBook {
             policy,
+            next_seq: 1,
             ..Default::default()
         }
     }
@@ -82,34 +186,114 @@ impl RetryBook {
     }
 
     /// Replaces the policy; every later decision uses it. A new attempt limit
-    /// changes which records belong in the due index, so the index is rebuilt.
+    /// changes which records belong in the due index, so it is rebuilt.
     pub fn set_policy(&mut self, policy: BackoffPolicy) {
         let limit_changed = policy.max_attempts() != self.policy.max_attempts();
         self.policy = policy;
         if limit_changed {
-            self.due_index = self
-                .records
-                .iter()
-                .filter(|(_, r)| u64::from(r.retry_count) < policy.max_attempts())
-                .map(|(id, r)| (r.due, Arc::clone(id)))
-                .collect();
+            self.rebuild_index();
         }
     }
 
+    fn rebuild_index(&mut self) {
+        let limit = self.policy.max_attempts();
+        let entries: Vec<Reverse<DueEntry>> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.seq != 0 && u64::from(r.retry_count) < limit)
+            .map(|(slot, r)| {
+                Reverse(DueEntry {
+                    due: r.due,
+                    seq: r.seq,
+                    slot: slot as Slot,
+                })
+            })
+            .collect();
+        self.indexed = entries.len();
+        self.pending = BinaryHeap::from(entries);
+        self.due_now.clear();
+    }
+
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len == 0
+    }
+
+    fn id_of(&self, record: &RetryRecord) -> &str {
+        let start = record.id_start as usize;
+        &self.ids[start..start + record.id_len as usize]
+    }
+
+    fn find(&self, task_id: &str) -> Option<Slot> {
+        let short = short_hash(task_id);
+        self.by_id
+            .find(table_hash(short), |&(slot, h)| {
+                h == short && self.id_of(&self.slots[slot as usize]) == task_id
+            })
+            .map(|&(slot, _)| slot)
+    }
+
+    fn record(&self, task_id: &str) -> Option<&RetryRecord> {
+        self.find(task_id).map(|slot| &self.slots[slot as usize])
     }
 
     pub fn contains(&self, task_id: &str) -> bool {
-        self.records.contains_key(task_id)
+        self.find(task_id).is_some()
+    }
+
+    fn entry_is_valid(&self, entry: &DueEntry) -> bool {
+        self.slots
+            .get(entry.slot as usize)
+            .is_some_and(|r| r.seq == entry.seq)
+    }
+
+    /// A new record for `task_id`, with its id in the arena.
+    fn insert_new(&mut self, task_id: &str) -> Slot {
+        if self.wasted_id_bytes > 4096 && self.wasted_id_bytes > self.ids.len() / 2 {
+            self.compact_ids();
+        }
+        let record = RetryRecord {
+            id_start: self.ids.len() as u32,
+            id_len: task_id.len() as u32,
+            reason: NO_REASON,
+            ..Default::default()
+        };
+        self.ids.push_str(task_id);
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = record;
+                slot
+            }
+            None => {
+                self.slots.push(record);
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        let short = short_hash(task_id);
+        self.by_id
+            .insert_unique(table_hash(short), (slot, short), |&(_, h)| table_hash(h));
+        self.len += 1;
+        slot
+    }
+
+    fn compact_ids(&mut self) {
+        let mut ids = String::with_capacity(self.ids.len() - self.wasted_id_bytes);
+        for record in self.slots.iter_mut().filter(|r| r.seq != 0) {
+            let start = record.id_start as usize;
+            let id = &self.ids[start..start + record.id_len as usize];
+            record.id_start = ids.len() as u32;
+            ids.push_str(id);
+        }
+        self.ids = ids;
+        self.wasted_id_bytes = 0;
     }
 
     /// One failure, in one step: count + 1, times and reason replaced, next due
-    /// time = now + backoff delay for the new count.
+    /// time set. Returns the new record and what it means.
     pub fn record_failure(
         &mut self,
         task_id: &str,
@@ -117,44 +301,62 @@ impl RetryBook {
         now: Now,
     ) -> RecordedFailure {
         let max_attempts = self.policy.max_attempts();
-        let (id, previous) = match self.records.remove_entry(task_id) {
-            Some((id, record)) => (id, Some(record)),
-            None => (TaskId::from(task_id), None),
+        let slot = match self.find(task_id) {
+            Some(slot) => slot,
+            None => self.insert_new(task_id),
         };
-        if let Some(old) = &previous {
-            self.due_index.remove(&(old.due, Arc::clone(&id)));
+        let reason = match failure_reason {
+            Some(text) => self.reasons.acquire(text),
+            None => NO_REASON,
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let record = &mut self.slots[slot as usize];
+        let was_indexed = record.seq != 0 && u64::from(record.retry_count) < max_attempts;
+        let old_reason = std::mem::replace(&mut record.reason, reason);
+        record.retry_count = record.retry_count.saturating_add(1);
+        let delay_seconds = self.policy.delay(i64::from(record.retry_count));
+        record.last_retry_at = now.wall;
+        record.next_retry_at = now
+            .wall
+            .saturating_add_micros(timedelta_micros(delay_seconds));
+        record.due = now
+            .mono
+            .saturating_add(crate::clock::seconds_to_nanos(delay_seconds));
+        record.seq = seq;
+        let record = *record;
+        self.reasons.release(old_reason);
+        let limit_reached = u64::from(record.retry_count) >= max_attempts;
+        match (was_indexed, limit_reached) {
+            (false, false) => self.indexed += 1,
+            (true, true) => self.indexed -= 1,
+            _ => {}
         }
-        let retry_count = previous.map_or(0, |r| r.retry_count).saturating_add(1);
-        let delay_seconds = self.policy.delay(i64::from(retry_count));
-        let record = RetryRecord {
-            retry_count,
-            last_retry_at: now.wall,
-            next_retry_at: now
-                .wall
-                .saturating_add_micros(timedelta_micros(delay_seconds)),
-            due: now
-                .mono
-                .saturating_add(crate::clock::seconds_to_nanos(delay_seconds)),
-            failure_reason: failure_reason.map(Arc::from),
-        };
-        let limit_reached = u64::from(retry_count) >= max_attempts;
         if !limit_reached {
-            self.due_index.insert((record.due, Arc::clone(&id)));
+            self.pending.push(Reverse(DueEntry {
+                due: record.due,
+                seq,
+                slot,
+            }));
+            self.compact_index_if_stale();
         }
-        let info = snapshot(&id, &record);
-        let due = record.due;
-        self.records.insert(id, record);
         RecordedFailure {
-            info,
-            due,
+            info: self.snapshot(&record),
+            due: record.due,
             delay_seconds,
             max_attempts,
             limit_reached,
         }
     }
 
+    fn compact_index_if_stale(&mut self) {
+        if self.pending.len() + self.due_now.len() > 2 * self.indexed + 1024 {
+            self.rebuild_index();
+        }
+    }
+
     pub fn should_retry(&self, task_id: &str, now: MonoNanos) -> RetryDecision {
-        let record = self.records.get(task_id);
+        let record = self.record(task_id);
         let retry_count = record.map_or(0, |r| u64::from(r.retry_count));
         let max_attempts = self.policy.max_attempts();
         if retry_count >= max_attempts {
@@ -172,50 +374,76 @@ impl RetryBook {
     }
 
     pub fn retry_count(&self, task_id: &str) -> u64 {
-        self.records
-            .get(task_id)
-            .map_or(0, |r| u64::from(r.retry_count))
+        self.record(task_id).map_or(0, |r| u64::from(r.retry_count))
     }
 
     pub fn info(&self, task_id: &str) -> Option<RetrySnapshot> {
-        self.records
-            .get_key_value(task_id)
-            .map(|(id, r)| snapshot(id, r))
+        self.record(task_id).map(|r| self.snapshot(r))
     }
 
     /// Forgets a task; false when it was not tracked.
     pub fn clear(&mut self, task_id: &str) -> bool {
-        match self.records.remove_entry(task_id) {
-            Some((id, record)) => {
-                self.due_index.remove(&(record.due, id));
-                true
-            }
-            None => false,
+        let short = short_hash(task_id);
+        let (slots, ids) = (&self.slots, &self.ids);
+        let Ok(entry) = self.by_id.find_entry(table_hash(short), |&(slot, h)| {
+            let r = &slots[slot as usize];
+            let start = r.id_start as usize;
+            h == short && &ids[start..start + r.id_len as usize] == task_id
+        }) else {
+            return false;
+        };
+        let ((slot, _), _) = entry.remove();
+        let record = std::mem::take(&mut self.slots[slot as usize]);
+        self.reasons.release(record.reason);
+        if u64::from(record.retry_count) < self.policy.max_attempts() {
+            self.indexed -= 1;
         }
+        self.wasted_id_bytes += record.id_len as usize;
+        self.free_slots.push(slot);
+        self.len -= 1;
+        true
     }
 
     pub fn all_info(&self) -> Vec<RetrySnapshot> {
-        self.records.iter().map(|(id, r)| snapshot(id, r)).collect()
+        self.slots
+            .iter()
+            .filter(|r| r.seq != 0)
+            .map(|r| self.snapshot(r))
+            .collect()
     }
 
     /// Tasks below the attempt limit whose backoff has elapsed, earliest due
-    /// first. Walks only the due part of the index.
-    pub fn ready_for_retry(&self, now: MonoNanos) -> Vec<TaskId> {
-        self.due_index
+    /// first. Costs O(ready + stale entries dropped), not O(tracked).
+    pub fn ready_for_retry(&mut self, now: MonoNanos) -> Vec<TaskId> {
+        while let Some(Reverse(top)) = self.pending.peek().copied() {
+            if top.due > now {
+                break;
+            }
+            self.pending.pop();
+            if self.entry_is_valid(&top) {
+                self.due_now.push(top);
+            }
+        }
+        let slots = &self.slots;
+        self.due_now
+            .retain(|e| slots.get(e.slot as usize).is_some_and(|r| r.seq == e.seq));
+        // Sorted by due time; an earlier `now` than a past query's (only
+        // possible for callers passing time in by hand) sees a prefix.
+        self.due_now
             .iter()
-            .take_while(|(due, _)| *due <= now)
-            .map(|(_, id)| Arc::clone(id))
+            .take_while(|e| e.due <= now)
+            .map(|e| Arc::from(self.id_of(&self.slots[e.slot as usize])))
             .collect()
     }
-}
 
-fn snapshot(id: &TaskId, r: &RetryRecord) -> RetrySnapshot {
-    RetrySnapshot {
-        task_id: Arc::clone(id),
-        retry_count: u64::from(r.retry_count),
-        last_retry_at: Some(r.last_retry_at),
-        next_retry_at: Some(r.next_retry_at),
-        failure_reason: r.failure_reason.clone(),
+    fn snapshot(&self, r: &RetryRecord) -> RetrySnapshot {
+        RetrySnapshot {
+            task_id: Arc::from(self.id_of(r)),
+            retry_count: u64::from(r.retry_count),
+            last_retry_at: Some(r.last_retry_at),
+            next_retry_at: Some(r.next_retry_at),
+            failure_reason: self.reasons.get(r.reason).cloned(),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Runners the dispatcher tracks: which task each one runs, where, since when,
 //! and when it was last heard from.
 
-use std::collections::HashMap;
+use crate::hashing::FastMap;
 use std::sync::Arc;
 
 use crate::clock::MonoNanos;
@@ -33,7 +33,7 @@ pub struct TrackedRunner {
 
 #[derive(Debug, Default)]
 pub struct Runners {
-    by_id: HashMap<Arc<str>, TrackedRunner>,
+    by_id: FastMap<Arc<str>, TrackedRunner>,
 }
 
 impl Runners {

@@ -26,7 +26,8 @@ pub struct DateTimeParts {
 
 /// A naive wall-clock time with microsecond precision, in `datetime`'s range
 /// (years 1 to 9999).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// `Default` is `datetime.min`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WallTime(i64);
 
 impl WallTime {
@@ -178,6 +179,18 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
     let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
     (year, month, day)
+}
+
+/// An optional time for a log message: its isoformat, or nothing.
+pub struct DisplayOptional(pub Option<WallTime>);
+
+impl fmt::Display for DisplayOptional {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(t) => t.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -104,9 +104,11 @@ def test_a_flaky_task_is_retried_with_delays_growing_by_the_base(tmp_path):
     assert [e["failure_reason"] for e in failures] == ["exit code 7: not yet"] * 2
     starts = [e["elapsed"] for e in events(tmp_path, "task_assigned")]
     assert len(starts) == 3
-    waits = [start - failure["elapsed"] for start, failure in zip(starts[1:], failures)]
+    waits = [
+        start - failure["elapsed"] for start, failure in zip(starts[1:], failures, strict=True)
+    ]
     # 0.2 s, then 0.2 * 3 = 0.6 s; never early, and picked up when due.
-    for waited, delay in zip(waits, [0.2, 0.6]):
+    for waited, delay in zip(waits, [0.2, 0.6], strict=True):
         assert delay - 0.01 <= waited < delay + 0.5, waits
 
 

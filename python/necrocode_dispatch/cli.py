@@ -223,7 +223,7 @@ def print_table(rows: list[Row], out: TextIO) -> None:
     cells = [(r.task_id, str(r.attempts), r.outcome, r.last_failure or "-") for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header[:3])]
     for line in [header, *cells]:
-        head = "  ".join(text.ljust(width) for text, width in zip(line, widths))
+        head = "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=False))
         print(f"{head}  {line[3]}".rstrip(), file=out)
 
 

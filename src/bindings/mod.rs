@@ -5,6 +5,7 @@ mod args;
 mod clock;
 mod datetime;
 mod dispatcher;
+mod logging;
 mod retry;
 
 use pyo3::prelude::*;
@@ -22,13 +23,10 @@ mod core_module {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        // Route the core's `log` records to Python's `logging`. Loggers are
-        // cached, levels are not: a level set later (e.g. by pytest's caplog)
-        // takes effect at once. Another copy of this module may have installed
-        // the logger already, which is fine.
-        let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?
-            .filter(log::LevelFilter::Debug)
-            .install();
+        // Route the core's `log` records to Python's `logging`; a level set
+        // later (e.g. by pytest's caplog) takes effect at once. Another copy
+        // of this module may have installed the logger already, which is fine.
+        super::logging::GatedLogger::install(m.py())?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         let py = m.py();
         use super::dispatcher as d;

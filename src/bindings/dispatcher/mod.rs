@@ -268,6 +268,7 @@ impl PyDispatcherCore {
                 repo_pool_manager: or_none(repo_pool_manager),
                 runner_launcher: or_none(runner_launcher),
                 event_recorder: or_none(event_recorder),
+                states: ports::task_states(&task_state_type),
                 task_state_type: task_state_type.unbind(),
                 pool_objects,
             }),
@@ -356,6 +357,9 @@ impl PyDispatcherCore {
 
     #[setter]
     fn set_task_state_type(&self, value: &Bound<'_, PyAny>) {
+        let states = ports::task_states(value);
+        let old = std::mem::replace(&mut self.ports.write().states, states);
+        drop(old); // after the lock: dropping may run Python code
         self.set_port(|p| &mut p.task_state_type, value)
     }
 

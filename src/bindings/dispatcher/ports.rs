@@ -1,15 +1,19 @@
 //! Calling the ports: the effects the core decided, and the slot allocation
 //! and launch of an assignment. Every call here happens with no lock held.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use super::settings::{getattr_opt, optional_arc};
 use super::{PyDispatcherCore, LOG_TARGET};
 use crate::bindings::{args, datetime};
-use crate::dispatcher::{Effect, NewRunner, Outcome, Reservation, StateMetadata, TaskMeta};
+use crate::dispatcher::{
+    Effect, NewRunner, Outcome, ReportedState, Reservation, StateMetadata, TaskMeta,
+};
 use crate::retry_manager::log_failure;
 use crate::runners::RunnerDetails;
 
@@ -24,6 +28,8 @@ pub struct Ports {
     pub task_state_type: Py<PyAny>,
     /// The configured pool objects, by pool index, for `launch`.
     pub pool_objects: Vec<Py<PyAny>>,
+    /// `task_state_type` applied to each state, when it accepts them all.
+    pub states: Option<[Py<PyAny>; 4]>,
 }
 
 /// How one assignment ended.
@@ -69,168 +75,33 @@ impl PyDispatcherCore {
                 self.run_loop.nudge();
             }
         }
-        for effect in outcome.effects {
-            if let Err(err) = self.perform_one(py, effect) {
-                log::error!(target: LOG_TARGET, "{err}");
+        if !outcome.effects.is_empty() {
+            let ports = self.effect_ports(py);
+            for effect in outcome.effects {
+                if let Err(err) = ports.perform(py, effect) {
+                    log::error!(target: LOG_TARGET, "{err}");
+                }
             }
         }
         outcome.applied
     }
 
-    fn perform_one(&self, py: Python<'_>, effect: Effect<Py<PyAny>>) -> Result<(), String> {
-        let fail = |what: &str, e: PyErr| format!("{what} failed: {e}");
-        match effect {
-            Effect::Discard(handle) => drop(handle),
-            Effect::ReleaseSlot { slot_id } => {
-                let pool = self.port(py, |p| &p.repo_pool_manager).into_bound(py);
-                if !pool.is_none() {
-                    let kwargs = PyDict::new(py);
-                    kwargs
-                        .set_item("cleanup", true)
-                        .map_err(|e| fail("release_slot", e))?;
-                    pool.call_method("release_slot", (slot_id.as_ref(),), Some(&kwargs))
-                        .map_err(|e| fail(&format!("release_slot({slot_id:?})"), e))?;
-                }
-            }
-            Effect::ReportState {
-                spec_name,
-                task_id,
-                state,
-                metadata,
-            } => {
-                let registry = self.port(py, |p| &p.task_registry).into_bound(py);
-                if registry.is_none() {
-                    return Ok(());
-                }
-                let result = (|| -> PyResult<()> {
-                    let state_type = self.port(py, |p| &p.task_state_type).into_bound(py);
-                    let new_state = state_type.call1((state.value(),))?;
-                    let kwargs = PyDict::new(py);
-                    kwargs.set_item("spec_name", spec_name.as_ref())?;
-                    kwargs.set_item("task_id", task_id.as_ref())?;
-                    kwargs.set_item("new_state", new_state)?;
-                    kwargs.set_item("metadata", metadata_dict(py, &metadata)?)?;
-                    registry.call_method("update_task_state", (), Some(&kwargs))?;
-                    Ok(())
-                })();
-                result.map_err(|e| {
-                    fail(
-                        &format!("update_task_state({task_id:?} -> {})", state.value()),
-                        e,
-                    )
-                })?;
-            }
-            Effect::TaskAssigned {
-                spec_name,
-                task_id,
-                runner_id,
-                slot_id,
-                pool_name,
-                timestamp,
-            } => self
-                .record_event(py, "record_task_assigned", |k| {
-                    k.set_item("spec_name", spec_name.as_ref())?;
-                    k.set_item("task_id", task_id.as_ref())?;
-                    k.set_item("runner_id", runner_id.as_ref())?;
-                    k.set_item("slot_id", slot_id.as_deref())?;
-                    k.set_item("pool_name", pool_name.as_ref())?;
-                    k.set_item("timestamp", datetime::to_py(py, timestamp)?)
-                })
-                .map_err(|e| fail("record_task_assigned", e))?,
-            Effect::RunnerStarted {
-                spec_name,
-                task_id,
-                runner_id,
-                slot_id,
-                pool_name,
-                details,
-                timestamp,
-            } => self
-                .record_event(py, "record_runner_started", |k| {
-                    k.set_item("spec_name", spec_name.as_ref())?;
-                    k.set_item("task_id", task_id.as_ref())?;
-                    k.set_item("runner_id", runner_id.as_ref())?;
-                    k.set_item("slot_id", slot_id.as_deref())?;
-                    k.set_item("pool_name", pool_name.as_ref())?;
-                    k.set_item("pid", details.pid)?;
-                    k.set_item("container_id", details.container_id.as_deref())?;
-                    k.set_item("job_name", details.job_name.as_deref())?;
-                    k.set_item("timestamp", datetime::to_py(py, timestamp)?)
-                })
-                .map_err(|e| fail("record_runner_started", e))?,
-            Effect::RunnerFinished {
-                spec_name,
-                task_id,
-                runner_id,
-                slot_id,
-                success,
-                execution_time_seconds,
-                failure_reason,
-            } => self
-                .record_event(py, "record_runner_finished", |k| {
-                    k.set_item("spec_name", spec_name.as_ref())?;
-                    k.set_item("task_id", task_id.as_ref())?;
-                    k.set_item("runner_id", runner_id.as_ref())?;
-                    k.set_item("slot_id", slot_id.as_deref())?;
-                    k.set_item("success", success)?;
-                    k.set_item("execution_time_seconds", execution_time_seconds)?;
-                    k.set_item("failure_reason", failure_reason.as_deref())
-                })
-                .map_err(|e| fail("record_runner_finished", e))?,
-            Effect::TaskCompleted {
-                spec_name,
-                task_id,
-                runner_id,
-                execution_time_seconds,
-            } => self
-                .record_event(py, "record_task_completed", |k| {
-                    k.set_item("spec_name", spec_name.as_ref())?;
-                    k.set_item("task_id", task_id.as_ref())?;
-                    k.set_item("runner_id", runner_id.as_ref())?;
-                    k.set_item("execution_time_seconds", execution_time_seconds)
-                })
-                .map_err(|e| fail("record_task_completed", e))?,
-            Effect::TaskFailed {
-                spec_name,
-                task_id,
-                runner_id,
-                failure_reason,
-                retry_count,
-            } => self
-                .record_event(py, "record_task_failed", |k| {
-                    k.set_item("spec_name", spec_name.as_ref())?;
-                    k.set_item("task_id", task_id.as_ref())?;
-                    k.set_item("runner_id", runner_id.as_deref())?;
-                    k.set_item("failure_reason", failure_reason.as_ref())?;
-                    k.set_item("retry_count", retry_count)
-                })
-                .map_err(|e| fail("record_task_failed", e))?,
-            Effect::StopRunner { runner_id } => {
-                let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
-                if !launcher.is_none() && launcher.hasattr("stop").unwrap_or(false) {
-                    launcher
-                        .call_method1("stop", (runner_id.as_ref(),))
-                        .map_err(|e| fail(&format!("stop({runner_id:?})"), e))?;
-                }
-            }
+    /// The ports effects use, read once per outcome.
+    fn effect_ports<'py>(&self, py: Python<'py>) -> EffectPorts<'py> {
+        let ports = self.ports.read();
+        let bind = |p: &Py<PyAny>| Some(p.clone_ref(py).into_bound(py)).filter(|p| !p.is_none());
+        EffectPorts {
+            registry: bind(&ports.task_registry),
+            repo_pool_manager: bind(&ports.repo_pool_manager),
+            runner_launcher: bind(&ports.runner_launcher),
+            event_recorder: bind(&ports.event_recorder),
+            task_state_type: ports.task_state_type.clone_ref(py).into_bound(py),
+            states: ports
+                .states
+                .as_ref()
+                .map(|s| s.each_ref().map(|v| v.clone_ref(py).into_bound(py))),
+            texts: RefCell::new(Vec::new()),
         }
-        Ok(())
-    }
-
-    fn record_event(
-        &self,
-        py: Python<'_>,
-        method: &str,
-        fill: impl FnOnce(&Bound<'_, PyDict>) -> PyResult<()>,
-    ) -> PyResult<()> {
-        let recorder = self.port(py, |p| &p.event_recorder).into_bound(py);
-        if recorder.is_none() {
-            return Ok(());
-        }
-        let kwargs = PyDict::new(py);
-        fill(&kwargs)?;
-        recorder.call_method(method, (), Some(&kwargs))?;
-        Ok(())
     }
 
     /// Carries out one reservation: allocate a slot, launch, and report back
@@ -386,57 +257,288 @@ impl PyDispatcherCore {
     }
 }
 
+/// The task states as `task_state_type` gives them, made once: calling an
+/// enum type costs more than the rest of a report.
+pub fn task_states(state_type: &Bound<'_, PyAny>) -> Option<[Py<PyAny>; 4]> {
+    let make = |state: ReportedState| state_type.call1((state.value(),)).ok().map(Bound::unbind);
+    Some([
+        make(ReportedState::Running)?,
+        make(ReportedState::Ready)?,
+        make(ReportedState::Done)?,
+        make(ReportedState::Failed)?,
+    ])
+}
+
+fn state_index(state: ReportedState) -> usize {
+    match state {
+        ReportedState::Running => 0,
+        ReportedState::Ready => 1,
+        ReportedState::Done => 2,
+        ReportedState::Failed => 3,
+    }
+}
+
+/// The ports an outcome's effects call, bound for one outcome.
+struct EffectPorts<'py> {
+    registry: Option<Bound<'py, PyAny>>,
+    repo_pool_manager: Option<Bound<'py, PyAny>>,
+    runner_launcher: Option<Bound<'py, PyAny>>,
+    event_recorder: Option<Bound<'py, PyAny>>,
+    task_state_type: Bound<'py, PyAny>,
+    states: Option<[Bound<'py, PyAny>; 4]>,
+    texts: RefCell<Vec<(Arc<str>, Bound<'py, PyString>)>>,
+}
+
+impl<'py> EffectPorts<'py> {
+    /// The Python string for an id or name: made once per outcome, however
+    /// many effects carry it (an outcome's effects share their `Arc`s).
+    fn text(&self, py: Python<'py>, text: &Arc<str>) -> Bound<'py, PyString> {
+        let mut memo = self.texts.borrow_mut();
+        if let Some((_, s)) = memo.iter().find(|(t, _)| Arc::ptr_eq(t, text)) {
+            return s.clone();
+        }
+        let s = PyString::new(py, text);
+        // Holding the Arc keeps its address from being reused meanwhile.
+        memo.push((Arc::clone(text), s.clone()));
+        s
+    }
+
+    fn optional_text(
+        &self,
+        py: Python<'py>,
+        text: &Option<Arc<str>>,
+    ) -> Option<Bound<'py, PyString>> {
+        text.as_ref().map(|t| self.text(py, t))
+    }
+
+    fn metadata_dict(
+        &self,
+        py: Python<'py>,
+        metadata: &StateMetadata,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        match metadata {
+            StateMetadata::Running {
+                runner_id,
+                assigned_slot,
+                pool_name,
+                started_at,
+            } => {
+                d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
+                d.set_item(
+                    intern!(py, "assigned_slot"),
+                    self.optional_text(py, assigned_slot),
+                )?;
+                d.set_item(intern!(py, "pool_name"), self.text(py, pool_name))?;
+                d.set_item(intern!(py, "started_at"), started_at.to_string())?;
+            }
+            StateMetadata::Retry {
+                retry_count,
+                next_retry_at,
+                failure_reason,
+            } => {
+                d.set_item(intern!(py, "retry_count"), retry_count)?;
+                d.set_item(intern!(py, "next_retry_at"), next_retry_at.to_string())?;
+                d.set_item(intern!(py, "failure_reason"), self.text(py, failure_reason))?;
+            }
+            StateMetadata::Interrupted => d.set_item(intern!(py, "interrupted"), true)?,
+            StateMetadata::Done {
+                runner_id,
+                completed_at,
+            } => {
+                d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
+                d.set_item(intern!(py, "completed_at"), completed_at.to_string())?;
+            }
+            StateMetadata::Failed {
+                reason,
+                retries,
+                runner_id,
+            } => {
+                d.set_item(intern!(py, "reason"), self.text(py, reason))?;
+                d.set_item(intern!(py, "retries"), retries)?;
+                d.set_item(intern!(py, "runner_id"), self.optional_text(py, runner_id))?;
+            }
+        }
+        Ok(d)
+    }
+
+    fn perform(&self, py: Python<'py>, effect: Effect<Py<PyAny>>) -> Result<(), String> {
+        let fail = |what: &str, e: PyErr| format!("{what} failed: {e}");
+        match effect {
+            Effect::Discard(handle) => drop(handle),
+            Effect::ReleaseSlot { slot_id } => {
+                if let Some(pool) = &self.repo_pool_manager {
+                    let result = (|| {
+                        let kwargs = PyDict::new(py);
+                        kwargs.set_item(intern!(py, "cleanup"), true)?;
+                        pool.call_method(
+                            intern!(py, "release_slot"),
+                            (self.text(py, &slot_id),),
+                            Some(&kwargs),
+                        )
+                    })();
+                    result.map_err(|e| fail(&format!("release_slot({slot_id:?})"), e))?;
+                }
+            }
+            Effect::ReportState {
+                spec_name,
+                task_id,
+                state,
+                metadata,
+            } => {
+                let Some(registry) = &self.registry else {
+                    return Ok(());
+                };
+                let result = (|| -> PyResult<()> {
+                    let new_state = match &self.states {
+                        Some(states) => states[state_index(state)].clone(),
+                        None => self.task_state_type.call1((state.value(),))?,
+                    };
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
+                    kwargs.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
+                    kwargs.set_item(intern!(py, "new_state"), new_state)?;
+                    kwargs.set_item(intern!(py, "metadata"), self.metadata_dict(py, &metadata)?)?;
+                    registry.call_method(intern!(py, "update_task_state"), (), Some(&kwargs))?;
+                    Ok(())
+                })();
+                result.map_err(|e| {
+                    fail(
+                        &format!("update_task_state({task_id:?} -> {})", state.value()),
+                        e,
+                    )
+                })?;
+            }
+            Effect::TaskAssigned {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                pool_name,
+                timestamp,
+            } => self
+                .record_event(py, intern!(py, "record_task_assigned"), |k| {
+                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
+                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
+                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
+                    k.set_item(intern!(py, "slot_id"), self.optional_text(py, &slot_id))?;
+                    k.set_item(intern!(py, "pool_name"), self.text(py, &pool_name))?;
+                    k.set_item(intern!(py, "timestamp"), datetime::to_py(py, timestamp)?)
+                })
+                .map_err(|e| fail("record_task_assigned", e))?,
+            Effect::RunnerStarted {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                pool_name,
+                details,
+                timestamp,
+            } => self
+                .record_event(py, intern!(py, "record_runner_started"), |k| {
+                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
+                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
+                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
+                    k.set_item(intern!(py, "slot_id"), self.optional_text(py, &slot_id))?;
+                    k.set_item(intern!(py, "pool_name"), self.text(py, &pool_name))?;
+                    k.set_item(intern!(py, "pid"), details.pid)?;
+                    k.set_item(intern!(py, "container_id"), details.container_id.as_deref())?;
+                    k.set_item(intern!(py, "job_name"), details.job_name.as_deref())?;
+                    k.set_item(intern!(py, "timestamp"), datetime::to_py(py, timestamp)?)
+                })
+                .map_err(|e| fail("record_runner_started", e))?,
+            Effect::RunnerFinished {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                success,
+                execution_time_seconds,
+                failure_reason,
+            } => self
+                .record_event(py, intern!(py, "record_runner_finished"), |k| {
+                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
+                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
+                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
+                    k.set_item(intern!(py, "slot_id"), self.optional_text(py, &slot_id))?;
+                    k.set_item(intern!(py, "success"), success)?;
+                    k.set_item(
+                        intern!(py, "execution_time_seconds"),
+                        execution_time_seconds,
+                    )?;
+                    k.set_item(
+                        intern!(py, "failure_reason"),
+                        self.optional_text(py, &failure_reason),
+                    )
+                })
+                .map_err(|e| fail("record_runner_finished", e))?,
+            Effect::TaskCompleted {
+                spec_name,
+                task_id,
+                runner_id,
+                execution_time_seconds,
+            } => self
+                .record_event(py, intern!(py, "record_task_completed"), |k| {
+                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
+                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
+                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
+                    k.set_item(
+                        intern!(py, "execution_time_seconds"),
+                        execution_time_seconds,
+                    )
+                })
+                .map_err(|e| fail("record_task_completed", e))?,
+            Effect::TaskFailed {
+                spec_name,
+                task_id,
+                runner_id,
+                failure_reason,
+                retry_count,
+            } => self
+                .record_event(py, intern!(py, "record_task_failed"), |k| {
+                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
+                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
+                    k.set_item(intern!(py, "runner_id"), self.optional_text(py, &runner_id))?;
+                    k.set_item(
+                        intern!(py, "failure_reason"),
+                        self.text(py, &failure_reason),
+                    )?;
+                    k.set_item(intern!(py, "retry_count"), retry_count)
+                })
+                .map_err(|e| fail("record_task_failed", e))?,
+            Effect::StopRunner { runner_id } => {
+                if let Some(launcher) = &self.runner_launcher {
+                    if launcher.hasattr(intern!(py, "stop")).unwrap_or(false) {
+                        launcher
+                            .call_method1(intern!(py, "stop"), (runner_id.as_ref(),))
+                            .map_err(|e| fail(&format!("stop({runner_id:?})"), e))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record_event(
+        &self,
+        py: Python<'py>,
+        method: &Bound<'py, PyString>,
+        fill: impl FnOnce(&Bound<'py, PyDict>) -> PyResult<()>,
+    ) -> PyResult<()> {
+        let Some(recorder) = &self.event_recorder else {
+            return Ok(());
+        };
+        let kwargs = PyDict::new(py);
+        fill(&kwargs)?;
+        recorder.call_method(method, (), Some(&kwargs))?;
+        Ok(())
+    }
+}
+
 /// A runner's optional detail, or None (logged) when it is malformed.
 fn lenient<T>(name: &str, value: PyResult<Option<T>>) -> Option<T> {
     value.unwrap_or_else(|e| {
         log::warn!(target: LOG_TARGET, "ignoring the launched runner's {name}: {e}");
         None
     })
-}
-
-pub fn metadata_dict<'py>(
-    py: Python<'py>,
-    metadata: &StateMetadata,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    match metadata {
-        StateMetadata::Running {
-            runner_id,
-            assigned_slot,
-            pool_name,
-            started_at,
-        } => {
-            d.set_item("runner_id", runner_id.as_ref())?;
-            d.set_item("assigned_slot", assigned_slot.as_deref())?;
-            d.set_item("pool_name", pool_name.as_ref())?;
-            d.set_item("started_at", started_at.to_string())?;
-        }
-        StateMetadata::Retry {
-            retry_count,
-            next_retry_at,
-            failure_reason,
-        } => {
-            d.set_item("retry_count", retry_count)?;
-            d.set_item("next_retry_at", next_retry_at.to_string())?;
-            d.set_item("failure_reason", failure_reason.as_ref())?;
-        }
-        StateMetadata::Interrupted => d.set_item("interrupted", true)?,
-        StateMetadata::Done {
-            runner_id,
-            completed_at,
-        } => {
-            d.set_item("runner_id", runner_id.as_ref())?;
-            d.set_item("completed_at", completed_at.to_string())?;
-        }
-        StateMetadata::Failed {
-            reason,
-            retries,
-            runner_id,
-        } => {
-            d.set_item("reason", reason.as_ref())?;
-            d.set_item("retries", retries)?;
-            d.set_item("runner_id", runner_id.as_deref())?;
-        }
-    }
-    Ok(d)
 }

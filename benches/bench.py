@@ -1,0 +1,463 @@
+"""Side-by-side benchmarks: the Rust core against the pure-Python reference
+(benches/reference.py) in one process, on identical inputs.
+
+    python benches/bench.py                  # the full table (a few minutes)
+    python benches/bench.py --quick          # a smoke run for CI (under 30 s)
+    python benches/bench.py --plot perf.png  # also draw time per op vs tracked tasks
+
+Every figure is the median of repeated runs. Logging is configured the same for
+both sides (WARNING: the INFO and DEBUG calls both make are checked and skipped,
+as in production). No figure is asserted: speed goals are read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reference  # noqa: E402
+
+import necrocode_dispatch as rust  # noqa: E402
+from necrocode_dispatch import AgentPool, DispatcherConfig, PoolType, Task  # noqa: E402
+
+# SPEC §6: the ratio each row must reach (reference time / Rust time).
+TARGETS = {
+    "record_failure": 15,
+    "should_retry": 10,
+    "get_tasks_ready_for_retry (100 due)": 1000,
+    "handle_task_failure (running task)": 8,
+    "handle_runner_completion (success)": 4,
+}
+READY_TARGET_SIZE = 1_000_000
+
+
+@dataclass
+class Row:
+    operation: str
+    size: int
+    reference: float  # seconds per op
+    rust: float
+
+    @property
+    def ratio(self) -> float:
+        return self.reference / self.rust if self.rust > 0 else float("inf")
+
+
+def median_time(run: Callable[[], int], setup: Callable[[], None], repeat: int) -> float:
+    """Median seconds per op: `setup()` untimed, then `run()` returns how many
+    ops it did."""
+    samples = []
+    for _ in range(repeat):
+        setup()
+        gc.collect()
+        gc.disable()
+        try:
+            start = time.perf_counter_ns()
+            ops = run()
+            elapsed = time.perf_counter_ns() - start
+        finally:
+            gc.enable()
+        samples.append(elapsed / 1e9 / max(1, ops))
+    return statistics.median(samples)
+
+
+class NoOpPorts:
+    """Ports that do nothing, with the original signatures."""
+
+    def update_task_state(self, spec_name, task_id, new_state, metadata=None):
+        pass
+
+    def release_slot(self, slot_id, cleanup=True):
+        pass
+
+    def allocate_slot(self, repo_name, metadata=None):
+        return SLOT
+
+    def launch(self, task, slot, pool):
+        runner_id = f"r-{task.id}-{next_launch()}"
+        RUNNER_OF[task.id] = runner_id
+        return SimpleNamespace(runner_id=runner_id)
+
+    def stop(self, runner_id):
+        pass
+
+    def record_task_assigned(self, spec_name, task_id, runner_id, slot_id, pool_name, timestamp):
+        pass
+
+    def record_runner_started(
+        self, spec_name, task_id, runner_id, slot_id, pool_name, pid, container_id, job_name, timestamp
+    ):
+        pass
+
+    def record_runner_finished(
+        self, spec_name, task_id, runner_id, slot_id, success, execution_time_seconds, failure_reason
+    ):
+        pass
+
+    def record_task_completed(self, spec_name, task_id, runner_id, execution_time_seconds):
+        pass
+
+    def record_task_failed(self, spec_name, task_id, runner_id, failure_reason, retry_count):
+        pass
+
+
+SLOT = SimpleNamespace(slot_id="slot-1")
+RUNNER_OF: dict[str, str] = {}  # task id -> its latest runner id
+_launches = iter(range(1 << 62))
+
+
+def next_launch() -> int:
+    return next(_launches)
+
+
+def ids(n: int, prefix: str = "task") -> list[str]:
+    return [f"{prefix}-{i:07d}" for i in range(n)]
+
+
+# ---- RetryManager ------------------------------------------------------------------
+
+
+def bench_record_failure(n: int, repeat: int) -> Row:
+    keys = ids(n)
+    box = {}
+
+    def timed(kind):
+        def setup():
+            box["m"] = rust.RetryManager() if kind == "rust" else reference.RetryManager()
+
+        def run():
+            record = box["m"].record_failure
+            for k in keys:
+                record(k, "exit 1")
+            return n
+
+        return median_time(run, setup, repeat)
+
+    return Row("record_failure", n, timed("reference"), timed("rust"))
+
+
+def bench_should_retry(n: int, repeat: int) -> Row:
+    keys = ids(n)
+    managers = {"rust": rust.RetryManager(), "reference": reference.RetryManager()}
+    for m in managers.values():
+        for k in keys:
+            m.record_failure(k, "exit 1")  # every task backing off: the DEBUG branch
+
+    def timed(kind):
+        def run():
+            should = managers[kind].should_retry
+            for k in keys:
+                should(k)
+            return n
+
+        return median_time(run, lambda: None, repeat)
+
+    return Row("should_retry", n, timed("reference"), timed("rust"))
+
+
+def tracked_managers(n: int, due: int = 100):
+    """Managers tracking `n` tasks of which `due` are due now."""
+    keys = ids(n)
+    out = {}
+    for kind, factory in (("rust", rust.RetryManager), ("reference", reference.RetryManager)):
+        m = factory(max_attempts=3, initial_delay=0.0)
+        for k in keys[:due]:
+            m.record_failure(k)
+        m.initial_delay = 1e6
+        for k in keys[due:]:
+            m.record_failure(k)
+        out[kind] = m
+    return out
+
+
+def bench_ready_query(n: int, repeat: int) -> Row:
+    managers = tracked_managers(n)
+    loops = max(1, 100_000 // n)
+
+    def timed(kind):
+        query = managers[kind].get_tasks_ready_for_retry
+
+        def run():
+            for _ in range(loops):
+                assert len(query()) == 100
+            return loops
+
+        return median_time(run, lambda: None, repeat)
+
+    return Row("get_tasks_ready_for_retry (100 due)", n, timed("reference"), timed("rust"))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_per_task(n: int) -> tuple[float, float]:
+    """Bytes per tracked task: tracemalloc for the reference's Python objects,
+    the RSS delta for the Rust manager (its memory is not Python's)."""
+    keys = ids(n)
+    gc.collect()
+    tracemalloc.start()
+    m = reference.RetryManager()
+    before = tracemalloc.get_traced_memory()[0]
+    for k in keys:
+        m.record_failure(k, "exit 1")
+    py_bytes = (tracemalloc.get_traced_memory()[0] - before) / n
+    tracemalloc.stop()
+    del m
+    gc.collect()
+    r = rust.RetryManager()
+    before = rss_bytes()
+    for k in keys:
+        r.record_failure(k, "exit 1")
+    rust_bytes = (rss_bytes() - before) / n
+    del r
+    return py_bytes, rust_bytes
+
+
+# ---- DispatcherCore -----------------------------------------------------------------
+
+
+def make_task(task_id: str) -> Task:
+    return Task(id=task_id, metadata={"spec_name": "spec", "repo_name": "repo"})
+
+
+def dispatchers(capacity: int, max_attempts: int = 3, initial_delay: float = 1.0):
+    ports = NoOpPorts()
+    config = DispatcherConfig(
+        max_global_concurrency=capacity,
+        retry_max_attempts=max_attempts,
+        retry_initial_delay=initial_delay,
+        agent_pools=[AgentPool(name="pool", type=PoolType.LOCAL_PROCESS, max_concurrency=capacity)],
+    )
+    core = rust.DispatcherCore(
+        config,
+        task_registry=ports,
+        repo_pool_manager=ports,
+        runner_launcher=ports,
+        event_recorder=ports,
+    )
+    ref = reference.Dispatcher(
+        {"pool": capacity},
+        max_global_concurrency=capacity,
+        max_attempts=max_attempts,
+        task_registry=ports,
+        repo_pool_manager=ports,
+        runner_launcher=ports,
+        event_recorder=ports,
+    )
+    ref.retry_manager.initial_delay = initial_delay
+    return {"rust": core, "reference": ref}, ports
+
+
+def bench_failure_path(n: int, repeat: int) -> Row:
+    tasks = [make_task(k) for k in ids(n)]
+    box = {}
+
+    def timed(kind):
+        def setup():
+            d = dispatchers(n)[0][kind]
+            for t in tasks:
+                d.track_running(t, f"r-{t.id}", "pool", f"s-{t.id}")
+            box["d"] = d
+
+        def run():
+            fail = box["d"].handle_task_failure
+            for t in tasks:
+                fail(t.id, "spec", "exit 1", f"r-{t.id}", f"s-{t.id}", "pool")
+            return n
+
+        return median_time(run, setup, repeat)
+
+    return Row("handle_task_failure (running task)", n, timed("reference"), timed("rust"))
+
+
+def bench_completion_path(n: int, repeat: int) -> Row:
+    tasks = [make_task(k) for k in ids(n)]
+    box = {}
+
+    def timed(kind):
+        def setup():
+            d = dispatchers(n)[0][kind]
+            for t in tasks:
+                d.track_running(t, f"r-{t.id}", "pool", f"s-{t.id}")
+            box["d"] = d
+
+        def run():
+            done = box["d"].handle_runner_completion
+            for t in tasks:
+                done(f"r-{t.id}", t.id, "spec", True, f"s-{t.id}", "pool")
+            return n
+
+        return median_time(run, setup, repeat)
+
+    return Row("handle_runner_completion (success)", n, timed("reference"), timed("rust"))
+
+
+class ListSource:
+    def __init__(self):
+        self.pending: list[Task] = []
+
+    def poll_ready_tasks(self):
+        out, self.pending = self.pending, []
+        return out
+
+
+def bench_cycles(n: int, repeat: int) -> list[Row]:
+    """assign -> complete, and assign -> fail -> retry -> assign -> complete,
+    per task, through no-op Python ports."""
+    rows = []
+    for name, retry in (("cycle assign->complete", False), ("cycle assign->fail->retry->complete", True)):
+        box = {}
+
+        def timed(kind, retry=retry):
+            def setup():
+                box["d"] = dispatchers(n, initial_delay=0.0)[0][kind]
+                box["tasks"] = [make_task(k) for k in ids(n, prefix=f"c{next_launch()}")]
+
+            def run():
+                d = box["d"]
+                tasks = box["tasks"]
+                rounds = 2 if retry else 1
+                if kind == "rust":
+                    source = ListSource()
+                    d.task_source = source
+                    source.pending = list(tasks)
+                    for attempt in range(rounds):
+                        assert d.tick()["assigned"] == n
+                        last = attempt == rounds - 1
+                        for t in tasks:
+                            rid = RUNNER_OF[t.id]
+                            if last:
+                                d.handle_runner_completion(rid, t.id, "spec", True)
+                            else:
+                                d.handle_task_failure(t.id, "spec", "exit 1", rid)
+                else:
+                    for t in tasks:
+                        d.enqueue(t)
+                    for attempt in range(rounds):
+                        while d.assign_next():
+                            pass
+                        last = attempt == rounds - 1
+                        for rid, runner in list(d.runners.items()):
+                            if last:
+                                d.handle_runner_completion(rid, runner.task_id, "spec", True)
+                            else:
+                                d.handle_task_failure(runner.task_id, "spec", "exit 1", rid)
+                        if not last:
+                            d.promote_due()
+                            for t in tasks:
+                                d.enqueue(t)
+                return n
+
+            return median_time(run, setup, repeat)
+
+        rows.append(Row(name, n, timed("reference"), timed("rust")))
+    return rows
+
+
+
+# ---- report -------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float) -> str:
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def print_table(rows: list[Row], memory: tuple[int, float, float] | None) -> None:
+    print(f"{'operation':<40} {'tracked':>9} {'reference':>11} {'rust':>11} {'ratio':>9}  target")
+    for r in rows:
+        target = TARGETS.get(r.operation)
+        if r.operation.startswith("get_tasks_ready") and r.size != READY_TARGET_SIZE:
+            target = None
+        mark = ""
+        if target:
+            mark = f">= {target}x " + ("ok" if r.ratio >= target else "MISSED")
+        print(
+            f"{r.operation:<40} {r.size:>9,} {fmt_time(r.reference):>11} {fmt_time(r.rust):>11} "
+            f"{r.ratio:>8.1f}x  {mark}"
+        )
+    if memory:
+        n, py_bytes, rust_bytes = memory
+        share = rust_bytes / py_bytes
+        verdict = "ok" if share <= 1 / 3 else "MISSED"
+        print(
+            f"{'memory per tracked task':<40} {n:>9,} {py_bytes:>9.0f} B {rust_bytes:>9.0f} B "
+            f"{share:>8.2f}x  <= 0.33x {verdict}"
+        )
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for op, style in (("get_tasks_ready_for_retry (100 due)", "o-"), ("should_retry", "s--")):
+        points = sorted((r.size, r) for r in rows if r.operation == op)
+        if not points:
+            continue
+        sizes = [s for s, _ in points]
+        ax.plot(sizes, [r.reference * 1e6 for _, r in points], style, label=f"{op} — Python")
+        ax.plot(sizes, [r.rust * 1e6 for _, r in points], style, label=f"{op} — Rust")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tracked tasks")
+    ax.set_ylabel("time per call (µs)")
+    ax.set_title("necrocode-dispatch: Rust core vs pure Python")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI (< 30 s)")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw time per op vs tracked tasks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    if args.quick:
+        repeat, n, sizes, mem_n = 3, 2_000, [1_000, 10_000], 20_000
+    else:
+        repeat, n, sizes, mem_n = 7, 50_000, [1_000, 10_000, 100_000, 1_000_000], 1_000_000
+    print(
+        f"necrocode-dispatch {rust.__version__} on {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"median of {repeat} runs; logging at WARNING on both sides"
+    )
+    began = time.monotonic()
+    rows = [bench_record_failure(n, repeat), *(bench_should_retry(s, repeat) for s in sizes)]
+    rows += [bench_ready_query(s, repeat) for s in sizes]
+    rows += [bench_failure_path(n, repeat), bench_completion_path(n, repeat)]
+    rows += bench_cycles(n // 5, repeat)
+    memory = (mem_n, *memory_per_task(mem_n))
+    print_table(rows, memory)
+    print(f"({time.monotonic() - began:.1f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB)")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
