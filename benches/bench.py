@@ -19,20 +19,21 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import reference  # noqa: E402
+import reference
 
-import necrocode_dispatch as rust  # noqa: E402
-from necrocode_dispatch import AgentPool, DispatcherConfig, PoolType, Task  # noqa: E402
+import necrocode_dispatch as rust
+from necrocode_dispatch import AgentPool, DispatcherConfig, PoolType, Task
 
 # SPEC §6: the ratio each row must reach (reference time / Rust time).
 TARGETS = {
@@ -98,15 +99,11 @@ class NoOpPorts:
     def record_task_assigned(self, spec_name, task_id, runner_id, slot_id, pool_name, timestamp):
         pass
 
-    def record_runner_started(
-        self, spec_name, task_id, runner_id, slot_id, pool_name, pid, container_id, job_name, timestamp
-    ):
-        pass
+    def record_runner_started(self, spec_name, task_id, runner_id, slot_id, pool_name, **details):
+        pass  # details: pid, container_id, job_name, timestamp
 
-    def record_runner_finished(
-        self, spec_name, task_id, runner_id, slot_id, success, execution_time_seconds, failure_reason
-    ):
-        pass
+    def record_runner_finished(self, spec_name, task_id, runner_id, slot_id, success, **timing):
+        pass  # timing: execution_time_seconds, failure_reason
 
     def record_task_completed(self, spec_name, task_id, runner_id, execution_time_seconds):
         pass
@@ -201,14 +198,29 @@ def bench_ready_query(n: int, repeat: int) -> Row:
     return Row("get_tasks_ready_for_retry (100 due)", n, timed("reference"), timed("rust"))
 
 
-def rss_bytes() -> int:
+_RUST_MEMORY = """
+import gc, os, sys
+import necrocode_dispatch as rust
+n = int(sys.argv[1])
+keys = [f"task-{i:07d}" for i in range(n)]
+
+def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+gc.collect()
+manager = rust.RetryManager()
+before = rss()
+for k in keys:
+    manager.record_failure(k, "exit 1")
+print((rss() - before) / n)
+"""
+
 
 def memory_per_task(n: int) -> tuple[float, float]:
-    """Bytes per tracked task: tracemalloc for the reference's Python objects,
-    the RSS delta for the Rust manager (its memory is not Python's)."""
+    """Bytes per tracked task: tracemalloc for the reference's Python objects;
+    for the Rust manager (its memory is not Python's) the RSS growth of a fresh
+    process, so that no memory freed by the Python side is reused."""
     keys = ids(n)
     gc.collect()
     tracemalloc.start()
@@ -219,14 +231,10 @@ def memory_per_task(n: int) -> tuple[float, float]:
     py_bytes = (tracemalloc.get_traced_memory()[0] - before) / n
     tracemalloc.stop()
     del m
-    gc.collect()
-    r = rust.RetryManager()
-    before = rss_bytes()
-    for k in keys:
-        r.record_failure(k, "exit 1")
-    rust_bytes = (rss_bytes() - before) / n
-    del r
-    return py_bytes, rust_bytes
+    out = subprocess.run(
+        [sys.executable, "-c", _RUST_MEMORY, str(n)], capture_output=True, text=True, check=True
+    )
+    return py_bytes, float(out.stdout.strip())
 
 
 # ---- DispatcherCore -----------------------------------------------------------------
@@ -321,10 +329,11 @@ def bench_cycles(n: int, repeat: int) -> list[Row]:
     """assign -> complete, and assign -> fail -> retry -> assign -> complete,
     per task, through no-op Python ports."""
     rows = []
-    for name, retry in (("cycle assign->complete", False), ("cycle assign->fail->retry->complete", True)):
-        box = {}
+    cycles = (("cycle assign->complete", False), ("cycle assign->fail->retry->complete", True))
+    for name, retry in cycles:
+        box: dict = {}
 
-        def timed(kind, retry=retry):
+        def timed(kind, retry=retry, box=box):
             def setup():
                 box["d"] = dispatchers(n, initial_delay=0.0)[0][kind]
                 box["tasks"] = [make_task(k) for k in ids(n, prefix=f"c{next_launch()}")]
@@ -353,11 +362,12 @@ def bench_cycles(n: int, repeat: int) -> list[Row]:
                         while d.assign_next():
                             pass
                         last = attempt == rounds - 1
-                        for rid, runner in list(d.runners.items()):
+                        for rid, info in list(d.runners.items()):
+                            task_id = info.runner.task_id
                             if last:
-                                d.handle_runner_completion(rid, runner.task_id, "spec", True)
+                                d.handle_runner_completion(rid, task_id, "spec", True)
                             else:
-                                d.handle_task_failure(runner.task_id, "spec", "exit 1", rid)
+                                d.handle_task_failure(task_id, "spec", "exit 1", rid)
                         if not last:
                             d.promote_due()
                             for t in tasks:
@@ -368,7 +378,6 @@ def bench_cycles(n: int, repeat: int) -> list[Row]:
 
         rows.append(Row(name, n, timed("reference"), timed("rust")))
     return rows
-
 
 
 # ---- report -------------------------------------------------------------------------
@@ -453,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += bench_cycles(n // 5, repeat)
     memory = (mem_n, *memory_per_task(mem_n))
     print_table(rows, memory)
-    print(f"({time.monotonic() - began:.1f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"({time.monotonic() - began:.1f} s; peak RSS {peak} MiB)")
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from necrocode_dispatch.models import TaskState
+from necrocode_dispatch.models import AgentPool, PoolType, RunnerState, TaskState
 
 retry_logger = logging.getLogger("reference.retry_manager")
 dispatcher_logger = logging.getLogger("reference.dispatcher_core")
@@ -153,15 +153,109 @@ def _check_task_id(task_id: object) -> None:
         raise TypeError(f"task_id must be a str, got {type(task_id).__name__} {task_id!r}")
 
 
+def _check_str(name: str, value: object, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+
+
+# The dispatcher, as the original is built: a runner monitor, an agent pool
+# manager and a metrics collector, each a small class with its own lock,
+# composed by the dispatcher core.
+
+
 @dataclass
-class _Runner:
+class Runner:
     runner_id: str
     task_id: str
     spec_name: str
-    slot_id: str | None
     pool_name: str
-    started: float
-    task: Any
+    slot_id: str | None
+    started_at: datetime
+    started_mono: float
+    state: RunnerState = RunnerState.RUNNING
+
+
+@dataclass
+class RunnerInfo:
+    runner: Runner
+    last_heartbeat: float
+    state: RunnerState = RunnerState.RUNNING
+
+
+class RunnerMonitor:
+    def __init__(self, heartbeat_timeout: float):
+        self.heartbeat_timeout = heartbeat_timeout
+        self.runners: dict[str, RunnerInfo] = {}
+        self._lock = threading.Lock()
+
+    def add_runner(self, runner: Runner) -> None:
+        with self._lock:
+            self.runners[runner.runner_id] = RunnerInfo(runner, time.monotonic())
+
+    def remove_runner(self, runner_id: str) -> RunnerInfo | None:
+        """The runner's info, once: the first caller owns its outcome."""
+        with self._lock:
+            return self.runners.pop(runner_id, None)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self.runners)
+
+
+class AgentPoolManager:
+    def __init__(self, pools: dict[str, int]):
+        self.pools = {
+            name: AgentPool(name=name, type=PoolType.LOCAL_PROCESS, max_concurrency=limit)
+            for name, limit in pools.items()
+        }
+        self._lock = threading.Lock()
+
+    def get_pool(self, name: str) -> AgentPool:
+        pool = self.pools.get(name)
+        if pool is None:
+            raise KeyError(f"pool_name: no pool named {name!r}")
+        return pool
+
+    def least_loaded_with_room(self) -> AgentPool | None:
+        with self._lock:
+            candidates = [p for p in self.pools.values() if p.can_accept_task()]
+            if not candidates:
+                return None
+            return min(candidates, key=lambda p: p.current_running / p.max_concurrency)
+
+    def increment_running_count(self, name: str) -> bool:
+        with self._lock:
+            pool = self.get_pool(name)
+            if not pool.can_accept_task():
+                return False
+            pool.current_running += 1
+            return True
+
+    def decrement_running_count(self, name: str) -> None:
+        with self._lock:
+            pool = self.get_pool(name)
+            pool.current_running = max(0, pool.current_running - 1)
+
+
+class MetricsCollector:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counters = dict.fromkeys(
+            (
+                "tasks_enqueued",
+                "tasks_assigned",
+                "tasks_completed",
+                "tasks_failed",
+                "retries_scheduled",
+            ),
+            0,
+        )
+
+    def increment(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
 
 
 class Dispatcher:
@@ -173,60 +267,69 @@ class Dispatcher:
         *,
         max_global_concurrency: int = 10,
         max_attempts: int = 3,
+        heartbeat_timeout: float = 60.0,
         task_registry: Any,
         repo_pool_manager: Any,
         runner_launcher: Any,
         event_recorder: Any,
     ):
         self.retry_manager = RetryManager(max_attempts=max_attempts)
+        self.runner_monitor = RunnerMonitor(heartbeat_timeout)
+        self.agent_pool_manager = AgentPoolManager(pools)
+        self.metrics = MetricsCollector()
         self.max_global_concurrency = max_global_concurrency
-        self.pool_limits = dict(pools)
-        self.pool_running = dict.fromkeys(pools, 0)
         self.global_running = 0
-        self.runners: dict[str, _Runner] = {}
+        self._global_lock = threading.Lock()
         self.queue: list[tuple[int, float, int, Any]] = []  # (-priority, age, seq, task)
         self.queued: set[str] = set()
         self.delayed: list[tuple[float, str]] = []
         self._seq = 0
-        self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
         self.task_registry = task_registry
         self.repo_pool_manager = repo_pool_manager
         self.runner_launcher = runner_launcher
         self.event_recorder = event_recorder
 
+    # -- capacity -----------------------------------------------------------------------
+
+    def _reserve_global(self) -> bool:
+        with self._global_lock:
+            if self.global_running >= self.max_global_concurrency:
+                return False
+            self.global_running += 1
+            return True
+
+    def _release_global(self) -> None:
+        with self._global_lock:
+            self.global_running = max(0, self.global_running - 1)
+
+    # -- assignment ---------------------------------------------------------------------
+
     def enqueue(self, task: Any) -> None:
-        with self._lock:
+        with self._queue_lock:
             if task.id in self.queued:
                 return
             self._seq += 1
             heapq.heappush(self.queue, (-task.priority, time.time(), self._seq, task))
             self.queued.add(task.id)
-
-    def _choose_pool(self) -> str | None:
-        best = None
-        for name, limit in self.pool_limits.items():
-            running = self.pool_running[name]
-            if running < limit and (
-                best is None or running / limit < self.pool_running[best] / self.pool_limits[best]
-            ):
-                best = name
-        return best
+        self.metrics.increment("tasks_enqueued")
 
     def assign_next(self) -> bool:
         """Assigns the queue's head if there is room; True when it launched."""
-        with self._lock:
-            if not self.queue or self.global_running >= self.max_global_concurrency:
-                return False
-            pool = self._choose_pool()
-            if pool is None:
+        pool = self.agent_pool_manager.least_loaded_with_room()
+        if pool is None or not self._reserve_global():
+            return False
+        with self._queue_lock:
+            if not self.queue:
+                self._release_global()
                 return False
             _, _, _, task = heapq.heappop(self.queue)
             self.queued.discard(task.id)
-            self.pool_running[pool] += 1
-            self.global_running += 1
+        self.agent_pool_manager.increment_running_count(pool.name)
         spec = task.metadata.get("spec_name", "unknown")
         slot = self.repo_pool_manager.allocate_slot(
-            task.metadata.get("repo_name", spec), metadata={"task_id": task.id}
+            task.metadata.get("repo_name", spec),
+            metadata={"task_id": task.id, "spec_name": spec, "pool_name": pool.name},
         )
         runner = self.runner_launcher.launch(task, slot, pool)
         now = datetime.now()
@@ -237,7 +340,7 @@ class Dispatcher:
             metadata={
                 "runner_id": runner.runner_id,
                 "assigned_slot": slot.slot_id,
-                "pool_name": pool,
+                "pool_name": pool.name,
                 "started_at": now.isoformat(),
             },
         )
@@ -246,7 +349,7 @@ class Dispatcher:
             task_id=task.id,
             runner_id=runner.runner_id,
             slot_id=slot.slot_id,
-            pool_name=pool,
+            pool_name=pool.name,
             timestamp=now,
         )
         self.event_recorder.record_runner_started(
@@ -254,36 +357,41 @@ class Dispatcher:
             task_id=task.id,
             runner_id=runner.runner_id,
             slot_id=slot.slot_id,
-            pool_name=pool,
+            pool_name=pool.name,
             pid=None,
             container_id=None,
             job_name=None,
             timestamp=now,
         )
-        with self._lock:
-            self.runners[runner.runner_id] = _Runner(
-                runner.runner_id, task.id, spec, slot.slot_id, pool, time.monotonic(), task
-            )
-        dispatcher_logger.info("Assigned task %s to pool %s", task.id, pool)
+        self.runner_monitor.add_runner(
+            Runner(runner.runner_id, task.id, spec, pool.name, slot.slot_id, now, time.monotonic())
+        )
+        self.metrics.increment("tasks_assigned")
+        dispatcher_logger.info(
+            "assigned task %r to pool %r (runner %r, slot %r)",
+            task.id,
+            pool.name,
+            runner.runner_id,
+            slot.slot_id,
+        )
         return True
 
     def track_running(self, task: Any, runner_id: str, pool_name: str, slot_id: str) -> None:
-        with self._lock:
-            self.pool_running[pool_name] += 1
-            self.global_running += 1
-            self.runners[runner_id] = _Runner(
-                runner_id,
-                task.id,
-                task.metadata.get("spec_name", "unknown"),
-                slot_id,
-                pool_name,
-                time.monotonic(),
-                task,
-            )
+        _check_str("runner_id", runner_id)
+        _check_str("pool_name", pool_name)
+        _check_str("slot_id", slot_id, optional=True)
+        if not self._reserve_global():
+            raise RuntimeError("the global limit is reached")
+        if not self.agent_pool_manager.increment_running_count(pool_name):
+            self._release_global()
+            raise RuntimeError(f"pool {pool_name!r} is at its max_concurrency")
+        spec = task.metadata.get("spec_name", "unknown")
+        self.runner_monitor.add_runner(
+            Runner(runner_id, task.id, spec, pool_name, slot_id, datetime.now(), time.monotonic())
+        )
+        self.metrics.increment("tasks_assigned")
 
-    def _release(self, runner: _Runner) -> None:
-        self.pool_running[runner.pool_name] = max(0, self.pool_running[runner.pool_name] - 1)
-        self.global_running = max(0, self.global_running - 1)
+    # -- outcomes -----------------------------------------------------------------------
 
     def handle_task_failure(
         self,
@@ -294,20 +402,32 @@ class Dispatcher:
         slot_id=None,
         pool_name=None,
     ) -> bool:
-        with self._lock:
-            runner = self.runners.pop(runner_id, None)
-            if runner is None:
-                return False
-            self._release(runner)
-        self._fail(runner, failure_reason)
+        _check_task_id(task_id)
+        for name, value in (
+            ("spec_name", spec_name),
+            ("failure_reason", failure_reason),
+            ("runner_id", runner_id),
+            ("slot_id", slot_id),
+            ("pool_name", pool_name),
+        ):
+            _check_str(name, value, optional=True)
+        info = self.runner_monitor.remove_runner(runner_id)
+        if info is None:
+            return False
+        self._release(info.runner)
+        self._fail(info.runner, failure_reason or "unknown")
         return True
 
-    def _fail(self, runner: _Runner, reason: str) -> None:
+    def _release(self, runner: Runner) -> None:
+        self.agent_pool_manager.decrement_running_count(runner.pool_name)
+        self._release_global()
+
+    def _fail(self, runner: Runner, reason: str) -> None:
         if runner.slot_id is not None:
             self.repo_pool_manager.release_slot(runner.slot_id, cleanup=True)
         info = self.retry_manager.record_failure(runner.task_id, reason)
         if info.retry_count < self.retry_manager.max_attempts:
-            with self._lock:
+            with self._queue_lock:
                 heapq.heappush(
                     self.delayed, (self.retry_manager._due[runner.task_id], runner.task_id)
                 )
@@ -321,6 +441,7 @@ class Dispatcher:
                     "failure_reason": reason,
                 },
             )
+            self.metrics.increment("retries_scheduled")
         else:
             self.event_recorder.record_task_failed(
                 spec_name=runner.spec_name,
@@ -340,12 +461,13 @@ class Dispatcher:
                 },
             )
             self.retry_manager.clear_retry_info(runner.task_id)
+            self.metrics.increment("tasks_failed")
 
     def promote_due(self) -> int:
         """Moves due retries back to the queue."""
         now = time.monotonic()
         promoted = []
-        with self._lock:
+        with self._queue_lock:
             while self.delayed and self.delayed[0][0] <= now:
                 promoted.append(heapq.heappop(self.delayed)[1])
         return len(promoted)
@@ -360,12 +482,23 @@ class Dispatcher:
         pool_name=None,
         failure_reason=None,
     ) -> bool:
-        with self._lock:
-            runner = self.runners.pop(runner_id, None)
-            if runner is None:
-                return False
-            self._release(runner)
-        elapsed = time.monotonic() - runner.started
+        _check_str("runner_id", runner_id)
+        for name, value in (
+            ("task_id", task_id),
+            ("spec_name", spec_name),
+            ("slot_id", slot_id),
+            ("pool_name", pool_name),
+            ("failure_reason", failure_reason),
+        ):
+            _check_str(name, value, optional=True)
+        if not isinstance(success, bool):
+            raise TypeError(f"success must be a bool, got {success!r}")
+        info = self.runner_monitor.remove_runner(runner_id)
+        if info is None:
+            return False
+        runner = info.runner
+        self._release(runner)
+        elapsed = time.monotonic() - runner.started_mono
         self.event_recorder.record_runner_finished(
             spec_name=runner.spec_name,
             task_id=runner.task_id,
@@ -393,5 +526,10 @@ class Dispatcher:
             metadata={"runner_id": runner_id, "completed_at": datetime.now().isoformat()},
         )
         self.retry_manager.clear_retry_info(runner.task_id)
-        dispatcher_logger.info("Task %s completed", runner.task_id)
+        self.metrics.increment("tasks_completed")
+        dispatcher_logger.info("task %r completed by runner %r", runner.task_id, runner_id)
         return True
+
+    @property
+    def runners(self) -> dict[str, RunnerInfo]:
+        return self.runner_monitor.runners

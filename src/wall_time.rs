@@ -101,18 +101,53 @@ impl WallTime {
 }
 
 /// `datetime.isoformat()` of a naive datetime: microseconds only when non-zero.
+impl WallTime {
+    /// `datetime.isoformat()`: `YYYY-MM-DDTHH:MM:SS[.ffffff]`, written digit by
+    /// digit (it is in every state report; `write!` costs several times more).
+    pub fn isoformat(self) -> IsoFormat {
+        let p = self.parts();
+        let mut buf = [0u8; 26];
+        let mut put = |at: usize, value: u32, width: usize| {
+            let mut v = value;
+            for i in (at..at + width).rev() {
+                buf[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, p.year as u32, 4);
+        put(5, u32::from(p.month), 2);
+        put(8, u32::from(p.day), 2);
+        put(11, u32::from(p.hour), 2);
+        put(14, u32::from(p.minute), 2);
+        put(17, u32::from(p.second), 2);
+        put(20, p.microsecond, 6);
+        buf[4] = b'-';
+        buf[7] = b'-';
+        buf[10] = b'T';
+        buf[13] = b':';
+        buf[16] = b':';
+        buf[19] = b'.';
+        let len = if p.microsecond == 0 { 19 } else { 26 };
+        IsoFormat { buf, len }
+    }
+}
+
+/// The text of [`WallTime::isoformat`], on the stack.
+pub struct IsoFormat {
+    buf: [u8; 26],
+    len: usize,
+}
+
+impl IsoFormat {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators were written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for WallTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let p = self.parts();
-        write!(
-            f,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            p.year, p.month, p.day, p.hour, p.minute, p.second
-        )?;
-        if p.microsecond != 0 {
-            write!(f, ".{:06}", p.microsecond)?;
-        }
-        Ok(())
+        f.write_str(self.isoformat().as_str())
     }
 }
 
@@ -299,5 +334,25 @@ mod tests {
             t.saturating_add_micros(1_000_000),
             at(9999, 12, 31, 0, 0, 1, 0)
         );
+    }
+
+    #[test]
+    fn isoformat_matches_the_formatted_parts() {
+        let mut t = WallTime::MIN;
+        let step = 7_777_777_777_777i64; // walks all fields, years 1 to 9999
+        while t < WallTime::MAX {
+            let p = t.parts();
+            let mut expected = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                p.year, p.month, p.day, p.hour, p.minute, p.second
+            );
+            if p.microsecond != 0 {
+                expected.push_str(&format!(".{:06}", p.microsecond));
+            }
+            assert_eq!(t.isoformat().as_str(), expected);
+            t = t.saturating_add_micros(step);
+        }
+        assert_eq!(WallTime::MAX.to_string(), "9999-12-31T23:59:59.999999");
+        assert_eq!(WallTime::MIN.to_string(), "0001-01-01T00:00:00");
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock};
 use pyo3::exceptions::{PyAssertionError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList};
+use pyo3::types::{PyBool, PyDict, PyList, PyString};
 
 use errors::refusal_to_py;
 pub use errors::{
@@ -35,6 +35,17 @@ use crate::runners::RunnerDetails;
 use crate::scheduling::{Policy, Scheduler};
 
 const LOG_TARGET: &str = "necrocode_dispatch::dispatcher_core";
+
+/// The `str` objects among a call's arguments (already type-checked).
+fn given_strings<'py, const N: usize>(
+    arguments: [Option<&Bound<'py, PyAny>>; N],
+) -> Vec<Bound<'py, PyString>> {
+    arguments
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.cast::<PyString>().ok().cloned())
+        .collect()
+}
 
 /// The dispatcher's state machine, with its ports, thread-safe.
 #[pyclass(module = "necrocode_dispatch._core", name = "DispatcherCore", frozen)]
@@ -556,26 +567,34 @@ impl PyDispatcherCore {
         slot_id: Option<&Bound<'_, PyAny>>,
         pool_name: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        let task_id = args::string("task_id", task_id)?;
-        let spec_name = args::optional_string("spec_name", spec_name)?;
+        let task_id_text = args::string("task_id", task_id)?;
+        let spec_text = args::optional_string("spec_name", spec_name)?;
         let reason = args::optional_string("failure_reason", failure_reason)?;
-        let runner_id = args::optional_string("runner_id", runner_id)?;
+        let runner_text = args::optional_string("runner_id", runner_id)?;
         // Known from the tracked runner; checked for type only.
         args::optional_string("slot_id", slot_id)?;
         args::optional_string("pool_name", pool_name)?;
         let outcome = self
             .decide(|state, book, now| {
                 state.fail_task(
-                    &task_id,
-                    spec_name.as_deref(),
+                    &task_id_text,
+                    spec_text.as_deref(),
                     reason.as_deref().unwrap_or("unknown"),
-                    runner_id.as_deref(),
+                    runner_text.as_deref(),
                     book,
                     now,
                 )
             })
             .map_err(refusal_to_py)?;
-        Ok(self.perform(py, outcome))
+        let known = given_strings([
+            Some(task_id),
+            spec_name,
+            failure_reason,
+            runner_id,
+            slot_id,
+            pool_name,
+        ]);
+        Ok(self.perform_with(py, outcome, known))
     }
 
     /// A runner finished. The first report for a runner wins; a later one
@@ -593,8 +612,8 @@ impl PyDispatcherCore {
         pool_name: Option<&Bound<'_, PyAny>>,
         failure_reason: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        let runner_id = args::string("runner_id", runner_id)?;
-        let task_id = args::optional_string("task_id", task_id)?;
+        let runner_text = args::string("runner_id", runner_id)?;
+        let task_text = args::optional_string("task_id", task_id)?;
         for (name, value) in [
             ("spec_name", spec_name),
             ("slot_id", slot_id),
@@ -614,15 +633,23 @@ impl PyDispatcherCore {
         let reason = args::optional_string("failure_reason", failure_reason)?;
         let outcome = self.decide(|state, book, now| {
             state.complete(
-                &runner_id,
-                task_id.as_deref(),
+                &runner_text,
+                task_text.as_deref(),
                 success,
                 reason.as_deref(),
                 book,
                 now,
             )
         });
-        Ok(self.perform(py, outcome))
+        let known = given_strings([
+            Some(runner_id),
+            task_id,
+            spec_name,
+            slot_id,
+            pool_name,
+            failure_reason,
+        ]);
+        Ok(self.perform_with(py, outcome, known))
     }
 
     /// Records a heartbeat; False for a runner that is not tracked.

@@ -68,6 +68,18 @@ impl PyDispatcherCore {
     /// Performs an outcome's effects on the ports, in order. A port that raises
     /// is logged and the rest still happen.
     pub(super) fn perform(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) -> bool {
+        self.perform_with(py, outcome, Vec::new())
+    }
+
+    /// [`Self::perform`], reusing the caller's own `str` arguments where an
+    /// effect passes the same text on (ids and names are in nearly every
+    /// port call; making them anew is most of what a call costs).
+    pub(super) fn perform_with<'py>(
+        &self,
+        py: Python<'py>,
+        outcome: Outcome<Py<PyAny>>,
+        known: Vec<Bound<'py, PyString>>,
+    ) -> bool {
         if let Some(failure) = &outcome.failure {
             log_failure(failure);
             if !failure.limit_reached {
@@ -76,7 +88,7 @@ impl PyDispatcherCore {
             }
         }
         if !outcome.effects.is_empty() {
-            let ports = self.effect_ports(py);
+            let ports = self.effect_ports(py, known);
             for effect in outcome.effects {
                 if let Err(err) = ports.perform(py, effect) {
                     log::error!(target: LOG_TARGET, "{err}");
@@ -87,7 +99,11 @@ impl PyDispatcherCore {
     }
 
     /// The ports effects use, read once per outcome.
-    fn effect_ports<'py>(&self, py: Python<'py>) -> EffectPorts<'py> {
+    fn effect_ports<'py>(
+        &self,
+        py: Python<'py>,
+        known: Vec<Bound<'py, PyString>>,
+    ) -> EffectPorts<'py> {
         let ports = self.ports.read();
         let bind = |p: &Py<PyAny>| Some(p.clone_ref(py).into_bound(py)).filter(|p| !p.is_none());
         EffectPorts {
@@ -101,6 +117,7 @@ impl PyDispatcherCore {
                 .as_ref()
                 .map(|s| s.each_ref().map(|v| v.clone_ref(py).into_bound(py))),
             texts: RefCell::new(Vec::new()),
+            known,
         }
     }
 
@@ -287,6 +304,8 @@ struct EffectPorts<'py> {
     task_state_type: Bound<'py, PyAny>,
     states: Option<[Bound<'py, PyAny>; 4]>,
     texts: RefCell<Vec<(Arc<str>, Bound<'py, PyString>)>>,
+    /// The caller's `str` arguments, reused when an effect carries their text.
+    known: Vec<Bound<'py, PyString>>,
 }
 
 impl<'py> EffectPorts<'py> {
@@ -297,7 +316,12 @@ impl<'py> EffectPorts<'py> {
         if let Some((_, s)) = memo.iter().find(|(t, _)| Arc::ptr_eq(t, text)) {
             return s.clone();
         }
-        let s = PyString::new(py, text);
+        let s = self
+            .known
+            .iter()
+            .find(|k| k.to_str().is_ok_and(|k| k == &**text))
+            .cloned()
+            .unwrap_or_else(|| PyString::new(py, text));
         // Holding the Arc keeps its address from being reused meanwhile.
         memo.push((Arc::clone(text), s.clone()));
         s
@@ -330,7 +354,7 @@ impl<'py> EffectPorts<'py> {
                     self.optional_text(py, assigned_slot),
                 )?;
                 d.set_item(intern!(py, "pool_name"), self.text(py, pool_name))?;
-                d.set_item(intern!(py, "started_at"), started_at.to_string())?;
+                d.set_item(intern!(py, "started_at"), started_at.isoformat().as_str())?;
             }
             StateMetadata::Retry {
                 retry_count,
@@ -338,7 +362,10 @@ impl<'py> EffectPorts<'py> {
                 failure_reason,
             } => {
                 d.set_item(intern!(py, "retry_count"), retry_count)?;
-                d.set_item(intern!(py, "next_retry_at"), next_retry_at.to_string())?;
+                d.set_item(
+                    intern!(py, "next_retry_at"),
+                    next_retry_at.isoformat().as_str(),
+                )?;
                 d.set_item(intern!(py, "failure_reason"), self.text(py, failure_reason))?;
             }
             StateMetadata::Interrupted => d.set_item(intern!(py, "interrupted"), true)?,
@@ -347,7 +374,10 @@ impl<'py> EffectPorts<'py> {
                 completed_at,
             } => {
                 d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
-                d.set_item(intern!(py, "completed_at"), completed_at.to_string())?;
+                d.set_item(
+                    intern!(py, "completed_at"),
+                    completed_at.isoformat().as_str(),
+                )?;
             }
             StateMetadata::Failed {
                 reason,
@@ -477,8 +507,9 @@ impl<'py> EffectPorts<'py> {
                 task_id,
                 runner_id,
                 execution_time_seconds,
-            } => self
-                .record_event(py, intern!(py, "record_task_completed"), |k| {
+            } => {
+                log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
+                self.record_event(py, intern!(py, "record_task_completed"), |k| {
                     k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
                     k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
                     k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
@@ -487,7 +518,8 @@ impl<'py> EffectPorts<'py> {
                         execution_time_seconds,
                     )
                 })
-                .map_err(|e| fail("record_task_completed", e))?,
+                .map_err(|e| fail("record_task_completed", e))?
+            }
             Effect::TaskFailed {
                 spec_name,
                 task_id,
