@@ -736,7 +736,8 @@ impl<T> DispatcherState<T> {
             };
         };
         let execution_time = nanos_to_seconds(now.mono.saturating_sub(runner.started_mono));
-        let mut effects = Vec::new();
+        // A completion makes up to six effects; one allocation for all.
+        let mut effects = Vec::with_capacity(6);
         let reason = failure_reason.map(Arc::from);
         effects.push(Effect::RunnerFinished {
             spec_name: runner.spec_name.clone(),

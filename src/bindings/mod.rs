@@ -2,6 +2,7 @@
 //! Nothing here decides anything.
 
 mod args;
+mod call;
 mod clock;
 mod datetime;
 mod dispatcher;

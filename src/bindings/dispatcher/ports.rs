@@ -7,9 +7,11 @@ use std::sync::Arc;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
+use pyo3::IntoPyObjectExt;
 
 use super::settings::{getattr_opt, optional_arc};
 use super::{PyDispatcherCore, LOG_TARGET};
+use crate::bindings::call::{call_method, KeywordNames};
 use crate::bindings::{args, datetime};
 use crate::dispatcher::{
     Effect, NewRunner, Outcome, ReportedState, Reservation, StateMetadata, TaskMeta,
@@ -397,14 +399,15 @@ impl<'py> EffectPorts<'py> {
         match effect {
             Effect::Discard(handle) => drop(handle),
             Effect::ReleaseSlot { slot_id } => {
+                static CLEANUP: KeywordNames = KeywordNames::new(&["cleanup"]);
                 if let Some(pool) = &self.repo_pool_manager {
                     let result = (|| {
-                        let kwargs = PyDict::new(py);
-                        kwargs.set_item(intern!(py, "cleanup"), true)?;
-                        pool.call_method(
+                        call_method(
+                            pool,
                             intern!(py, "release_slot"),
-                            (self.text(py, &slot_id),),
-                            Some(&kwargs),
+                            &[self.text(py, &slot_id).into_any()],
+                            &CLEANUP,
+                            &[any(py, true)?],
                         )
                     })();
                     result.map_err(|e| fail(&format!("release_slot({slot_id:?})"), e))?;
@@ -416,6 +419,8 @@ impl<'py> EffectPorts<'py> {
                 state,
                 metadata,
             } => {
+                static NAMES: KeywordNames =
+                    KeywordNames::new(&["spec_name", "task_id", "new_state", "metadata"]);
                 let Some(registry) = &self.registry else {
                     return Ok(());
                 };
@@ -424,12 +429,19 @@ impl<'py> EffectPorts<'py> {
                         Some(states) => states[state_index(state)].clone(),
                         None => self.task_state_type.call1((state.value(),))?,
                     };
-                    let kwargs = PyDict::new(py);
-                    kwargs.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
-                    kwargs.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
-                    kwargs.set_item(intern!(py, "new_state"), new_state)?;
-                    kwargs.set_item(intern!(py, "metadata"), self.metadata_dict(py, &metadata)?)?;
-                    registry.call_method(intern!(py, "update_task_state"), (), Some(&kwargs))?;
+                    let values = [
+                        self.text(py, &spec_name).into_any(),
+                        self.text(py, &task_id).into_any(),
+                        new_state,
+                        self.metadata_dict(py, &metadata)?.into_any(),
+                    ];
+                    call_method(
+                        registry,
+                        intern!(py, "update_task_state"),
+                        &[],
+                        &NAMES,
+                        &values,
+                    )?;
                     Ok(())
                 })();
                 result.map_err(|e| {
@@ -446,16 +458,27 @@ impl<'py> EffectPorts<'py> {
                 slot_id,
                 pool_name,
                 timestamp,
-            } => self
-                .record_event(py, intern!(py, "record_task_assigned"), |k| {
-                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
-                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
-                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
-                    k.set_item(intern!(py, "slot_id"), self.optional_text(py, &slot_id))?;
-                    k.set_item(intern!(py, "pool_name"), self.text(py, &pool_name))?;
-                    k.set_item(intern!(py, "timestamp"), datetime::to_py(py, timestamp)?)
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "slot_id",
+                    "pool_name",
+                    "timestamp",
+                ]);
+                self.record_event(py, intern!(py, "record_task_assigned"), &NAMES, || {
+                    Ok(vec![
+                        self.text(py, &spec_name).into_any(),
+                        self.text(py, &task_id).into_any(),
+                        self.text(py, &runner_id).into_any(),
+                        any(py, self.optional_text(py, &slot_id))?,
+                        self.text(py, &pool_name).into_any(),
+                        datetime::to_py(py, timestamp)?.into_any(),
+                    ])
                 })
-                .map_err(|e| fail("record_task_assigned", e))?,
+                .map_err(|e| fail("record_task_assigned", e))?
+            }
             Effect::RunnerStarted {
                 spec_name,
                 task_id,
@@ -464,19 +487,33 @@ impl<'py> EffectPorts<'py> {
                 pool_name,
                 details,
                 timestamp,
-            } => self
-                .record_event(py, intern!(py, "record_runner_started"), |k| {
-                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
-                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
-                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
-                    k.set_item(intern!(py, "slot_id"), self.optional_text(py, &slot_id))?;
-                    k.set_item(intern!(py, "pool_name"), self.text(py, &pool_name))?;
-                    k.set_item(intern!(py, "pid"), details.pid)?;
-                    k.set_item(intern!(py, "container_id"), details.container_id.as_deref())?;
-                    k.set_item(intern!(py, "job_name"), details.job_name.as_deref())?;
-                    k.set_item(intern!(py, "timestamp"), datetime::to_py(py, timestamp)?)
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "slot_id",
+                    "pool_name",
+                    "pid",
+                    "container_id",
+                    "job_name",
+                    "timestamp",
+                ]);
+                self.record_event(py, intern!(py, "record_runner_started"), &NAMES, || {
+                    Ok(vec![
+                        self.text(py, &spec_name).into_any(),
+                        self.text(py, &task_id).into_any(),
+                        self.text(py, &runner_id).into_any(),
+                        any(py, self.optional_text(py, &slot_id))?,
+                        self.text(py, &pool_name).into_any(),
+                        any(py, details.pid)?,
+                        any(py, details.container_id.as_deref())?,
+                        any(py, details.job_name.as_deref())?,
+                        datetime::to_py(py, timestamp)?.into_any(),
+                    ])
                 })
-                .map_err(|e| fail("record_runner_started", e))?,
+                .map_err(|e| fail("record_runner_started", e))?
+            }
             Effect::RunnerFinished {
                 spec_name,
                 task_id,
@@ -485,38 +522,49 @@ impl<'py> EffectPorts<'py> {
                 success,
                 execution_time_seconds,
                 failure_reason,
-            } => self
-                .record_event(py, intern!(py, "record_runner_finished"), |k| {
-                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
-                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
-                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
-                    k.set_item(intern!(py, "slot_id"), self.optional_text(py, &slot_id))?;
-                    k.set_item(intern!(py, "success"), success)?;
-                    k.set_item(
-                        intern!(py, "execution_time_seconds"),
-                        execution_time_seconds,
-                    )?;
-                    k.set_item(
-                        intern!(py, "failure_reason"),
-                        self.optional_text(py, &failure_reason),
-                    )
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "slot_id",
+                    "success",
+                    "execution_time_seconds",
+                    "failure_reason",
+                ]);
+                self.record_event(py, intern!(py, "record_runner_finished"), &NAMES, || {
+                    Ok(vec![
+                        self.text(py, &spec_name).into_any(),
+                        self.text(py, &task_id).into_any(),
+                        self.text(py, &runner_id).into_any(),
+                        any(py, self.optional_text(py, &slot_id))?,
+                        any(py, success)?,
+                        any(py, execution_time_seconds)?,
+                        any(py, self.optional_text(py, &failure_reason))?,
+                    ])
                 })
-                .map_err(|e| fail("record_runner_finished", e))?,
+                .map_err(|e| fail("record_runner_finished", e))?
+            }
             Effect::TaskCompleted {
                 spec_name,
                 task_id,
                 runner_id,
                 execution_time_seconds,
             } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "execution_time_seconds",
+                ]);
                 log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
-                self.record_event(py, intern!(py, "record_task_completed"), |k| {
-                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
-                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
-                    k.set_item(intern!(py, "runner_id"), self.text(py, &runner_id))?;
-                    k.set_item(
-                        intern!(py, "execution_time_seconds"),
-                        execution_time_seconds,
-                    )
+                self.record_event(py, intern!(py, "record_task_completed"), &NAMES, || {
+                    Ok(vec![
+                        self.text(py, &spec_name).into_any(),
+                        self.text(py, &task_id).into_any(),
+                        self.text(py, &runner_id).into_any(),
+                        any(py, execution_time_seconds)?,
+                    ])
                 })
                 .map_err(|e| fail("record_task_completed", e))?
             }
@@ -526,18 +574,25 @@ impl<'py> EffectPorts<'py> {
                 runner_id,
                 failure_reason,
                 retry_count,
-            } => self
-                .record_event(py, intern!(py, "record_task_failed"), |k| {
-                    k.set_item(intern!(py, "spec_name"), self.text(py, &spec_name))?;
-                    k.set_item(intern!(py, "task_id"), self.text(py, &task_id))?;
-                    k.set_item(intern!(py, "runner_id"), self.optional_text(py, &runner_id))?;
-                    k.set_item(
-                        intern!(py, "failure_reason"),
-                        self.text(py, &failure_reason),
-                    )?;
-                    k.set_item(intern!(py, "retry_count"), retry_count)
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "failure_reason",
+                    "retry_count",
+                ]);
+                self.record_event(py, intern!(py, "record_task_failed"), &NAMES, || {
+                    Ok(vec![
+                        self.text(py, &spec_name).into_any(),
+                        self.text(py, &task_id).into_any(),
+                        any(py, self.optional_text(py, &runner_id))?,
+                        self.text(py, &failure_reason).into_any(),
+                        any(py, retry_count)?,
+                    ])
                 })
-                .map_err(|e| fail("record_task_failed", e))?,
+                .map_err(|e| fail("record_task_failed", e))?
+            }
             Effect::StopRunner { runner_id } => {
                 if let Some(launcher) = &self.runner_launcher {
                     if launcher.hasattr(intern!(py, "stop")).unwrap_or(false) {
@@ -551,20 +606,27 @@ impl<'py> EffectPorts<'py> {
         Ok(())
     }
 
+    /// `event_recorder.<method>(**values)`; the values are made only when
+    /// there is a recorder.
     fn record_event(
         &self,
         py: Python<'py>,
         method: &Bound<'py, PyString>,
-        fill: impl FnOnce(&Bound<'py, PyDict>) -> PyResult<()>,
+        names: &KeywordNames,
+        values: impl FnOnce() -> PyResult<Vec<Bound<'py, PyAny>>>,
     ) -> PyResult<()> {
         let Some(recorder) = &self.event_recorder else {
             return Ok(());
         };
-        let kwargs = PyDict::new(py);
-        fill(&kwargs)?;
-        recorder.call_method(method, (), Some(&kwargs))?;
+        let _ = py;
+        call_method(recorder, method, &[], names, &values()?)?;
         Ok(())
     }
+}
+
+/// Any value a port call passes on, as a Python object.
+fn any<'py, T: IntoPyObject<'py>>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
+    value.into_bound_py_any(py)
 }
 
 /// A runner's optional detail, or None (logged) when it is malformed.
