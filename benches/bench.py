@@ -273,7 +273,8 @@ def dispatchers(capacity: int, max_attempts: int = 3, initial_delay: float = 1.0
     return {"rust": core, "reference": ref}, ports
 
 
-def bench_failure_path(n: int, repeat: int) -> Row:
+def bench_outcome_path(name: str, n: int, repeat: int, report) -> Row:
+    """`report(dispatcher, task)` on each of `n` running tasks."""
     tasks = [make_task(k) for k in ids(n)]
     box = {}
 
@@ -285,36 +286,36 @@ def bench_failure_path(n: int, repeat: int) -> Row:
             box["d"] = d
 
         def run():
-            fail = box["d"].handle_task_failure
+            d = box["d"]
             for t in tasks:
-                fail(t.id, "spec", "exit 1", f"r-{t.id}", f"s-{t.id}", "pool")
+                report(d, t)
             return n
 
         return median_time(run, setup, repeat)
 
-    return Row("handle_task_failure (running task)", n, timed("reference"), timed("rust"))
+    return Row(name, n, timed("reference"), timed("rust"))
+
+
+def bench_failure_path(n: int, repeat: int) -> Row:
+    return bench_outcome_path(
+        "handle_task_failure (running task)",
+        n,
+        repeat,
+        lambda d, t: d.handle_task_failure(
+            t.id, "spec", "exit 1", f"r-{t.id}", f"s-{t.id}", "pool"
+        ),
+    )
 
 
 def bench_completion_path(n: int, repeat: int) -> Row:
-    tasks = [make_task(k) for k in ids(n)]
-    box = {}
-
-    def timed(kind):
-        def setup():
-            d = dispatchers(n)[0][kind]
-            for t in tasks:
-                d.track_running(t, f"r-{t.id}", "pool", f"s-{t.id}")
-            box["d"] = d
-
-        def run():
-            done = box["d"].handle_runner_completion
-            for t in tasks:
-                done(f"r-{t.id}", t.id, "spec", True, f"s-{t.id}", "pool")
-            return n
-
-        return median_time(run, setup, repeat)
-
-    return Row("handle_runner_completion (success)", n, timed("reference"), timed("rust"))
+    return bench_outcome_path(
+        "handle_runner_completion (success)",
+        n,
+        repeat,
+        lambda d, t: d.handle_runner_completion(
+            f"r-{t.id}", t.id, "spec", True, f"s-{t.id}", "pool"
+        ),
+    )
 
 
 class ListSource:

@@ -8,7 +8,20 @@ from typing import Any
 
 from necrocode_dispatch.models import AgentPool, PoolType, SchedulingPolicy
 
-_RETRY_KEYS = ("max_attempts", "backoff_base", "initial_delay", "max_delay")
+#: The keys of the YAML ``dispatcher:`` section that map to fields as they are.
+DISPATCHER_KEYS = (
+    "poll_interval",
+    "max_global_concurrency",
+    "heartbeat_timeout",
+    "retry_max_attempts",
+    "retry_backoff_base",
+    "retry_initial_delay",
+    "retry_max_delay",
+    "graceful_shutdown_timeout",
+    "task_registry_dir",
+)
+#: The keys of a nested ``retry:`` section (``retry_`` + key on the config).
+RETRY_KEYS = ("max_attempts", "backoff_base", "initial_delay", "max_delay")
 
 
 @dataclass
@@ -48,20 +61,10 @@ class DispatcherConfig:
         section = dict(data.get("dispatcher") or {})
         retry = section.pop("retry", None) or {}
         kwargs: dict[str, Any] = {}
-        for key in (
-            "poll_interval",
-            "max_global_concurrency",
-            "heartbeat_timeout",
-            "retry_max_attempts",
-            "retry_backoff_base",
-            "retry_initial_delay",
-            "retry_max_delay",
-            "graceful_shutdown_timeout",
-            "task_registry_dir",
-        ):
+        for key in DISPATCHER_KEYS:
             if key in section:
                 kwargs[key] = section[key]
-        for key in _RETRY_KEYS:
+        for key in RETRY_KEYS:
             if key in retry:
                 kwargs[f"retry_{key}"] = retry[key]
         if "scheduling_policy" in section:

@@ -9,25 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from necrocode_dispatch.config import DispatcherConfig
+from necrocode_dispatch.config import DISPATCHER_KEYS, RETRY_KEYS, DispatcherConfig
 from necrocode_dispatch.models import PoolType, SchedulingPolicy, Task
 
 __all__ = ["Job", "JobError", "load_job", "parse_job"]
 
-_DISPATCHER_KEYS = {
-    "poll_interval",
-    "scheduling_policy",
-    "max_global_concurrency",
-    "heartbeat_timeout",
-    "retry_max_attempts",
-    "retry_backoff_base",
-    "retry_initial_delay",
-    "retry_max_delay",
-    "graceful_shutdown_timeout",
-    "task_registry_dir",
-    "retry",
-}
-_RETRY_KEYS = {"max_attempts", "backoff_base", "initial_delay", "max_delay"}
+_DISPATCHER_KEYS = {*DISPATCHER_KEYS, "scheduling_policy", "retry"}
+_RETRY_KEYS = set(RETRY_KEYS)
 _POOL_KEYS = {"name", "type", "max_concurrency", "cpu_quota", "memory_quota", "enabled", "config"}
 _TASK_KEYS = {"id", "command", "priority", "required_skill", "timeout", "spec"}
 _TOP_KEYS = {"dispatcher", "agent_pools", "skill_mapping", "tasks"}
