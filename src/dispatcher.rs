@@ -631,17 +631,34 @@ impl<T> DispatcherState<T> {
         if let Some(r) = &runner {
             self.release_runner(r, effects);
         }
-        let held = self.take_task(task_id);
-        let spec: Arc<str> = held
-            .as_ref()
-            .map(|h| h.meta.spec_name.clone())
-            .or_else(|| runner.as_ref().map(|r| r.spec_name.clone()))
-            .or_else(|| spec_name.map(Arc::from))
-            .unwrap_or_else(|| Arc::from("unknown"));
-        let id: TaskId = held
-            .as_ref()
-            .map(|h| h.meta.id.clone())
-            .unwrap_or_else(|| Arc::from(task_id));
+        // The task leaves the queue or the delayed set but keeps its entry:
+        // below the limit it is only re-placed, not removed and re-inserted.
+        let held = match self.tasks.get(task_id) {
+            Some(h) => {
+                match &h.place {
+                    Place::Queued => {
+                        self.queue.remove(task_id);
+                    }
+                    Place::Delayed { due } => {
+                        self.delayed.remove(&(*due, h.meta.id.clone()));
+                    }
+                    Place::Assigning { .. } | Place::Running { .. } => {}
+                }
+                Some((h.meta.spec_name.clone(), h.meta.id.clone()))
+            }
+            None => None,
+        };
+        let (spec, id): (Arc<str>, TaskId) = match held {
+            Some(known) => known,
+            None => (
+                runner
+                    .as_ref()
+                    .map(|r| r.spec_name.clone())
+                    .or_else(|| spec_name.map(Arc::from))
+                    .unwrap_or_else(|| Arc::from("unknown")),
+                Arc::from(task_id),
+            ),
+        };
         let reason: Arc<str> = Arc::from(reason);
         let recorded = book.record_failure(&id, Some(&reason), now);
         let runner_id = runner.map(|r| r.runner_id);
@@ -664,14 +681,15 @@ impl<T> DispatcherState<T> {
                 },
             });
             book.clear(&id);
-            if let Some(payload) = held.and_then(|h| h.payload) {
+            if let Some(payload) = self.tasks.remove(task_id).and_then(|h| h.payload) {
                 effects.push(Effect::Discard(payload));
             }
             self.metrics.tasks_failed += 1;
         } else {
             let due = recorded.due;
-            let (meta, payload, order) = match held {
-                Some(h) => (h.meta, h.payload, h.order),
+            self.delayed.insert((due, id.clone()));
+            match self.tasks.get_mut(task_id) {
+                Some(h) => h.place = Place::Delayed { due },
                 None => {
                     let meta = TaskMeta {
                         id: id.clone(),
@@ -682,19 +700,17 @@ impl<T> DispatcherState<T> {
                         required_skill: None,
                     };
                     let order = self.new_order(&meta, now);
-                    (meta, None, order)
+                    self.tasks.insert(
+                        id.clone(),
+                        HeldTask {
+                            meta,
+                            payload: None,
+                            place: Place::Delayed { due },
+                            order,
+                        },
+                    );
                 }
-            };
-            self.delayed.insert((due, id.clone()));
-            self.tasks.insert(
-                id.clone(),
-                HeldTask {
-                    meta,
-                    payload,
-                    place: Place::Delayed { due },
-                    order,
-                },
-            );
+            }
             effects.push(Effect::ReportState {
                 spec_name: spec,
                 task_id: id,
