@@ -141,6 +141,10 @@ impl RetryManager {
 /// The log lines of one recorded failure: INFO for the failure and for reaching
 /// the limit, DEBUG for the delay and the reason.
 pub fn log_failure(recorded: &RecordedFailure) {
+    // One level check for all four records: none is wanted without INFO.
+    if !log::log_enabled!(target: LOG_TARGET, log::Level::Info) {
+        return;
+    }
     let info = &recorded.info;
     let task_id = &info.task_id;
     log::info!(

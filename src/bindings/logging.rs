@@ -88,7 +88,10 @@ impl GatedLogger {
 
 impl Log for GatedLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        self.inner.enabled(metadata)
+        let disabled = Python::attach(|py| {
+            self.cached_enabled(py, metadata.target(), metadata.level()) == Some(false)
+        });
+        !disabled && self.inner.enabled(metadata)
     }
 
     fn log(&self, record: &Record) {
