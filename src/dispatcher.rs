@@ -572,25 +572,25 @@ impl<T> DispatcherState<T> {
         now: Now,
     ) -> Result<Outcome<T>, Refusal> {
         let runner = match runner_id {
-            Some(rid) => {
-                match self.runners.get(rid) {
-                    None => {
-                        let early = EarlyReport::Failure {
-                            runner_id: Some(Arc::from(rid)),
-                            reason: Arc::from(reason),
-                        };
-                        return Ok(self.note_early(task_id, early));
-                    }
-                    Some(r) if &*r.task_id != task_id => {
-                        return Err(Refusal::RunnerOfAnotherTask {
-                            runner_id: rid.to_owned(),
-                            task_id: task_id.to_owned(),
-                        })
-                    }
-                    Some(_) => {}
+            // One lookup: take the runner, and put it back in the rare case
+            // that it runs another task.
+            Some(rid) => match self.runners.take(rid) {
+                None => {
+                    let early = EarlyReport::Failure {
+                        runner_id: Some(Arc::from(rid)),
+                        reason: Arc::from(reason),
+                    };
+                    return Ok(self.note_early(task_id, early));
                 }
-                self.runners.take(rid)
-            }
+                Some(r) if &*r.task_id != task_id => {
+                    self.runners.insert(r);
+                    return Err(Refusal::RunnerOfAnotherTask {
+                        runner_id: rid.to_owned(),
+                        task_id: task_id.to_owned(),
+                    });
+                }
+                Some(r) => Some(r),
+            },
             None => match self.tasks.get(task_id).map(|t| &t.place) {
                 Some(Place::Running { runner_id }) => {
                     let rid = runner_id.clone();
@@ -606,7 +606,7 @@ impl<T> DispatcherState<T> {
                 _ => None,
             },
         };
-        let mut effects = Vec::new();
+        let mut effects = Vec::with_capacity(4);
         let failure =
             self.apply_failure(task_id, spec_name, reason, runner, book, now, &mut effects);
         Ok(Outcome {

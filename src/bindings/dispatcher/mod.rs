@@ -56,7 +56,7 @@ pub struct PyDispatcherCore {
     clock: Arc<dyn Clock>,
     clock_obj: Py<PyAny>,
     retry: Mutex<(Arc<RetryManager>, Py<PyRetryManager>)>,
-    ports: RwLock<Ports>,
+    ports: RwLock<Arc<Ports>>,
     running: AtomicBool,
     run_loop: LoopControl,
 }
@@ -272,7 +272,7 @@ impl PyDispatcherCore {
             clock: core_clock,
             clock_obj,
             retry: Mutex::new((retry, retry_obj)),
-            ports: RwLock::new(Ports {
+            ports: RwLock::new(Arc::new(Ports {
                 config: config.unbind(),
                 task_source: or_none(task_source),
                 task_registry: or_none(task_registry),
@@ -282,7 +282,7 @@ impl PyDispatcherCore {
                 states: ports::task_states(&task_state_type),
                 task_state_type: task_state_type.unbind(),
                 pool_objects,
-            }),
+            })),
             running: AtomicBool::new(false),
             run_loop: LoopControl::default(),
         })
@@ -369,9 +369,10 @@ impl PyDispatcherCore {
     #[setter]
     fn set_task_state_type(&self, value: &Bound<'_, PyAny>) {
         let states = ports::task_states(value);
-        let old = std::mem::replace(&mut self.ports.write().states, states);
-        drop(old); // after the lock: dropping may run Python code
-        self.set_port(|p| &mut p.task_state_type, value)
+        self.update_ports(value.py(), |ports| {
+            ports.states = states;
+            ports.task_state_type = value.clone().unbind();
+        });
     }
 
     #[getter]

@@ -34,6 +34,25 @@ pub struct Ports {
     pub states: Option<[Py<PyAny>; 4]>,
 }
 
+impl Ports {
+    fn clone_ref(&self, py: Python<'_>) -> Ports {
+        Ports {
+            config: self.config.clone_ref(py),
+            task_source: self.task_source.clone_ref(py),
+            task_registry: self.task_registry.clone_ref(py),
+            repo_pool_manager: self.repo_pool_manager.clone_ref(py),
+            runner_launcher: self.runner_launcher.clone_ref(py),
+            event_recorder: self.event_recorder.clone_ref(py),
+            task_state_type: self.task_state_type.clone_ref(py),
+            pool_objects: self.pool_objects.iter().map(|p| p.clone_ref(py)).collect(),
+            states: self
+                .states
+                .as_ref()
+                .map(|s| s.each_ref().map(|v| v.clone_ref(py))),
+        }
+    }
+}
+
 /// How one assignment ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Assigned {
@@ -55,14 +74,24 @@ impl PyDispatcherCore {
         pick(&self.ports.read()).clone_ref(py)
     }
 
+    /// Replaces one port. The ports are an immutable snapshot behind an
+    /// `Arc`, so an outcome in progress keeps the ones it started with.
     pub(super) fn set_port(
         &self,
         pick: fn(&mut Ports) -> &mut Py<PyAny>,
         value: &Bound<'_, PyAny>,
     ) {
+        self.update_ports(value.py(), |ports| {
+            *pick(ports) = value.clone().unbind();
+        });
+    }
+
+    pub(super) fn update_ports(&self, py: Python<'_>, change: impl FnOnce(&mut Ports)) {
         let old = {
-            let mut ports = self.ports.write();
-            std::mem::replace(pick(&mut ports), value.clone().unbind())
+            let mut guard = self.ports.write();
+            let mut ports = guard.clone_ref(py);
+            change(&mut ports);
+            std::mem::replace(&mut *guard, Arc::new(ports))
         };
         drop(old); // after the lock: dropping may run Python code
     }
@@ -84,7 +113,7 @@ impl PyDispatcherCore {
     ) -> bool {
         if let Some(failure) = &outcome.failure {
             log_failure(failure);
-            if !failure.limit_reached {
+            if !failure.limit_reached && self.running() {
                 // A retry is now delayed: the loop may have to wake sooner.
                 self.run_loop.nudge();
             }
@@ -100,24 +129,15 @@ impl PyDispatcherCore {
         outcome.applied
     }
 
-    /// The ports effects use, read once per outcome.
+    /// The ports effects use: the current snapshot, taken once per outcome.
     fn effect_ports<'py>(
         &self,
         py: Python<'py>,
         known: Vec<Bound<'py, PyString>>,
     ) -> EffectPorts<'py> {
-        let ports = self.ports.read();
-        let bind = |p: &Py<PyAny>| Some(p.clone_ref(py).into_bound(py)).filter(|p| !p.is_none());
         EffectPorts {
-            registry: bind(&ports.task_registry),
-            repo_pool_manager: bind(&ports.repo_pool_manager),
-            runner_launcher: bind(&ports.runner_launcher),
-            event_recorder: bind(&ports.event_recorder),
-            task_state_type: ports.task_state_type.clone_ref(py).into_bound(py),
-            states: ports
-                .states
-                .as_ref()
-                .map(|s| s.each_ref().map(|v| v.clone_ref(py).into_bound(py))),
+            py,
+            ports: Arc::clone(&self.ports.read()),
             texts: RefCell::new(Vec::new()),
             known,
         }
@@ -297,20 +317,21 @@ fn state_index(state: ReportedState) -> usize {
     }
 }
 
-/// The ports an outcome's effects call, bound for one outcome.
+/// The ports an outcome's effects call.
 struct EffectPorts<'py> {
-    registry: Option<Bound<'py, PyAny>>,
-    repo_pool_manager: Option<Bound<'py, PyAny>>,
-    runner_launcher: Option<Bound<'py, PyAny>>,
-    event_recorder: Option<Bound<'py, PyAny>>,
-    task_state_type: Bound<'py, PyAny>,
-    states: Option<[Bound<'py, PyAny>; 4]>,
+    py: Python<'py>,
+    ports: Arc<Ports>,
     texts: RefCell<Vec<(Arc<str>, Bound<'py, PyString>)>>,
     /// The caller's `str` arguments, reused when an effect carries their text.
     known: Vec<Bound<'py, PyString>>,
 }
 
 impl<'py> EffectPorts<'py> {
+    /// A port, unless it is None.
+    fn port(&self, pick: fn(&Ports) -> &Py<PyAny>) -> Option<&Bound<'py, PyAny>> {
+        Some(pick(&self.ports).bind(self.py)).filter(|p| !p.is_none())
+    }
+
     /// The Python string for an id or name: made once per outcome, however
     /// many effects carry it (an outcome's effects share their `Arc`s).
     fn text(&self, py: Python<'py>, text: &Arc<str>) -> Bound<'py, PyString> {
@@ -400,7 +421,7 @@ impl<'py> EffectPorts<'py> {
             Effect::Discard(handle) => drop(handle),
             Effect::ReleaseSlot { slot_id } => {
                 static CLEANUP: KeywordNames = KeywordNames::new(&["cleanup"]);
-                if let Some(pool) = &self.repo_pool_manager {
+                if let Some(pool) = self.port(|p| &p.repo_pool_manager) {
                     let result = (|| {
                         call_method(
                             pool,
@@ -421,13 +442,17 @@ impl<'py> EffectPorts<'py> {
             } => {
                 static NAMES: KeywordNames =
                     KeywordNames::new(&["spec_name", "task_id", "new_state", "metadata"]);
-                let Some(registry) = &self.registry else {
+                let Some(registry) = self.port(|p| &p.task_registry) else {
                     return Ok(());
                 };
                 let result = (|| -> PyResult<()> {
-                    let new_state = match &self.states {
-                        Some(states) => states[state_index(state)].clone(),
-                        None => self.task_state_type.call1((state.value(),))?,
+                    let new_state = match &self.ports.states {
+                        Some(states) => states[state_index(state)].bind(py).clone(),
+                        None => self
+                            .ports
+                            .task_state_type
+                            .bind(py)
+                            .call1((state.value(),))?,
                     };
                     let values = [
                         self.text(py, &spec_name).into_any(),
@@ -594,7 +619,7 @@ impl<'py> EffectPorts<'py> {
                 .map_err(|e| fail("record_task_failed", e))?
             }
             Effect::StopRunner { runner_id } => {
-                if let Some(launcher) = &self.runner_launcher {
+                if let Some(launcher) = self.port(|p| &p.runner_launcher) {
                     if launcher.hasattr(intern!(py, "stop")).unwrap_or(false) {
                         launcher
                             .call_method1(intern!(py, "stop"), (runner_id.as_ref(),))
@@ -615,7 +640,7 @@ impl<'py> EffectPorts<'py> {
         names: &KeywordNames,
         values: impl FnOnce() -> PyResult<Vec<Bound<'py, PyAny>>>,
     ) -> PyResult<()> {
-        let Some(recorder) = &self.event_recorder else {
+        let Some(recorder) = self.port(|p| &p.event_recorder) else {
             return Ok(());
         };
         let _ = py;
