@@ -401,3 +401,29 @@ def test_debug_records_are_filtered_by_the_python_level(manager, caplog):
     manager.record_failure("task-1", "boom")
     assert [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.DEBUG] == []
     assert [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
+
+
+def test_level_changes_take_effect_at_once(manager, caplog):
+    # The core answers "is DEBUG enabled?" from the logger's own cache; every
+    # level change must still be seen by the very next call.
+    logger = logging.getLogger(LOGGER)
+    try:
+        for level, expected in [
+            (logging.WARNING, 0),
+            (logging.DEBUG, 1),
+            (logging.ERROR, 0),
+            (logging.DEBUG, 1),
+        ]:
+            logger.setLevel(level)
+            caplog.clear()
+            manager.record_failure("t")
+            assert not manager.should_retry("t")  # backing off: a DEBUG record
+            waits = [r for r in caplog.records if "must wait" in r.getMessage()]
+            assert len(waits) == expected, level
+        logging.disable(logging.CRITICAL)
+        caplog.clear()
+        manager.should_retry("t")
+        assert caplog.records == []
+    finally:
+        logging.disable(logging.NOTSET)
+        logger.setLevel(logging.NOTSET)
