@@ -415,6 +415,7 @@ def test_level_changes_take_effect_at_once(manager, caplog):
             (logging.DEBUG, 1),
         ]:
             logger.setLevel(level)
+            manager.clear_retry_info("t")
             caplog.clear()
             manager.record_failure("t")
             assert not manager.should_retry("t")  # backing off: a DEBUG record
