@@ -579,4 +579,25 @@ mod tests {
         assert_eq!(r.info.next_retry_at, Some(WallTime::MAX));
         assert!(!b.should_retry("t", u64::MAX - 1).allowed());
     }
+
+    #[test]
+    fn repeated_failures_and_clears_keep_the_index_and_arena_bounded() {
+        let mut b = RetryBook::new(BackoffPolicy::new(u64::MAX, 2.0, 1.0, 300.0).unwrap());
+        for i in 0..20_000u64 {
+            b.record_failure("same", Some("again"), at(i));
+        }
+        // Each failure leaves a stale entry; compaction keeps them few.
+        assert!(b.pending.len() + b.due_now.len() <= 2 * b.indexed + 1024 + 1);
+        assert_eq!(b.indexed, 1);
+        for i in 0..20_000u64 {
+            let id = format!("task-{i:07}");
+            b.record_failure(&id, Some(&format!("reason {}", i % 3)), at(i));
+            assert!(b.clear(&id));
+        }
+        assert_eq!(b.len(), 1);
+        assert!(b.ids.len() <= 4096 + 2 * "same".len() + 64, "arena {}", b.ids.len());
+        // Reasons no record uses any more are forgotten.
+        assert_eq!(b.reasons.by_text.len(), 1);
+        assert_eq!(b.ready_for_retry(u64::MAX).len(), 1);
+    }
 }
