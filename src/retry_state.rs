@@ -595,7 +595,11 @@ mod tests {
             assert!(b.clear(&id));
         }
         assert_eq!(b.len(), 1);
-        assert!(b.ids.len() <= 4096 + 2 * "same".len() + 64, "arena {}", b.ids.len());
+        assert!(
+            b.ids.len() <= 4096 + 2 * "same".len() + 64,
+            "arena {}",
+            b.ids.len()
+        );
         // Reasons no record uses any more are forgotten.
         assert_eq!(b.reasons.by_text.len(), 1);
         assert_eq!(b.ready_for_retry(u64::MAX).len(), 1);
