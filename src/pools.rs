@@ -15,6 +15,17 @@ pub struct PoolState {
 }
 
 impl PoolState {
+    /// An idle, enabled pool.
+    pub fn new(name: &str, kind: &str, max_concurrency: u64) -> Self {
+        PoolState {
+            name: name.into(),
+            kind: kind.into(),
+            max_concurrency,
+            running: 0,
+            enabled: true,
+        }
+    }
+
     pub fn has_room(&self) -> bool {
         self.enabled && self.running < self.max_concurrency
     }
@@ -97,13 +108,7 @@ mod tests {
     use super::*;
 
     fn pool(name: &str, max: u64) -> PoolState {
-        PoolState {
-            name: name.into(),
-            kind: "local-process".into(),
-            max_concurrency: max,
-            running: 0,
-            enabled: true,
-        }
+        PoolState::new(name, "local-process", max)
     }
 
     #[test]

@@ -242,11 +242,8 @@ mod tests {
 
     fn pools(spec: &[(&str, u64, u64)]) -> Pools {
         Pools::new(spec.iter().map(|&(name, max, running)| PoolState {
-            name: name.into(),
-            kind: "local-process".into(),
-            max_concurrency: max,
             running,
-            enabled: true,
+            ..PoolState::new(name, "local-process", max)
         }))
     }
 

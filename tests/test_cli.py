@@ -24,19 +24,23 @@ def write_job(tmp_path: Path, text: str) -> Path:
     return job
 
 
+def cli_args(tmp_path, job, *extra):
+    """`necrocode-dispatch run JOB` with its work directory in `tmp_path`."""
+    return [
+        sys.executable,
+        "-m",
+        "necrocode_dispatch",
+        "run",
+        str(job),
+        "--workdir",
+        str(tmp_path / "work"),
+        *extra,
+    ]
+
+
 def run_cli(tmp_path, job, *extra, timeout=60):
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "necrocode_dispatch",
-            "run",
-            str(job),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--quiet",
-            *extra,
-        ],
+        cli_args(tmp_path, job, "--quiet", *extra),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -270,15 +274,7 @@ def test_ctrl_c_stops_running_commands_and_exits_130(tmp_path):
         """,
     )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "necrocode_dispatch",
-            "run",
-            str(job),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
+        cli_args(tmp_path, job),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -22,13 +22,7 @@ fn meta(id: &str) -> TaskMeta {
 }
 
 fn pool(name: &str, max: u64) -> PoolState {
-    PoolState {
-        name: name.into(),
-        kind: "local-process".into(),
-        max_concurrency: max,
-        running: 0,
-        enabled: true,
-    }
+    PoolState::new(name, "local-process", max)
 }
 
 fn state() -> DispatcherState<&'static str> {

@@ -179,11 +179,8 @@ pub fn read_pools(config: &Bound<'_, PyAny>) -> PyResult<(Pools, Vec<Py<PyAny>>)
                 None => true,
             };
             states.push(PoolState {
-                name,
-                kind: Arc::from(kind.as_str()),
-                max_concurrency: max,
-                running: 0,
                 enabled,
+                ..PoolState::new(&name, &kind, max)
             });
             objects.push(pool.unbind());
         }
