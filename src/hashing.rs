@@ -25,20 +25,27 @@ impl FxHasher {
 impl Hasher for FxHasher {
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        // The length first, so that zero padding of the last word cannot
-        // make "a" and "a\0" collide.
+        // The length first, so that words overlapping (below) or padded with
+        // zeros cannot make two different strings feed the same words.
         self.add(bytes.len() as u64);
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
+        let n = bytes.len();
+        if n >= 8 {
+            let mut chunks = bytes.chunks_exact(8);
+            for chunk in &mut chunks {
+                self.add(word(chunk));
+            }
+            if !chunks.remainder().is_empty() {
+                // The last 8 bytes, overlapping the previous word: plain
+                // loads instead of copying the tail into a buffer.
+                self.add(word(&bytes[n - 8..]));
+            }
+        } else if n >= 4 {
+            let low = u64::from(half_word(&bytes[..4]));
+            let high = u64::from(half_word(&bytes[n - 4..]));
+            self.add(low | high << 32);
+        } else if n > 0 {
+            let b = |i: usize| u64::from(bytes[i]);
+            self.add(b(0) | b(n / 2) << 8 | b(n - 1) << 16);
         }
     }
 
@@ -57,14 +64,30 @@ impl Hasher for FxHasher {
         self.add(i as u64);
     }
 
-    /// A final mix: the multiply leaves the low bits, which pick the
-    /// bucket, depending only on the low bytes of each word; ids that differ
-    /// in their last characters would all collide without it.
+    /// A final mix (MurmurHash3's fmix64): the multiply leaves the low
+    /// bits, which pick the bucket, depending only on the low bytes of each
+    /// word; ids that differ in their last characters would all collide
+    /// without it.
     #[inline]
     fn finish(&self) -> u64 {
-        let h = self.hash ^ (self.hash >> 32);
-        h.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (h >> 29)
+        let mut h = self.hash;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
     }
+}
+
+/// Eight bytes as a little-endian word.
+#[inline]
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes"))
+}
+
+#[inline]
+fn half_word(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(bytes[..4].try_into().expect("four bytes"))
 }
 
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
@@ -86,6 +109,19 @@ mod tests {
         assert_eq!(hashes.len(), 10_000);
         // Length is part of a str's hash: "a" and "a\0" differ.
         assert_ne!(hash("a"), hash("a\0"));
+        // Every length, short ones included, tells strings apart that
+        // differ in any one byte.
+        for len in 1..=24 {
+            let base = vec![b'x'; len];
+            let mut seen = std::collections::HashSet::new();
+            assert!(seen.insert(hash(std::str::from_utf8(&base).unwrap())));
+            for i in 0..len {
+                let mut other = base.clone();
+                other[i] = b'y';
+                let other = String::from_utf8(other).unwrap();
+                assert!(seen.insert(hash(&other)), "length {len}, byte {i}");
+            }
+        }
     }
 
     #[test]

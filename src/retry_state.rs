@@ -228,11 +228,18 @@ impl RetryBook {
         &self.ids[start..start + record.id_len as usize]
     }
 
+    /// The id's bytes: comparing bytes skips the char-boundary checks of
+    /// slicing a `str`, on every lookup.
+    fn id_bytes(&self, record: &RetryRecord) -> &[u8] {
+        let start = record.id_start as usize;
+        &self.ids.as_bytes()[start..start + record.id_len as usize]
+    }
+
     fn find(&self, task_id: &str) -> Option<Slot> {
         let short = short_hash(task_id);
         self.by_id
             .find(table_hash(short), |&(slot, h)| {
-                h == short && self.id_of(&self.slots[slot as usize]) == task_id
+                h == short && self.id_bytes(&self.slots[slot as usize]) == task_id.as_bytes()
             })
             .map(|&(slot, _)| slot)
     }
@@ -388,7 +395,7 @@ impl RetryBook {
         let Ok(entry) = self.by_id.find_entry(table_hash(short), |&(slot, h)| {
             let r = &slots[slot as usize];
             let start = r.id_start as usize;
-            h == short && &ids[start..start + r.id_len as usize] == task_id
+            h == short && &ids.as_bytes()[start..start + r.id_len as usize] == task_id.as_bytes()
         }) else {
             return false;
         };
