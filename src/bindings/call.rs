@@ -35,6 +35,9 @@ impl KeywordNames {
     }
 }
 
+/// The most arguments a port call passes, `self` included.
+const MAX_ARGUMENTS: usize = 16;
+
 /// `obj.<method>(*positional, **dict(zip(keywords.names, values)))`.
 pub fn call_method<'py>(
     obj: &Bound<'py, PyAny>,
@@ -50,10 +53,21 @@ pub fn call_method<'py>(
         ));
     }
     let kwnames = keywords.tuple(py)?;
-    let mut args: Vec<*mut ffi::PyObject> = Vec::with_capacity(1 + positional.len() + values.len());
-    args.push(obj.as_ptr());
-    args.extend(positional.iter().map(Bound::as_ptr));
-    args.extend(values.iter().map(Bound::as_ptr));
+    // On the stack: a port call should not allocate for its arguments.
+    let mut args = [std::ptr::null_mut::<ffi::PyObject>(); MAX_ARGUMENTS];
+    let count = 1 + positional.len() + values.len();
+    if count > MAX_ARGUMENTS {
+        return Err(pyo3::exceptions::PySystemError::new_err(
+            "too many arguments for a port call",
+        ));
+    }
+    args[0] = obj.as_ptr();
+    for (slot, value) in args[1..count]
+        .iter_mut()
+        .zip(positional.iter().chain(values))
+    {
+        *slot = value.as_ptr();
+    }
     // SAFETY: every pointer is a live object borrowed for the call (`obj`,
     // `positional` and `values` outlive it); `args[0]` is `self` and the
     // positional count includes it; the keyword values follow, one per name

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock};
 use pyo3::exceptions::{PyAssertionError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList, PyString};
+use pyo3::types::{PyBool, PyDict, PyList};
 
 use errors::refusal_to_py;
 pub use errors::{
     DeadlockDetectedError, DispatcherError, PoolNotFoundError, RunnerLaunchError,
     SlotAllocationError, TaskAssignmentError,
 };
-use ports::{Assigned, Ports};
+use ports::{Assigned, KnownTexts, Ports};
 use run_loop::{LoopControl, Wake};
 use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta};
 
@@ -35,17 +35,6 @@ use crate::runners::RunnerDetails;
 use crate::scheduling::{Policy, Scheduler};
 
 const LOG_TARGET: &str = "necrocode_dispatch::dispatcher_core";
-
-/// The `str` objects among a call's arguments (already type-checked).
-fn given_strings<'py, const N: usize>(
-    arguments: [Option<&Bound<'py, PyAny>>; N],
-) -> Vec<Bound<'py, PyString>> {
-    arguments
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.cast::<PyString>().ok().cloned())
-        .collect()
-}
 
 /// The dispatcher's state machine, with its ports, thread-safe.
 #[pyclass(module = "necrocode_dispatch._core", name = "DispatcherCore", frozen)]
@@ -587,7 +576,7 @@ impl PyDispatcherCore {
                 )
             })
             .map_err(refusal_to_py)?;
-        let known = given_strings([
+        let known = KnownTexts::of(&[
             Some(task_id),
             spec_name,
             failure_reason,
@@ -642,7 +631,7 @@ impl PyDispatcherCore {
                 now,
             )
         });
-        let known = given_strings([
+        let known = KnownTexts::of(&[
             Some(runner_id),
             task_id,
             spec_name,

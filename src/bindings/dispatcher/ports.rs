@@ -99,17 +99,17 @@ impl PyDispatcherCore {
     /// Performs an outcome's effects on the ports, in order. A port that raises
     /// is logged and the rest still happen.
     pub(super) fn perform(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) -> bool {
-        self.perform_with(py, outcome, Vec::new())
+        self.perform_with(py, outcome, KnownTexts::default())
     }
 
     /// [`Self::perform`], reusing the caller's own `str` arguments where an
     /// effect passes the same text on (ids and names are in nearly every
     /// port call; making them anew is most of what a call costs).
-    pub(super) fn perform_with<'py>(
+    pub(super) fn perform_with<'a, 'py>(
         &self,
         py: Python<'py>,
         outcome: Outcome<Py<PyAny>>,
-        known: Vec<Bound<'py, PyString>>,
+        known: KnownTexts<'a, 'py>,
     ) -> bool {
         if let Some(failure) = &outcome.failure {
             log_failure(failure);
@@ -130,15 +130,15 @@ impl PyDispatcherCore {
     }
 
     /// The ports effects use: the current snapshot, taken once per outcome.
-    fn effect_ports<'py>(
+    fn effect_ports<'a, 'py>(
         &self,
         py: Python<'py>,
-        known: Vec<Bound<'py, PyString>>,
-    ) -> EffectPorts<'py> {
+        known: KnownTexts<'a, 'py>,
+    ) -> EffectPorts<'a, 'py> {
         EffectPorts {
             py,
             ports: Arc::clone(&self.ports.read()),
-            texts: RefCell::new(Vec::new()),
+            texts: RefCell::new(TextMemo::default()),
             known,
         }
     }
@@ -317,16 +317,54 @@ fn state_index(state: ReportedState) -> usize {
     }
 }
 
-/// The ports an outcome's effects call.
-struct EffectPorts<'py> {
-    py: Python<'py>,
-    ports: Arc<Ports>,
-    texts: RefCell<Vec<(Arc<str>, Bound<'py, PyString>)>>,
-    /// The caller's `str` arguments, reused when an effect carries their text.
-    known: Vec<Bound<'py, PyString>>,
+/// The caller's `str` arguments with their text: an effect passing the same
+/// text on reuses the caller's object instead of making a new one.
+#[derive(Default)]
+pub struct KnownTexts<'a, 'py> {
+    entries: [Option<(&'a str, &'a Bound<'py, PyString>)>; 8],
 }
 
-impl<'py> EffectPorts<'py> {
+impl<'a, 'py> KnownTexts<'a, 'py> {
+    /// The `str` objects among a call's (already type-checked) arguments.
+    pub fn of(arguments: &[Option<&'a Bound<'py, PyAny>>]) -> Self {
+        let mut known = KnownTexts::default();
+        let strings = arguments
+            .iter()
+            .flatten()
+            .filter_map(|a| a.cast::<PyString>().ok())
+            .filter_map(|s| Some((s.to_str().ok()?, s)));
+        for (entry, string) in known.entries.iter_mut().zip(strings) {
+            *entry = Some(string);
+        }
+        known
+    }
+
+    fn find(&self, text: &str) -> Option<&'a Bound<'py, PyString>> {
+        self.entries
+            .iter()
+            .map_while(|e| *e)
+            .find(|(known, _)| *known == text)
+            .map(|(_, s)| s)
+    }
+}
+
+/// The Python strings made for an outcome so far, by the `Arc` they came
+/// from. Fixed-size: an outcome carries a handful of distinct texts, and one
+/// that does not fit is simply made again.
+#[derive(Default)]
+struct TextMemo<'py> {
+    entries: [Option<(Arc<str>, Bound<'py, PyString>)>; 8],
+}
+
+/// The ports an outcome's effects call.
+struct EffectPorts<'a, 'py> {
+    py: Python<'py>,
+    ports: Arc<Ports>,
+    texts: RefCell<TextMemo<'py>>,
+    known: KnownTexts<'a, 'py>,
+}
+
+impl<'a, 'py> EffectPorts<'a, 'py> {
     /// A port, unless it is None.
     fn port(&self, pick: fn(&Ports) -> &Py<PyAny>) -> Option<&Bound<'py, PyAny>> {
         Some(pick(&self.ports).bind(self.py)).filter(|p| !p.is_none())
@@ -336,17 +374,25 @@ impl<'py> EffectPorts<'py> {
     /// many effects carry it (an outcome's effects share their `Arc`s).
     fn text(&self, py: Python<'py>, text: &Arc<str>) -> Bound<'py, PyString> {
         let mut memo = self.texts.borrow_mut();
-        if let Some((_, s)) = memo.iter().find(|(t, _)| Arc::ptr_eq(t, text)) {
-            return s.clone();
+        let mut free = None;
+        for entry in memo.entries.iter_mut() {
+            match entry {
+                Some((t, s)) if Arc::ptr_eq(t, text) => return s.clone(),
+                Some(_) => {}
+                None => {
+                    free = Some(entry);
+                    break;
+                }
+            }
         }
-        let s = self
-            .known
-            .iter()
-            .find(|k| k.to_str().is_ok_and(|k| k == &**text))
-            .cloned()
-            .unwrap_or_else(|| PyString::new(py, text));
+        let s = match self.known.find(text) {
+            Some(known) => known.clone(),
+            None => PyString::new(py, text),
+        };
         // Holding the Arc keeps its address from being reused meanwhile.
-        memo.push((Arc::clone(text), s.clone()));
+        if let Some(free) = free {
+            *free = Some((Arc::clone(text), s.clone()));
+        }
         s
     }
 
@@ -493,7 +539,7 @@ impl<'py> EffectPorts<'py> {
                     "timestamp",
                 ]);
                 self.record_event(py, intern!(py, "record_task_assigned"), &NAMES, || {
-                    Ok(vec![
+                    Ok([
                         self.text(py, &spec_name).into_any(),
                         self.text(py, &task_id).into_any(),
                         self.text(py, &runner_id).into_any(),
@@ -525,7 +571,7 @@ impl<'py> EffectPorts<'py> {
                     "timestamp",
                 ]);
                 self.record_event(py, intern!(py, "record_runner_started"), &NAMES, || {
-                    Ok(vec![
+                    Ok([
                         self.text(py, &spec_name).into_any(),
                         self.text(py, &task_id).into_any(),
                         self.text(py, &runner_id).into_any(),
@@ -558,7 +604,7 @@ impl<'py> EffectPorts<'py> {
                     "failure_reason",
                 ]);
                 self.record_event(py, intern!(py, "record_runner_finished"), &NAMES, || {
-                    Ok(vec![
+                    Ok([
                         self.text(py, &spec_name).into_any(),
                         self.text(py, &task_id).into_any(),
                         self.text(py, &runner_id).into_any(),
@@ -584,7 +630,7 @@ impl<'py> EffectPorts<'py> {
                 ]);
                 log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
                 self.record_event(py, intern!(py, "record_task_completed"), &NAMES, || {
-                    Ok(vec![
+                    Ok([
                         self.text(py, &spec_name).into_any(),
                         self.text(py, &task_id).into_any(),
                         self.text(py, &runner_id).into_any(),
@@ -608,7 +654,7 @@ impl<'py> EffectPorts<'py> {
                     "retry_count",
                 ]);
                 self.record_event(py, intern!(py, "record_task_failed"), &NAMES, || {
-                    Ok(vec![
+                    Ok([
                         self.text(py, &spec_name).into_any(),
                         self.text(py, &task_id).into_any(),
                         any(py, self.optional_text(py, &runner_id))?,
@@ -633,12 +679,12 @@ impl<'py> EffectPorts<'py> {
 
     /// `event_recorder.<method>(**values)`; the values are made only when
     /// there is a recorder.
-    fn record_event(
+    fn record_event<const N: usize>(
         &self,
         py: Python<'py>,
         method: &Bound<'py, PyString>,
         names: &KeywordNames,
-        values: impl FnOnce() -> PyResult<Vec<Bound<'py, PyAny>>>,
+        values: impl FnOnce() -> PyResult<[Bound<'py, PyAny>; N]>,
     ) -> PyResult<()> {
         let Some(recorder) = self.port(|p| &p.event_recorder) else {
             return Ok(());
