@@ -5,7 +5,8 @@
     python benches/bench.py --quick          # a smoke run for CI (under 30 s)
     python benches/bench.py --plot perf.png  # also draw time per op vs tracked tasks
 
-Every figure is the median of repeated runs. Logging is configured the same for
+Every figure is the median of repeated runs, the two sides' runs alternating
+so that both see the same machine. Logging is configured the same for
 both sides (WARNING: the INFO and DEBUG calls both make are checked and skipped,
 as in production). No figure is asserted: speed goals are read off the table.
 """
@@ -59,22 +60,47 @@ class Row:
         return self.reference / self.rust if self.rust > 0 else float("inf")
 
 
-def median_time(run: Callable[[], int], setup: Callable[[], None], repeat: int) -> float:
-    """Median seconds per op: `setup()` untimed, then `run()` returns how many
-    ops it did."""
-    samples = []
+# What one side of a row does: `setup()` untimed, then `run()` timed; `run`
+# returns how many operations it did.
+Side = tuple[Callable[[], None], Callable[[], int]]
+
+
+def sample(side: Side) -> float:
+    """Seconds per op of one timed run."""
+    setup, run = side
+    setup()
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        ops = run()
+        elapsed = time.perf_counter_ns() - start
+    finally:
+        gc.enable()
+    return elapsed / 1e9 / max(1, ops)
+
+
+def measure(operation: str, size: int, side: Callable[[str], Side], repeat: int) -> Row:
+    """The median seconds per op of each side. The samples alternate between
+    the sides, so both see the same machine: on a shared VM the speed drifts
+    over seconds, and two blocks timed one after the other would not."""
+    sides = {kind: side(kind) for kind in ("reference", "rust")}
+    samples: dict[str, list[float]] = {kind: [] for kind in sides}
     for _ in range(repeat):
-        setup()
-        gc.collect()
-        gc.disable()
-        try:
-            start = time.perf_counter_ns()
-            ops = run()
-            elapsed = time.perf_counter_ns() - start
-        finally:
-            gc.enable()
-        samples.append(elapsed / 1e9 / max(1, ops))
-    return statistics.median(samples)
+        for kind, s in sides.items():
+            samples[kind].append(sample(s))
+    return Row(
+        operation,
+        size,
+        statistics.median(samples["reference"]),
+        statistics.median(samples["rust"]),
+    )
+
+
+def rounds_for(n: int, ops: int = 100_000) -> int:
+    """How many passes over `n` tasks make a sample of about `ops` operations:
+    a sample of a few hundred microseconds would mostly time cold caches."""
+    return max(1, ops // n)
 
 
 class NoOpPorts:
@@ -131,40 +157,47 @@ def ids(n: int, prefix: str = "task") -> list[str]:
 
 def bench_record_failure(n: int, repeat: int) -> Row:
     keys = ids(n)
+    rounds = rounds_for(n)
     box = {}
 
-    def timed(kind):
+    def side(kind) -> Side:
+        factory = rust.RetryManager if kind == "rust" else reference.RetryManager
+
         def setup():
-            box["m"] = rust.RetryManager() if kind == "rust" else reference.RetryManager()
+            # Fresh managers: every call records a task's first failure.
+            box[kind] = [factory() for _ in range(rounds)]
 
         def run():
-            record = box["m"].record_failure
-            for k in keys:
-                record(k, "exit 1")
-            return n
+            for manager in box[kind]:
+                record = manager.record_failure
+                for k in keys:
+                    record(k, "exit 1")
+            return n * rounds
 
-        return median_time(run, setup, repeat)
+        return setup, run
 
-    return Row("record_failure", n, timed("reference"), timed("rust"))
+    return measure("record_failure", n, side, repeat)
 
 
 def bench_should_retry(n: int, repeat: int) -> Row:
     keys = ids(n)
-    managers = {"rust": rust.RetryManager(), "reference": reference.RetryManager()}
-    for m in managers.values():
+    rounds = rounds_for(n)
+
+    def side(kind) -> Side:
+        m = rust.RetryManager() if kind == "rust" else reference.RetryManager()
         for k in keys:
             m.record_failure(k, "exit 1")  # every task backing off: the DEBUG branch
+        should = m.should_retry
 
-    def timed(kind):
         def run():
-            should = managers[kind].should_retry
-            for k in keys:
-                should(k)
-            return n
+            for _ in range(rounds):
+                for k in keys:
+                    should(k)
+            return n * rounds
 
-        return median_time(run, lambda: None, repeat)
+        return (lambda: None), run
 
-    return Row("should_retry", n, timed("reference"), timed("rust"))
+    return measure("should_retry", n, side, repeat)
 
 
 def tracked_managers(n: int, due: int = 100):
@@ -186,7 +219,7 @@ def bench_ready_query(n: int, repeat: int) -> Row:
     managers = tracked_managers(n)
     loops = max(1, 100_000 // n)
 
-    def timed(kind):
+    def side(kind) -> Side:
         query = managers[kind].get_tasks_ready_for_retry
 
         def run():
@@ -194,9 +227,9 @@ def bench_ready_query(n: int, repeat: int) -> Row:
                 assert len(query()) == 100
             return loops
 
-        return median_time(run, lambda: None, repeat)
+        return (lambda: None), run
 
-    return Row("get_tasks_ready_for_retry (100 due)", n, timed("reference"), timed("rust"))
+    return measure("get_tasks_ready_for_retry (100 due)", n, side, repeat)
 
 
 _RUST_MEMORY = """
@@ -273,27 +306,29 @@ def dispatchers(capacity: int, max_attempts: int = 3, initial_delay: float = 1.0
     return {"rust": core, "reference": ref}, ports
 
 
-def bench_outcome_path(name: str, n: int, repeat: int, report) -> Row:
-    """`report(dispatcher, task)` on each of `n` running tasks."""
+def bench_outcome_path(name: str, n: int, repeat: int, method: str, arguments) -> Row:
+    """`dispatcher.<method>(*arguments(task))` on each of `n` running tasks.
+    The arguments are made before timing: the caller has its ids already."""
     tasks = [make_task(k) for k in ids(n)]
+    calls = [arguments(t) for t in tasks]
     box = {}
 
-    def timed(kind):
+    def side(kind) -> Side:
         def setup():
             d = dispatchers(n)[0][kind]
             for t in tasks:
                 d.track_running(t, f"r-{t.id}", "pool", f"s-{t.id}")
-            box["d"] = d
+            box[kind] = getattr(d, method)
 
         def run():
-            d = box["d"]
-            for t in tasks:
-                report(d, t)
+            report = box[kind]
+            for args in calls:
+                report(*args)
             return n
 
-        return median_time(run, setup, repeat)
+        return setup, run
 
-    return Row(name, n, timed("reference"), timed("rust"))
+    return measure(name, n, side, repeat)
 
 
 def bench_failure_path(n: int, repeat: int) -> Row:
@@ -301,9 +336,8 @@ def bench_failure_path(n: int, repeat: int) -> Row:
         "handle_task_failure (running task)",
         n,
         repeat,
-        lambda d, t: d.handle_task_failure(
-            t.id, "spec", "exit 1", f"r-{t.id}", f"s-{t.id}", "pool"
-        ),
+        "handle_task_failure",
+        lambda t: (t.id, "spec", "exit 1", f"r-{t.id}", f"s-{t.id}", "pool"),
     )
 
 
@@ -312,9 +346,8 @@ def bench_completion_path(n: int, repeat: int) -> Row:
         "handle_runner_completion (success)",
         n,
         repeat,
-        lambda d, t: d.handle_runner_completion(
-            f"r-{t.id}", t.id, "spec", True, f"s-{t.id}", "pool"
-        ),
+        "handle_runner_completion",
+        lambda t: (f"r-{t.id}", t.id, "spec", True, f"s-{t.id}", "pool"),
     )
 
 
@@ -335,7 +368,7 @@ def bench_cycles(n: int, repeat: int) -> list[Row]:
     for name, retry in cycles:
         box: dict = {}
 
-        def timed(kind, retry=retry, box=box):
+        def side(kind, retry=retry, box=box) -> Side:
             def setup():
                 box["d"] = dispatchers(n, initial_delay=0.0)[0][kind]
                 box["tasks"] = [make_task(k) for k in ids(n, prefix=f"c{next_launch()}")]
@@ -376,9 +409,9 @@ def bench_cycles(n: int, repeat: int) -> list[Row]:
                                 d.enqueue(t)
                 return n
 
-            return median_time(run, setup, repeat)
+            return setup, run
 
-        rows.append(Row(name, n, timed("reference"), timed("rust")))
+        rows.append(measure(name, n, side, repeat))
     return rows
 
 
