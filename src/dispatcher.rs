@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::clock::{nanos_to_seconds, MonoNanos, Now};
 use crate::hashing::FastMap;
+use crate::metrics::FailureStats;
 use crate::pools::{PoolIndex, PoolState, Pools};
 use crate::queue::{QueueOrder, ReadyQueue};
 use crate::retry_state::{RecordedFailure, RetryBook, TaskId};
@@ -287,6 +288,7 @@ pub struct StatusSnapshot {
     pub max_global_concurrency: u64,
     pub pools: Vec<PoolState>,
     pub metrics: Metrics,
+    pub failure_stats: FailureStats,
 }
 
 /// A runner as the caller describes it when it starts running a task.
@@ -309,6 +311,7 @@ pub struct DispatcherState<T> {
     /// Tracked runners plus reservations (SPEC §4.5 #2).
     global_running: u64,
     metrics: Metrics,
+    failure_stats: FailureStats,
     next_seq: u64,
     scheduler: Scheduler,
     /// False once stopping: scheduling passes assign nothing.
@@ -328,6 +331,7 @@ impl<T> DispatcherState<T> {
             runners: Runners::default(),
             global_running: 0,
             metrics: Metrics::default(),
+            failure_stats: FailureStats::default(),
             next_seq: 0,
             scheduler,
             accepting: true,
@@ -411,12 +415,17 @@ impl<T> DispatcherState<T> {
     /// running), in which case the poll is ignored and the handle comes back —
     /// except that a delayed task held without a handle keeps this one.
     pub fn offer(&mut self, meta: TaskMeta, payload: T, now: Now) -> Result<(), T> {
-        if let Some(held) = self.tasks.get_mut(&meta.id) {
-            if matches!(held.place, Place::Delayed { .. }) && held.payload.is_none() {
-                held.payload = Some(payload);
-                return Ok(());
+        if let Some(held) = self.tasks.get(&meta.id) {
+            if !(matches!(held.place, Place::Delayed { .. }) && held.payload.is_none()) {
+                return Err(payload);
             }
-            return Err(payload);
+            // The task as polled replaces what the placeholder knew of it.
+            let order = self.new_order(&meta, now);
+            let held = self.tasks.get_mut(&meta.id).expect("held above");
+            held.meta = meta;
+            held.order = order;
+            held.payload = Some(payload);
+            return Ok(());
         }
         let order = self.new_order(&meta, now);
         self.queue.push(meta.id.clone(), order);
@@ -431,6 +440,55 @@ impl<T> DispatcherState<T> {
         );
         self.metrics.tasks_enqueued += 1;
         Ok(())
+    }
+
+    /// The delayed tasks: (id, spec name, due), earliest first.
+    pub fn delayed_tasks(&self) -> Vec<(TaskId, Arc<str>, MonoNanos)> {
+        self.delayed
+            .iter()
+            .map(|(due, id)| {
+                let spec = self
+                    .tasks
+                    .get(id)
+                    .map_or_else(|| Arc::from("unknown"), |t| t.meta.spec_name.clone());
+                (id.clone(), spec, *due)
+            })
+            .collect()
+    }
+
+    /// Holds a task as delayed until `due` without its handle (a restored
+    /// retry): the next poll that returns it attaches the handle, and it is
+    /// queued when due. False, and no change, for a task already held.
+    pub fn hold_delayed(
+        &mut self,
+        id: TaskId,
+        spec_name: Arc<str>,
+        due: MonoNanos,
+        now: Now,
+    ) -> bool {
+        if self.tasks.contains_key(&id) {
+            return false;
+        }
+        let meta = TaskMeta {
+            id: id.clone(),
+            repo_name: spec_name.clone(),
+            spec_name,
+            priority: 0,
+            created_at: None,
+            required_skill: None,
+        };
+        let order = self.new_order(&meta, now);
+        self.delayed.insert((due, id.clone()));
+        self.tasks.insert(
+            id,
+            HeldTask {
+                meta,
+                payload: None,
+                place: Place::Delayed { due },
+                order,
+            },
+        );
+        true
     }
 
     /// Moves retries whose backoff has elapsed back to the ready queue. A
@@ -663,6 +721,8 @@ impl<T> DispatcherState<T> {
         let recorded = book.record_failure(&id, Some(&reason), now);
         let runner_id = runner.map(|r| r.runner_id);
         if recorded.limit_reached {
+            self.failure_stats.permanent_failures.add(&reason);
+            let reason = recorded.final_reason(&reason);
             effects.push(Effect::TaskFailed {
                 spec_name: spec.clone(),
                 task_id: id.clone(),
@@ -686,6 +746,8 @@ impl<T> DispatcherState<T> {
             }
             self.metrics.tasks_failed += 1;
         } else {
+            self.failure_stats.retries.add(&reason);
+            self.failure_stats.delays.observe(recorded.delay_seconds);
             let due = recorded.due;
             self.delayed.insert((due, id.clone()));
             match self.tasks.get_mut(task_id) {
@@ -801,7 +863,7 @@ impl<T> DispatcherState<T> {
         if let Some(payload) = self.take_task(&runner.task_id).and_then(|h| h.payload) {
             effects.push(Effect::Discard(payload));
         }
-        book.clear(&runner.task_id);
+        book.record_success(&runner.task_id);
         self.metrics.tasks_completed += 1;
         Outcome {
             applied: true,
@@ -1159,6 +1221,7 @@ impl<T> DispatcherState<T> {
             max_global_concurrency: self.limits.max_global_concurrency,
             pools: self.pools.iter().map(|(_, p)| p.clone()).collect(),
             metrics: self.metrics,
+            failure_stats: self.failure_stats.clone(),
         }
     }
 

@@ -5,17 +5,30 @@
 //! after releasing it: log records may reach Python handlers, and no outside code
 //! runs while the lock is held.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::backoff::{BackoffPolicy, InvalidSetting, Setting};
 use crate::clock::{nanos_to_seconds, Clock};
-use crate::retry_state::{RecordedFailure, RetryBook, RetryDecision, RetrySnapshot, TaskId};
+use crate::failure_policy::GiveUp;
+use crate::persist;
+use crate::retry_snapshot::{self, RetryState, SnapshotError};
+use crate::retry_state::{
+    BudgetStatus, RecordedFailure, RetryBook, RetryDecision, RetryOptions, RetrySnapshot, TaskId,
+};
 
 /// The log target; pyo3-log maps it to the Python logger
 /// `necrocode_dispatch.retry_manager`.
 pub const LOG_TARGET: &str = "necrocode_dispatch::retry_manager";
+
+/// Why [`RetryManager::load`] failed.
+#[derive(Debug)]
+pub enum LoadError {
+    Io(std::io::Error),
+    Invalid(SnapshotError),
+}
 
 #[derive(Debug)]
 pub struct RetryManager {
@@ -25,6 +38,14 @@ pub struct RetryManager {
 
 impl RetryManager {
     pub fn new(policy: BackoffPolicy, clock: Arc<dyn Clock>) -> Self {
+        Self::with_options(policy, RetryOptions::default(), clock)
+    }
+
+    pub fn with_options(
+        policy: BackoffPolicy,
+        options: RetryOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         log::info!(
             target: LOG_TARGET,
             "RetryManager initialized: max_attempts={}, backoff_base={}, initial_delay={}s, max_delay={}s",
@@ -35,7 +56,7 @@ impl RetryManager {
         );
         RetryManager {
             clock,
-            book: Mutex::new(RetryBook::new(policy)),
+            book: Mutex::new(RetryBook::with_options(policy, options)),
         }
     }
 
@@ -91,6 +112,11 @@ impl RetryManager {
                 target: LOG_TARGET,
                 "Task {task_id} has reached max retry attempts ({retry_count}/{max_attempts})"
             ),
+            RetryDecision::GaveUp(why) => log::debug!(
+                target: LOG_TARGET,
+                "Task {task_id} is not retried: {}",
+                why.explanation().unwrap_or("limit reached")
+            ),
             RetryDecision::BackingOff { remaining } => log::debug!(
                 target: LOG_TARGET,
                 "Task {task_id} must wait {:.1}s before retry",
@@ -114,6 +140,53 @@ impl RetryManager {
             log::debug!(target: LOG_TARGET, "Cleared retry info for task {task_id}");
         }
         cleared
+    }
+
+    /// A task succeeded: its record is forgotten and the retry budget refilled.
+    pub fn record_success(&self, task_id: &str) -> bool {
+        let cleared = self.book.lock().record_success(task_id);
+        if cleared {
+            log::debug!(target: LOG_TARGET, "Cleared retry info for task {task_id} after its success");
+        }
+        cleared
+    }
+
+    pub fn options(&self) -> RetryOptions {
+        self.book.lock().options().clone()
+    }
+
+    pub fn set_options(&self, options: RetryOptions) {
+        self.book.lock().set_options(options);
+    }
+
+    /// The whole state, due times as wall-clock times.
+    pub fn snapshot(&self) -> RetryState {
+        let book = self.book.lock();
+        retry_snapshot::capture(&book, self.clock.now())
+    }
+
+    /// Replaces every record with saved ones; nothing changes on error.
+    pub fn restore(&self, state: &RetryState) -> Result<(), SnapshotError> {
+        let mut book = self.book.lock();
+        let now = self.clock.now();
+        retry_snapshot::restore(&mut book, state, now)
+    }
+
+    /// Writes the state to `path` atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let json = retry_snapshot::to_json(&self.snapshot());
+        persist::write_atomically(path, json.as_bytes())
+    }
+
+    /// Reads state saved by [`RetryManager::save`] and restores it.
+    pub fn load(&self, path: &Path) -> Result<(), LoadError> {
+        let text = std::fs::read_to_string(path).map_err(LoadError::Io)?;
+        let state = retry_snapshot::from_json(&text).map_err(LoadError::Invalid)?;
+        self.restore(&state).map_err(LoadError::Invalid)
+    }
+
+    pub fn budget_status(&self) -> Option<BudgetStatus> {
+        self.book.lock().budget_status()
     }
 
     pub fn all_info(&self) -> Vec<RetrySnapshot> {
@@ -165,13 +238,18 @@ pub fn log_failure(recorded: &RecordedFailure) {
     if let Some(reason) = &info.failure_reason {
         log::debug!(target: LOG_TARGET, "Failure reason for task {task_id}: {reason}");
     }
-    if recorded.limit_reached {
-        log::info!(
+    match recorded.gave_up.map(GiveUp::explanation) {
+        // The limit: the original's message.
+        Some(None) => log::info!(
             target: LOG_TARGET,
             "Task {task_id} has reached max retry attempts ({}/{})",
             info.retry_count,
             recorded.max_attempts
-        );
+        ),
+        Some(Some(why)) => {
+            log::info!(target: LOG_TARGET, "Task {task_id} will not be retried: {why}")
+        }
+        None => {}
     }
 }
 

@@ -21,8 +21,11 @@ use std::sync::Arc;
 use hashbrown::HashTable;
 
 use crate::backoff::BackoffPolicy;
-use crate::clock::{MonoNanos, Now};
+use crate::clock::{nanos_to_seconds, seconds_to_nanos, MonoNanos, Now};
+use crate::failure_policy::{FailureClass, FailureClasses, GiveUp};
 use crate::hashing::{FastMap, FxHasher};
+use crate::jitter::{Jitter, Rng};
+use crate::retry_budget::{BudgetSettings, RetryBudget};
 use crate::wall_time::{timedelta_micros, WallTime};
 
 /// Task ids as handed out to callers.
@@ -55,28 +58,30 @@ struct DueEntry {
     slot: Slot,
 }
 
-/// Failure reasons, stored once each and counted by the records using them.
+/// Failure reasons, stored once each with their class, and counted by the
+/// records using them.
 #[derive(Debug, Default)]
 struct Reasons {
-    texts: Vec<(Arc<str>, u32)>,
+    texts: Vec<(Arc<str>, u32, FailureClass)>,
     by_text: FastMap<Arc<str>, u32>,
     free: Vec<u32>,
 }
 
 impl Reasons {
-    fn acquire(&mut self, text: &str) -> u32 {
+    fn acquire(&mut self, text: &str, classes: &FailureClasses) -> u32 {
         if let Some(&index) = self.by_text.get(text) {
             self.texts[index as usize].1 += 1;
             return index;
         }
+        let class = classes.classify(Some(text));
         let text: Arc<str> = Arc::from(text);
         let index = match self.free.pop() {
             Some(index) => {
-                self.texts[index as usize] = (text.clone(), 1);
+                self.texts[index as usize] = (text.clone(), 1, class);
                 index
             }
             None => {
-                self.texts.push((text.clone(), 1));
+                self.texts.push((text.clone(), 1, class));
                 (self.texts.len() - 1) as u32
             }
         };
@@ -100,6 +105,35 @@ impl Reasons {
     fn get(&self, index: u32) -> Option<&Arc<str>> {
         (index != NO_REASON).then(|| &self.texts[index as usize].0)
     }
+
+    fn class(&self, index: u32) -> FailureClass {
+        if index == NO_REASON {
+            FailureClass::Default
+        } else {
+            self.texts[index as usize].2
+        }
+    }
+}
+
+/// The options beyond the original's four settings. The defaults keep the
+/// original's behaviour exactly.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RetryOptions {
+    pub jitter: Jitter,
+    /// Makes the jitter reproducible.
+    pub seed: Option<u64>,
+    pub classes: FailureClasses,
+    /// No retry once a task's first failure is this old (seconds).
+    pub max_retry_duration: Option<f64>,
+    pub budget: Option<BudgetSettings>,
+}
+
+/// The retry budget's state, as reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetStatus {
+    pub settings: BudgetSettings,
+    pub tokens: u64,
+    pub refused: u64,
 }
 
 /// A copy of one task's record, as reported to callers.
@@ -112,6 +146,21 @@ pub struct RetrySnapshot {
     pub failure_reason: Option<Arc<str>>,
 }
 
+/// A record as saved and restored, with its monotonic times.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRecord {
+    pub task_id: TaskId,
+    pub retry_count: u32,
+    pub last_retry_at: WallTime,
+    pub next_retry_at: WallTime,
+    pub failure_reason: Option<Arc<str>>,
+    pub due: MonoNanos,
+    /// Why it is not retried again, if it is not.
+    pub gave_up: Option<GiveUp>,
+    /// Its first failure, where the book keeps it (with `max_retry_duration`).
+    pub first_failure: Option<MonoNanos>,
+}
+
 /// What [`RetryBook::record_failure`] did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecordedFailure {
@@ -120,16 +169,35 @@ pub struct RecordedFailure {
     pub due: MonoNanos,
     pub delay_seconds: f64,
     pub max_attempts: u64,
-    /// The count has reached the attempt limit: no further retry.
+    /// No further retry (`gave_up` says why).
     pub limit_reached: bool,
+    pub gave_up: Option<GiveUp>,
+}
+
+impl RecordedFailure {
+    /// The reason to report for a task that failed for good: the failure's
+    /// own, with why it was not retried when that was not the limit.
+    pub fn final_reason(&self, reason: &Arc<str>) -> Arc<str> {
+        match self.gave_up {
+            Some(why) => why.final_reason(reason),
+            None => reason.clone(),
+        }
+    }
 }
 
 /// Why [`RetryBook::should_retry`] answered as it did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RetryDecision {
     Retry,
-    LimitReached { retry_count: u64, max_attempts: u64 },
-    BackingOff { remaining: MonoNanos },
+    LimitReached {
+        retry_count: u64,
+        max_attempts: u64,
+    },
+    /// Not retried for a reason other than the limit.
+    GaveUp(GiveUp),
+    BackingOff {
+        remaining: MonoNanos,
+    },
 }
 
 impl RetryDecision {
@@ -155,10 +223,20 @@ pub struct RetryBook {
     /// Entries found due by a query, in due order; they stay until their
     /// record changes.
     due_now: Vec<DueEntry>,
-    /// Records below the attempt limit: each has one valid entry.
+    /// Records still retrying (below their limit, not given up): each has
+    /// one valid entry.
     indexed: usize,
     len: usize,
     next_seq: u64,
+    options: RetryOptions,
+    rng: Option<Rng>,
+    /// Records given up for a reason other than the limit. Rare, so kept
+    /// aside rather than in every record.
+    stopped: FastMap<Slot, GiveUp>,
+    /// Monotonic time of each slot's first failure; kept only with a
+    /// `max_retry_duration`, so that records stay small without one.
+    first_failure: Vec<MonoNanos>,
+    budget: Option<RetryBudget>,
 }
 
 /// 32 bits of an id's hash, kept in the table.
@@ -174,11 +252,78 @@ fn table_hash(short: u32) -> u64 {
 
 impl RetryBook {
     pub fn new(policy: BackoffPolicy) -> Self {
+        Self::with_options(policy, RetryOptions::default())
+    }
+
+    pub fn with_options(policy: BackoffPolicy, options: RetryOptions) -> Self {
+        let rng = match (options.jitter, options.seed) {
+            (Jitter::None, _) => None,
+            (_, Some(seed)) => Some(Rng::seeded(seed)),
+            (_, None) => Some(Rng::from_entropy()),
+        };
         RetryBook {
             policy,
             next_seq: 1,
+            rng,
+            budget: options.budget.map(RetryBudget::new),
+            options,
             ..Default::default()
         }
+    }
+
+    pub fn options(&self) -> &RetryOptions {
+        &self.options
+    }
+
+    /// Replaces the options; later decisions use them. Reasons are classified
+    /// anew, a changed budget starts full, a changed jitter or seed restarts
+    /// the generator, and a newly set `max_retry_duration` counts from each
+    /// record's next due time (when its failures happened was not kept).
+    pub fn set_options(&mut self, options: RetryOptions) {
+        if options == self.options {
+            return;
+        }
+        if (options.jitter, options.seed) != (self.options.jitter, self.options.seed) {
+            self.rng = Self::with_options(self.policy, options.clone()).rng;
+        }
+        if options.budget != self.options.budget {
+            self.budget = options.budget.map(RetryBudget::new);
+        }
+        for entry in self.reasons.texts.iter_mut().filter(|e| e.1 > 0) {
+            entry.2 = options.classes.classify(Some(&entry.0));
+        }
+        if options.max_retry_duration.is_some() && self.options.max_retry_duration.is_none() {
+            self.first_failure = self.slots.iter().map(|r| r.due).collect();
+        }
+        self.options = options;
+        self.rebuild_index();
+    }
+
+    pub fn budget_status(&self) -> Option<BudgetStatus> {
+        self.budget.as_ref().map(|b| BudgetStatus {
+            settings: b.settings(),
+            tokens: b.tokens(),
+            refused: b.refused(),
+        })
+    }
+
+    /// The attempt limit of a record: its reason's policy's, if it has one.
+    fn limit_of(&self, record: &RetryRecord) -> u64 {
+        match self.reasons.class(record.reason) {
+            FailureClass::Override(i) => self.options.classes.overrides()[usize::from(i)]
+                .1
+                .max_attempts
+                .unwrap_or(self.policy.max_attempts()),
+            FailureClass::Default | FailureClass::NonRetryable => self.policy.max_attempts(),
+        }
+    }
+
+    /// Whether a live record is still retrying: below its limit and not
+    /// given up for another reason.
+    fn retrying(&self, slot: Slot, record: &RetryRecord) -> bool {
+        record.seq != 0
+            && u64::from(record.retry_count) < self.limit_of(record)
+            && (self.stopped.is_empty() || !self.stopped.contains_key(&slot))
     }
 
     pub fn policy(&self) -> &BackoffPolicy {
@@ -196,12 +341,11 @@ impl RetryBook {
     }
 
     fn rebuild_index(&mut self) {
-        let limit = self.policy.max_attempts();
         let entries: Vec<Reverse<DueEntry>> = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.seq != 0 && u64::from(r.retry_count) < limit)
+            .filter(|&(slot, r)| self.retrying(slot as Slot, r))
             .map(|(slot, r)| {
                 Reverse(DueEntry {
                     due: r.due,
@@ -307,33 +451,58 @@ impl RetryBook {
         failure_reason: Option<&str>,
         now: Now,
     ) -> RecordedFailure {
-        let max_attempts = self.policy.max_attempts();
         let slot = match self.find(task_id) {
             Some(slot) => slot,
             None => self.insert_new(task_id),
         };
         let reason = match failure_reason {
-            Some(text) => self.reasons.acquire(text),
+            Some(text) => self.reasons.acquire(text, &self.options.classes),
             None => NO_REASON,
         };
         let seq = self.next_seq;
         self.next_seq += 1;
+        let before = self.slots[slot as usize];
+        let was_indexed = self.retrying(slot, &before);
+        if !self.stopped.is_empty() {
+            self.stopped.remove(&slot);
+        }
+        let retry_count = before.retry_count.saturating_add(1);
+        let class = self.reasons.class(reason);
+        let policy = self.options.classes.policy_for(class, &self.policy);
+        let gave_up = self.give_up(slot, retry_count, class, &policy, now);
+        let mut delay_seconds = policy.delay(i64::from(retry_count));
+        if gave_up.is_none() {
+            if let Some(rng) = self.rng.as_mut() {
+                // The previous wait, as the record reports it.
+                let previous = (before.seq != 0 && before.retry_count > 0).then(|| {
+                    (before.next_retry_at.micros() - before.last_retry_at.micros()) as f64 / 1e6
+                });
+                delay_seconds = self.options.jitter.apply(
+                    delay_seconds,
+                    previous,
+                    policy.initial_delay(),
+                    policy.max_delay(),
+                    rng,
+                );
+            }
+        }
+        if let Some(why @ (GiveUp::NonRetryable | GiveUp::MaxRetryDuration | GiveUp::RetryBudget)) =
+            gave_up
+        {
+            self.stopped.insert(slot, why);
+        }
         let record = &mut self.slots[slot as usize];
-        let was_indexed = record.seq != 0 && u64::from(record.retry_count) < max_attempts;
-        let old_reason = std::mem::replace(&mut record.reason, reason);
-        record.retry_count = record.retry_count.saturating_add(1);
-        let delay_seconds = self.policy.delay(i64::from(record.retry_count));
+        record.reason = reason;
+        record.retry_count = retry_count;
         record.last_retry_at = now.wall;
         record.next_retry_at = now
             .wall
             .saturating_add_micros(timedelta_micros(delay_seconds));
-        record.due = now
-            .mono
-            .saturating_add(crate::clock::seconds_to_nanos(delay_seconds));
+        record.due = now.mono.saturating_add(seconds_to_nanos(delay_seconds));
         record.seq = seq;
         let record = *record;
-        self.reasons.release(old_reason);
-        let limit_reached = u64::from(record.retry_count) >= max_attempts;
+        self.reasons.release(before.reason);
+        let limit_reached = gave_up.is_some();
         match (was_indexed, limit_reached) {
             (false, false) => self.indexed += 1,
             (true, true) => self.indexed -= 1,
@@ -351,8 +520,45 @@ impl RetryBook {
             info: self.snapshot(&record),
             due: record.due,
             delay_seconds,
-            max_attempts,
+            max_attempts: policy.max_attempts(),
             limit_reached,
+            gave_up,
+        }
+    }
+
+    /// Whether failure number `retry_count` of the record in `slot` ends its
+    /// retries, and why. The budget is paid last, only for a retry that
+    /// every other rule allows.
+    fn give_up(
+        &mut self,
+        slot: Slot,
+        retry_count: u32,
+        class: FailureClass,
+        policy: &BackoffPolicy,
+        now: Now,
+    ) -> Option<GiveUp> {
+        if class == FailureClass::NonRetryable {
+            return Some(GiveUp::NonRetryable);
+        }
+        if u64::from(retry_count) >= policy.max_attempts() {
+            return Some(GiveUp::MaxAttempts);
+        }
+        if let Some(limit) = self.options.max_retry_duration {
+            let index = slot as usize;
+            if self.first_failure.len() <= index {
+                self.first_failure.resize(index + 1, now.mono);
+            }
+            if retry_count == 1 {
+                self.first_failure[index] = now.mono;
+            }
+            let age = now.mono.saturating_sub(self.first_failure[index]);
+            if nanos_to_seconds(age) >= limit {
+                return Some(GiveUp::MaxRetryDuration);
+            }
+        }
+        match self.budget.as_mut() {
+            Some(budget) => (!budget.try_acquire()).then_some(GiveUp::RetryBudget),
+            None => None,
         }
     }
 
@@ -363,20 +569,36 @@ impl RetryBook {
     }
 
     pub fn should_retry(&self, task_id: &str, now: MonoNanos) -> RetryDecision {
-        let record = self.record(task_id);
-        let retry_count = record.map_or(0, |r| u64::from(r.retry_count));
-        let max_attempts = self.policy.max_attempts();
+        let Some(slot) = self.find(task_id) else {
+            return if self.policy.max_attempts() == 0 {
+                RetryDecision::LimitReached {
+                    retry_count: 0,
+                    max_attempts: 0,
+                }
+            } else {
+                RetryDecision::Retry
+            };
+        };
+        let r = &self.slots[slot as usize];
+        let retry_count = u64::from(r.retry_count);
+        let max_attempts = self.limit_of(r);
         if retry_count >= max_attempts {
             return RetryDecision::LimitReached {
                 retry_count,
                 max_attempts,
             };
         }
-        match record {
-            Some(r) if now < r.due => RetryDecision::BackingOff {
+        if !self.stopped.is_empty() {
+            if let Some(&why) = self.stopped.get(&slot) {
+                return RetryDecision::GaveUp(why);
+            }
+        }
+        if now < r.due {
+            RetryDecision::BackingOff {
                 remaining: r.due - now,
-            },
-            _ => RetryDecision::Retry,
+            }
+        } else {
+            RetryDecision::Retry
         }
     }
 
@@ -400,15 +622,111 @@ impl RetryBook {
             return false;
         };
         let ((slot, _), _) = entry.remove();
-        let record = std::mem::take(&mut self.slots[slot as usize]);
-        self.reasons.release(record.reason);
-        if u64::from(record.retry_count) < self.policy.max_attempts() {
+        if self.retrying(slot, &self.slots[slot as usize]) {
             self.indexed -= 1;
         }
+        if !self.stopped.is_empty() {
+            self.stopped.remove(&slot);
+        }
+        let record = std::mem::take(&mut self.slots[slot as usize]);
+        self.reasons.release(record.reason);
         self.wasted_id_bytes += record.id_len as usize;
         self.free_slots.push(slot);
         self.len -= 1;
         true
+    }
+
+    /// A task succeeded: its record is forgotten and the retry budget, if
+    /// any, refilled (by what its retry took, or by the success refill when
+    /// it needed none). False when it had no record.
+    pub fn record_success(&mut self, task_id: &str) -> bool {
+        if self.budget.is_some() {
+            let retried = self
+                .find(task_id)
+                .is_some_and(|slot| self.slots[slot as usize].retry_count > 0);
+            if let Some(budget) = self.budget.as_mut() {
+                budget.on_success(retried);
+            }
+        }
+        self.clear(task_id)
+    }
+
+    /// Every record, for saving.
+    pub fn stored_records(&self) -> Vec<StoredRecord> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.seq != 0)
+            .map(|(slot, r)| {
+                let slot = slot as Slot;
+                let gave_up = self.stopped.get(&slot).copied().or_else(|| {
+                    (u64::from(r.retry_count) >= self.limit_of(r)).then_some(GiveUp::MaxAttempts)
+                });
+                StoredRecord {
+                    task_id: Arc::from(self.id_of(r)),
+                    retry_count: r.retry_count,
+                    last_retry_at: r.last_retry_at,
+                    next_retry_at: r.next_retry_at,
+                    failure_reason: self.reasons.get(r.reason).cloned(),
+                    due: r.due,
+                    gave_up,
+                    first_failure: self.first_failure.get(slot as usize).copied(),
+                }
+            })
+            .collect()
+    }
+
+    /// Replaces every record (and the budget's level) with saved ones. The
+    /// caller has checked them: ids are unique.
+    pub fn replace_records(&mut self, records: &[StoredRecord], budget_tokens: Option<u64>) {
+        let mut fresh = RetryBook::with_options(self.policy, self.options.clone());
+        fresh.rng = self.rng.take();
+        fresh.budget = self.budget.take();
+        if let (Some(budget), Some(tokens)) = (fresh.budget.as_mut(), budget_tokens) {
+            budget.set_tokens(tokens);
+        }
+        for stored in records {
+            fresh.insert_stored(stored);
+        }
+        *self = fresh;
+    }
+
+    fn insert_stored(&mut self, stored: &StoredRecord) {
+        let slot = self.insert_new(&stored.task_id);
+        let reason = match &stored.failure_reason {
+            Some(text) => self.reasons.acquire(text, &self.options.classes),
+            None => NO_REASON,
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let record = &mut self.slots[slot as usize];
+        record.retry_count = stored.retry_count;
+        record.reason = reason;
+        record.last_retry_at = stored.last_retry_at;
+        record.next_retry_at = stored.next_retry_at;
+        record.due = stored.due;
+        record.seq = seq;
+        let record = *record;
+        if let Some(why @ (GiveUp::NonRetryable | GiveUp::MaxRetryDuration | GiveUp::RetryBudget)) =
+            stored.gave_up
+        {
+            self.stopped.insert(slot, why);
+        }
+        if self.options.max_retry_duration.is_some() {
+            let index = slot as usize;
+            if self.first_failure.len() <= index {
+                self.first_failure.resize(index + 1, 0);
+            }
+            self.first_failure[index] = stored.first_failure.unwrap_or(stored.due);
+        }
+        if self.retrying(slot, &record) {
+            self.indexed += 1;
+            self.pending.push(Reverse(DueEntry {
+                due: record.due,
+                seq,
+                slot,
+            }));
+        }
     }
 
     pub fn all_info(&self) -> Vec<RetrySnapshot> {
@@ -457,6 +775,7 @@ impl RetryBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure_policy::{PolicyOverride, ReasonPattern};
 
     const SECOND: MonoNanos = 1_000_000_000;
 
@@ -610,5 +929,176 @@ mod tests {
         // Reasons no record uses any more are forgotten.
         assert_eq!(b.reasons.by_text.len(), 1);
         assert_eq!(b.ready_for_retry(u64::MAX).len(), 1);
+    }
+
+    fn book_with(options: RetryOptions) -> RetryBook {
+        RetryBook::with_options(BackoffPolicy::default(), options)
+    }
+
+    fn classes(non_retryable: &[&str], overrides: Vec<(&str, PolicyOverride)>) -> FailureClasses {
+        FailureClasses::new(
+            non_retryable
+                .iter()
+                .map(|p| ReasonPattern::new(p))
+                .collect(),
+            overrides
+                .into_iter()
+                .map(|(p, o)| (ReasonPattern::new(p), o))
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_non_retryable_reason_fails_at_once() {
+        let mut b = book_with(RetryOptions {
+            classes: classes(&["auth"], vec![]),
+            ..Default::default()
+        });
+        let r = b.record_failure("t", Some("auth: token expired"), at(0));
+        assert_eq!(r.gave_up, Some(GiveUp::NonRetryable));
+        assert!(r.limit_reached);
+        assert_eq!(r.info.retry_count, 1);
+        assert_eq!(
+            b.should_retry("t", u64::MAX),
+            RetryDecision::GaveUp(GiveUp::NonRetryable)
+        );
+        assert!(b.ready_for_retry(u64::MAX).is_empty());
+        // A retryable failure of another task is unaffected.
+        let other = b.record_failure("u", Some("authority unreachable"), at(0));
+        assert_eq!(other.gave_up, None);
+        assert_eq!(b.ready_for_retry(u64::MAX).len(), 1);
+    }
+
+    #[test]
+    fn a_reason_policy_overrides_the_limit_and_the_delays() {
+        let patient = PolicyOverride {
+            max_attempts: Some(5),
+            initial_delay: Some(10.0),
+            ..Default::default()
+        };
+        let mut b = book_with(RetryOptions {
+            classes: classes(&[], vec![("timeout", patient)]),
+            ..Default::default()
+        });
+        let mut last = None;
+        for i in 1..=4u64 {
+            let r = b.record_failure("slow", Some("timeout"), at(i * 1000));
+            assert_eq!(r.gave_up, None, "failure {i}");
+            assert_eq!(r.max_attempts, 5);
+            last = Some(r.delay_seconds);
+        }
+        // initial_delay 10, base 2 (the manager's): 10, 20, 40, 80.
+        assert_eq!(last, Some(80.0));
+        assert_eq!(
+            b.record_failure("slow", Some("timeout"), at(9000)).gave_up,
+            Some(GiveUp::MaxAttempts)
+        );
+        // Other reasons keep the manager's limit of 3.
+        for i in 0..2 {
+            assert_eq!(b.record_failure("t", Some("exit 1"), at(i)).gave_up, None);
+        }
+        assert_eq!(
+            b.record_failure("t", Some("exit 1"), at(3)).gave_up,
+            Some(GiveUp::MaxAttempts)
+        );
+    }
+
+    #[test]
+    fn retries_stop_once_the_first_failure_is_too_old() {
+        let mut b = RetryBook::with_options(
+            BackoffPolicy::new(100, 2.0, 1.0, 300.0).unwrap(),
+            RetryOptions {
+                max_retry_duration: Some(60.0),
+                ..Default::default()
+            },
+        );
+        assert_eq!(b.record_failure("t", None, at(100)).gave_up, None);
+        assert_eq!(b.record_failure("t", None, at(159)).gave_up, None);
+        let r = b.record_failure("t", None, at(160));
+        assert_eq!(r.gave_up, Some(GiveUp::MaxRetryDuration));
+        assert!(b.ready_for_retry(u64::MAX).is_empty());
+        // Cleared, the task starts a new window.
+        b.clear("t");
+        assert_eq!(b.record_failure("t", None, at(500)).gave_up, None);
+        assert_eq!(b.ready_for_retry(u64::MAX).len(), 1);
+    }
+
+    #[test]
+    fn the_budget_trips_under_a_burst_and_recovers_after_successes() {
+        let mut b = RetryBook::with_options(
+            BackoffPolicy::new(10, 2.0, 1.0, 300.0).unwrap(),
+            RetryOptions {
+                budget: Some(BudgetSettings {
+                    capacity: 10,
+                    retry_cost: 5,
+                    success_refill: 1,
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(b.record_failure("a", None, at(0)).gave_up, None);
+        assert_eq!(b.record_failure("b", None, at(0)).gave_up, None);
+        let refused = b.record_failure("c", None, at(0));
+        assert_eq!(refused.gave_up, Some(GiveUp::RetryBudget));
+        assert_eq!(b.budget_status().unwrap().refused, 1);
+        assert_eq!(b.ready_for_retry(u64::MAX).len(), 2);
+        // "a" succeeds after its retry: its cost comes back.
+        assert!(b.record_success("a"));
+        assert_eq!(b.budget_status().unwrap().tokens, 5);
+        assert_eq!(b.record_failure("d", None, at(1)).gave_up, None);
+        // Five first-try successes refill one retry.
+        for i in 0..5 {
+            b.record_success(&format!("fresh{i}"));
+        }
+        assert_eq!(b.record_failure("e", None, at(2)).gave_up, None);
+        assert_eq!(b.budget_status().unwrap().tokens, 0);
+    }
+
+    #[test]
+    fn seeded_jitter_is_reproducible_and_bounded() {
+        let run = |seed| {
+            let mut b = book_with(RetryOptions {
+                jitter: Jitter::Full,
+                seed: Some(seed),
+                ..Default::default()
+            });
+            (0..100)
+                .map(|i| {
+                    b.record_failure(&format!("t{i}"), None, at(0))
+                        .delay_seconds
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+        assert!(run(1).iter().all(|d| (0.0..=1.0).contains(d)));
+    }
+
+    #[test]
+    fn decorrelated_jitter_grows_from_the_previous_wait() {
+        let mut b = RetryBook::with_options(
+            BackoffPolicy::new(50, 2.0, 1.0, 30.0).unwrap(),
+            RetryOptions {
+                jitter: Jitter::Decorrelated,
+                seed: Some(9),
+                ..Default::default()
+            },
+        );
+        let mut previous = 1.0f64;
+        for i in 0..40 {
+            let r = b.record_failure("t", None, at(i * 100));
+            let d = r.delay_seconds;
+            assert!(
+                d >= 1.0 && d <= (previous * 3.0).min(30.0) + 1e-6,
+                "{d} after {previous}"
+            );
+            // The report is exact to the microsecond.
+            let info = r.info;
+            let waited =
+                info.next_retry_at.unwrap().micros() - info.last_retry_at.unwrap().micros();
+            assert_eq!(waited, timedelta_micros(d));
+            previous = waited as f64 / 1e6;
+        }
     }
 }

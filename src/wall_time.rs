@@ -100,6 +100,37 @@ impl WallTime {
     }
 }
 
+impl WallTime {
+    /// The inverse of [`WallTime::isoformat`]: `YYYY-MM-DDTHH:MM:SS` with an
+    /// optional `.ffffff`; `None` for anything else (other separators, a
+    /// time zone, fields out of range).
+    pub fn parse_isoformat(text: &str) -> Option<WallTime> {
+        let b = text.as_bytes();
+        if !(b.len() == 19 || b.len() == 26) {
+            return None;
+        }
+        let digits = |range: std::ops::Range<usize>| -> Option<u32> {
+            b[range].iter().try_fold(0u32, |n, &c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
+        };
+        let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+        if separators.iter().any(|&(i, c)| b[i] != c) || (b.len() == 26 && b[19] != b'.') {
+            return None;
+        }
+        let microsecond = if b.len() == 26 { digits(20..26)? } else { 0 };
+        WallTime::from_parts(DateTimeParts {
+            year: digits(0..4)? as i32,
+            month: digits(5..7)? as u8,
+            day: digits(8..10)? as u8,
+            hour: digits(11..13)? as u8,
+            minute: digits(14..16)? as u8,
+            second: digits(17..19)? as u8,
+            microsecond,
+        })
+    }
+}
+
 /// `datetime.isoformat()` of a naive datetime: microseconds only when non-zero.
 impl WallTime {
     /// `datetime.isoformat()`: `YYYY-MM-DDTHH:MM:SS[.ffffff]`, written digit by
@@ -354,5 +385,25 @@ mod tests {
         }
         assert_eq!(WallTime::MAX.to_string(), "9999-12-31T23:59:59.999999");
         assert_eq!(WallTime::MIN.to_string(), "0001-01-01T00:00:00");
+    }
+
+    #[test]
+    fn isoformat_parses_back() {
+        for micros in [0, 1, 63_000_000_000_123_456, WallTime::MAX.micros()] {
+            let t = WallTime::from_micros(micros).unwrap();
+            assert_eq!(WallTime::parse_isoformat(t.isoformat().as_str()), Some(t));
+        }
+        for bad in [
+            "",
+            "2026-11-29",
+            "2026-11-29 04:30:07",
+            "2026-13-01T00:00:00",
+            "2026-02-30T00:00:00",
+            "2026-11-29T04:30:07+00:00",
+            "2026-11-29T04:30:07.12",
+            "2026-11-29T04:3a:07",
+        ] {
+            assert_eq!(WallTime::parse_isoformat(bad), None, "{bad}");
+        }
     }
 }

@@ -17,11 +17,28 @@ DISPATCHER_KEYS = (
     "retry_backoff_base",
     "retry_initial_delay",
     "retry_max_delay",
+    "retry_jitter",
+    "retry_seed",
+    "retry_non_retryable",
+    "retry_policies",
+    "retry_max_duration",
+    "retry_budget",
     "graceful_shutdown_timeout",
     "task_registry_dir",
 )
 #: The keys of a nested ``retry:`` section (``retry_`` + key on the config).
-RETRY_KEYS = ("max_attempts", "backoff_base", "initial_delay", "max_delay")
+RETRY_KEYS = (
+    "max_attempts",
+    "backoff_base",
+    "initial_delay",
+    "max_delay",
+    "jitter",
+    "seed",
+    "non_retryable",
+    "policies",
+    "max_duration",
+    "budget",
+)
 
 
 @dataclass
@@ -40,6 +57,14 @@ class DispatcherConfig:
     skill_mapping: dict[str, list[str]] = field(default_factory=dict)
     retry_initial_delay: float = 1.0
     retry_max_delay: float = 300.0
+    # Beyond the original (README, "Retry policies"); the defaults keep its
+    # behaviour: no jitter, every reason retried, no time limit, no budget.
+    retry_jitter: str = "none"
+    retry_seed: int | None = None
+    retry_non_retryable: list[str] = field(default_factory=list)
+    retry_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retry_max_duration: float | None = None
+    retry_budget: int | dict[str, int] | None = None
 
     def get_pool(self, name: str) -> AgentPool | None:
         return next((p for p in self.agent_pools if p.name == name), None)

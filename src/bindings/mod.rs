@@ -6,8 +6,10 @@ mod call;
 mod clock;
 mod datetime;
 mod dispatcher;
+mod files;
 mod logging;
 mod retry;
+mod retry_options;
 
 use pyo3::prelude::*;
 
@@ -17,6 +19,8 @@ mod core_module {
     use super::clock::{PyManualClock, PySystemClock};
     #[pymodule_export]
     use super::dispatcher::PyDispatcherCore;
+    #[pymodule_export]
+    use super::files::write_atomically;
     #[pymodule_export]
     use super::retry::{PyRetryInfo, PyRetryManager};
 

@@ -9,13 +9,34 @@ use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 
 use crate::backoff::{BackoffPolicy, InvalidSetting, Setting};
 use crate::bindings::args::{self, Arg};
+use crate::bindings::files::{io_error, path_arg};
+use crate::bindings::retry_options::{self, OptionArgs, KEYWORD_NAMES};
 use crate::bindings::{clock, datetime};
-use crate::retry_manager::RetryManager;
+use crate::retry_manager::{LoadError, RetryManager};
+use crate::retry_snapshot::{self, RetryState};
 use crate::retry_state::RetrySnapshot;
 use crate::wall_time::WallTime;
 
 fn invalid_setting(err: InvalidSetting) -> PyErr {
     PyValueError::new_err(err.to_string())
+}
+
+/// Saved state as a Python dict (through JSON: the same form as a file).
+pub fn state_to_py<'py>(py: Python<'py>, json: &str) -> PyResult<Bound<'py, PyAny>> {
+    py.import("json")?.call_method1("loads", (json,))
+}
+
+/// A dict (as `snapshot()` gives) back to JSON text, or a clear error.
+pub fn state_from_py(what: &str, state: &Bound<'_, PyAny>) -> PyResult<String> {
+    if !state.is_instance_of::<PyDict>() {
+        return Err(args::type_error(what, "a dict", state));
+    }
+    let json = state
+        .py()
+        .import("json")?
+        .call_method1("dumps", (state,))
+        .map_err(|e| PyValueError::new_err(format!("{what}: not JSON data: {e}")))?;
+    json.extract::<String>()
 }
 
 /// Retry information of one task. Attributes are writable; `to_dict()` and
@@ -281,7 +302,12 @@ impl PyRetryManager {
 #[pymethods]
 impl PyRetryManager {
     #[new]
-    #[pyo3(signature = (max_attempts = Arg::Missing, backoff_base = Arg::Missing, initial_delay = Arg::Missing, max_delay = Arg::Missing, *, clock = None))]
+    #[pyo3(signature = (
+        max_attempts = Arg::Missing, backoff_base = Arg::Missing, initial_delay = Arg::Missing,
+        max_delay = Arg::Missing, *, clock = None, jitter = None, seed = None,
+        non_retryable = None, policies = None, max_retry_duration = None, retry_budget = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         max_attempts: Arg<'_>,
@@ -289,7 +315,24 @@ impl PyRetryManager {
         initial_delay: Arg<'_>,
         max_delay: Arg<'_>,
         clock: Option<&Bound<'_, PyAny>>,
+        jitter: Option<&Bound<'_, PyAny>>,
+        seed: Option<&Bound<'_, PyAny>>,
+        non_retryable: Option<&Bound<'_, PyAny>>,
+        policies: Option<&Bound<'_, PyAny>>,
+        max_retry_duration: Option<&Bound<'_, PyAny>>,
+        retry_budget: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let options = retry_options::read(
+            &OptionArgs {
+                jitter,
+                seed,
+                non_retryable,
+                policies,
+                max_retry_duration,
+                retry_budget,
+            },
+            &KEYWORD_NAMES,
+        )?;
         let defaults = BackoffPolicy::default();
         let max_attempts = match max_attempts {
             Arg::Missing => defaults.max_attempts(),
@@ -308,9 +351,100 @@ impl PyRetryManager {
         .map_err(invalid_setting)?;
         let (core_clock, clock) = clock::from_arg(py, clock)?;
         Ok(PyRetryManager {
-            core: Arc::new(RetryManager::new(policy, core_clock)),
+            core: Arc::new(RetryManager::with_options(policy, options, core_clock)),
             clock,
         })
+    }
+
+    /// "none", "full", "equal" or "decorrelated" (read-only).
+    #[getter]
+    fn jitter(&self) -> &'static str {
+        self.core.options().jitter.name()
+    }
+
+    #[getter]
+    fn seed(&self) -> Option<u64> {
+        self.core.options().seed
+    }
+
+    /// Reasons (or reason classes, `name` for `name: ...`) never retried.
+    #[getter]
+    fn non_retryable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        retry_options::non_retryable_to_py(py, &self.core.options())
+    }
+
+    /// Per-reason overrides of the four settings (a copy).
+    #[getter]
+    fn policies<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        retry_options::policies_to_py(py, &self.core.options())
+    }
+
+    #[getter]
+    fn max_retry_duration(&self) -> Option<f64> {
+        self.core.options().max_retry_duration
+    }
+
+    /// The retry budget's settings and level, or None without one.
+    #[getter]
+    fn retry_budget<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        retry_options::budget_to_py(py, self.core.budget_status())
+    }
+
+    /// `{"tracked": n, "retry_budget": {...} or None}`.
+    fn get_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        out.set_item("tracked", self.core.len())?;
+        out.set_item(
+            "retry_budget",
+            retry_options::budget_to_py(py, self.core.budget_status())?,
+        )?;
+        Ok(out)
+    }
+
+    /// The task succeeded: its retry information is cleared and the retry
+    /// budget refilled. No error for an unknown task.
+    fn record_success(&self, task_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.core.record_success(&args::string("task_id", task_id)?);
+        Ok(())
+    }
+
+    /// Every record as a JSON-ready dict; due times as wall-clock times.
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let json = retry_snapshot::to_json(&self.core.snapshot());
+        state_to_py(py, &json)
+    }
+
+    /// Replaces every record with those of a `snapshot()`; a state that does
+    /// not check out raises ValueError and changes nothing.
+    fn restore(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let json = state_from_py("state", state)?;
+        let state: RetryState = retry_snapshot::from_json(&json)
+            .map_err(|e| PyValueError::new_err(format!("state: {e}")))?;
+        self.core
+            .restore(&state)
+            .map_err(|e| PyValueError::new_err(format!("state: {e}")))
+    }
+
+    /// Writes `snapshot()` to `path` as JSON, atomically: a crash leaves the
+    /// previous file whole.
+    fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = path_arg("path", path)?;
+        let core = Arc::clone(&self.core);
+        py.detach(|| core.save(std::path::Path::new(&path)))
+            .map_err(|e| io_error(&path, &e))
+    }
+
+    /// Restores what `save(path)` wrote; a missing file raises
+    /// FileNotFoundError, a truncated or corrupted one ValueError, and
+    /// either way nothing is loaded.
+    fn load(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = path_arg("path", path)?;
+        let core = Arc::clone(&self.core);
+        py.detach(|| core.load(std::path::Path::new(&path)))
+            .map_err(|e| match e {
+                LoadError::Io(e) => io_error(&path, &e),
+                LoadError::Invalid(e) => PyValueError::new_err(format!("{path}: {e}")),
+            })
     }
 
     #[getter]

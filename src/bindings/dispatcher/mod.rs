@@ -6,12 +6,13 @@ mod ports;
 mod run_loop;
 mod settings;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
-use pyo3::exceptions::{PyAssertionError, PyTypeError};
+use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList};
 
@@ -25,11 +26,16 @@ use run_loop::{LoopControl, Wake};
 use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta};
 
 use crate::bindings::args;
-use crate::bindings::retry::{PyRetryInfo, PyRetryManager};
+use crate::bindings::files;
+use crate::bindings::retry::{self, PyRetryInfo, PyRetryManager};
+use crate::bindings::retry_options;
 use crate::bindings::{clock, datetime};
 use crate::clock::{Clock, Now};
 use crate::dispatcher::{DispatcherState, NewRunner, Place};
+use crate::dispatcher_snapshot;
+use crate::persist;
 use crate::retry_manager::RetryManager;
+use crate::retry_snapshot::SnapshotError;
 use crate::retry_state::RetryBook;
 use crate::runners::RunnerDetails;
 use crate::scheduling::{Policy, Scheduler};
@@ -63,6 +69,16 @@ struct TickCounts {
 }
 
 impl PyDispatcherCore {
+    fn restore_json(&self, json: &str) -> Result<(), SnapshotError> {
+        let snapshot = dispatcher_snapshot::from_json(json)?;
+        let result = self
+            .decide(|state, book, now| dispatcher_snapshot::restore(state, book, &snapshot, now));
+        if result.is_ok() && self.running() {
+            self.run_loop.nudge();
+        }
+        result
+    }
+
     fn retry_core(&self) -> Arc<RetryManager> {
         self.retry.lock().0.clone()
     }
@@ -244,7 +260,11 @@ impl PyDispatcherCore {
                 .getattr("TaskState")?,
         };
         let (core_clock, clock_obj) = clock::from_arg(py, clock)?;
-        let retry = Arc::new(RetryManager::new(tunables.backoff, core_clock.clone()));
+        let retry = Arc::new(RetryManager::with_options(
+            tunables.backoff,
+            tunables.retry_options,
+            core_clock.clone(),
+        ));
         let retry_obj = Py::new(
             py,
             PyRetryManager::from_core(retry.clone(), clock_obj.clone_ref(py)),
@@ -283,8 +303,8 @@ impl PyDispatcherCore {
     }
 
     /// Assigning a config re-reads its limits, heartbeat timeout, policy,
-    /// skill mapping and retry settings. The pools stay those of the first
-    /// config, with their running counts.
+    /// skill mapping and retry settings and options. The pools stay those of
+    /// the first config, with their running counts.
     #[setter]
     fn set_config(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let pools = { self.state.lock().pools().clone() };
@@ -295,7 +315,12 @@ impl PyDispatcherCore {
             state.set_policy(tunables.policy);
             state.set_skill_mapping(tunables.mapping);
         }
-        self.retry_core().lock().set_policy(tunables.backoff);
+        {
+            let retry = self.retry_core();
+            let mut book = retry.lock();
+            book.set_policy(tunables.backoff);
+            book.set_options(tunables.retry_options);
+        }
         self.set_port(|p| &mut p.config, value);
         Ok(())
     }
@@ -712,10 +737,15 @@ impl PyDispatcherCore {
 
     fn get_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let retry = self.retry_core();
-        let (snapshot, retry_info, policy) = {
+        let (snapshot, retry_info, policy, budget) = {
             let state = self.state.lock();
             let book = retry.lock();
-            (state.status(&book), book.all_info(), state.policy())
+            (
+                state.status(&book),
+                book.all_info(),
+                state.policy(),
+                book.budget_status(),
+            )
         };
         let out = PyDict::new(py);
         out.set_item("running", self.running())?;
@@ -762,7 +792,83 @@ impl PyDispatcherCore {
             infos.set_item(key.as_ref(), PyRetryInfo::from(info).to_dict(py)?)?;
         }
         out.set_item("retry_info", infos)?;
+        out.set_item("retry_budget", retry_options::budget_to_py(py, budget)?)?;
+        let stats = &snapshot.failure_stats;
+        let by_reason = |counts: &crate::metrics::ReasonCounts| -> PyResult<Bound<'py, PyDict>> {
+            let d = PyDict::new(py);
+            for (reason, n) in counts.iter() {
+                d.set_item(reason, n)?;
+            }
+            Ok(d)
+        };
+        out.set_item("retries_by_reason", by_reason(&stats.retries)?)?;
+        out.set_item(
+            "permanent_failures_by_reason",
+            by_reason(&stats.permanent_failures)?,
+        )?;
+        let delays = PyDict::new(py);
+        // Keyed by the upper bound as Prometheus writes it ("0.5", "+Inf").
+        let buckets = PyDict::new(py);
+        for (bound, n) in stats.delays.cumulative() {
+            buckets.set_item(crate::prometheus::number(bound), n)?;
+        }
+        delays.set_item("buckets", buckets)?;
+        delays.set_item("sum", stats.delays.sum)?;
+        delays.set_item("count", stats.delays.count)?;
+        out.set_item("backoff_delays", delays)?;
         Ok(out)
+    }
+
+    /// The state in the Prometheus text format: queue, delayed and running
+    /// counts, each pool's load, retries and permanent failures by reason
+    /// class, a histogram of backoff delays, and the retry budget.
+    fn export_prometheus(&self) -> String {
+        let retry = self.retry_core();
+        let (status, budget) = {
+            let state = self.state.lock();
+            let book = retry.lock();
+            (state.status(&book), book.budget_status())
+        };
+        crate::prometheus::render(&status, budget)
+    }
+
+    /// The retry state and the delayed set as a JSON-ready dict, due times
+    /// as wall-clock times (tasks themselves stay with the task source).
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let json = dispatcher_snapshot::to_json(
+            &self.decide(|state, book, now| dispatcher_snapshot::capture(state, book, now)),
+        );
+        retry::state_to_py(py, &json)
+    }
+
+    /// Restores a `snapshot()`: retry records, and delayed tasks held until
+    /// their due time (their handles arrive with the next poll). A state that
+    /// does not check out raises ValueError and changes nothing.
+    fn restore(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let json = retry::state_from_py("state", state)?;
+        self.restore_json(&json)
+            .map_err(|e| PyValueError::new_err(format!("state: {e}")))
+    }
+
+    /// Writes `snapshot()` to `path` atomically (temporary file, fsync,
+    /// rename): a crash leaves the previous file whole.
+    fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = files::path_arg("path", path)?;
+        let json = dispatcher_snapshot::to_json(
+            &self.decide(|state, book, now| dispatcher_snapshot::capture(state, book, now)),
+        );
+        py.detach(|| persist::write_atomically(Path::new(&path), json.as_bytes()))
+            .map_err(|e| files::io_error(&path, &e))
+    }
+
+    /// Restores what `save(path)` wrote; nothing is loaded on any error.
+    fn load(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = files::path_arg("path", path)?;
+        let text = py
+            .detach(|| std::fs::read_to_string(&path))
+            .map_err(|e| files::io_error(&path, &e))?;
+        self.restore_json(&text)
+            .map_err(|e| PyValueError::new_err(format!("{path}: {e}")))
     }
 
     /// Changes a held task's priority, reordering the queue; False when the

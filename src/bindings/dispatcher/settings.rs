@@ -8,10 +8,12 @@ use pyo3::types::{PyDict, PyString};
 
 use super::errors::PoolNotFoundError;
 use crate::backoff::{python_float_repr, BackoffPolicy};
+use crate::bindings::retry_options::{self, OptionArgs, CONFIG_NAMES};
 use crate::bindings::{args, datetime};
 use crate::clock::seconds_to_nanos;
 use crate::dispatcher::{Limits, TaskMeta};
 use crate::pools::{PoolState, Pools};
+use crate::retry_state::RetryOptions;
 use crate::scheduling::{Policy, SkillMapping};
 
 /// `obj.name` (or `obj[name]` for a dict); None when absent.
@@ -87,6 +89,7 @@ pub struct Tunables {
     pub policy: Policy,
     pub mapping: SkillMapping,
     pub backoff: BackoffPolicy,
+    pub retry_options: RetryOptions,
 }
 
 pub fn read_tunables(config: &Bound<'_, PyAny>, pools: &Pools) -> PyResult<Tunables> {
@@ -109,11 +112,24 @@ pub fn read_tunables(config: &Bound<'_, PyAny>, pools: &Pools) -> PyResult<Tunab
         Some(p) => policy("config.scheduling_policy", &p)?,
         None => Policy::Priority,
     };
+    let options = |name| getattr_opt(config, name);
+    let retry_options = retry_options::read(
+        &OptionArgs {
+            jitter: options("retry_jitter")?.as_ref(),
+            seed: options("retry_seed")?.as_ref(),
+            non_retryable: options("retry_non_retryable")?.as_ref(),
+            policies: options("retry_policies")?.as_ref(),
+            max_retry_duration: options("retry_max_duration")?.as_ref(),
+            retry_budget: options("retry_budget")?.as_ref(),
+        },
+        &CONFIG_NAMES,
+    )?;
     Ok(Tunables {
         limits,
         policy,
         mapping: skill_mapping(config, pools)?,
         backoff,
+        retry_options,
     })
 }
 

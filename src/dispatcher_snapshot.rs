@@ -1,0 +1,116 @@
+//! Saving and restoring what a dispatcher must not forget across a restart:
+//! its retry state and its delayed set (which task comes back when). Tasks
+//! themselves belong to the caller's task source; a restored delayed task is
+//! held without its handle until the source hands it over again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Now;
+use crate::dispatcher::DispatcherState;
+use crate::retry_snapshot::{self, RetryState, SnapshotError};
+use crate::retry_state::RetryBook;
+use crate::wall_time::WallTime;
+
+pub const FORMAT: &str = "necrocode-dispatch dispatcher state";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatcherSnapshot {
+    pub format: String,
+    pub version: u32,
+    pub saved_at: String,
+    pub retry: RetryState,
+    pub delayed: Vec<SavedDelay>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedDelay {
+    pub task_id: String,
+    pub spec_name: String,
+    /// When it comes back, as a wall-clock time at the save.
+    pub due_at: String,
+}
+
+pub fn capture<T>(state: &DispatcherState<T>, book: &RetryBook, now: Now) -> DispatcherSnapshot {
+    let delayed = state
+        .delayed_tasks()
+        .into_iter()
+        .map(|(id, spec, due)| SavedDelay {
+            task_id: id.to_string(),
+            spec_name: spec.to_string(),
+            due_at: retry_snapshot::wall_of(now, due)
+                .isoformat()
+                .as_str()
+                .to_owned(),
+        })
+        .collect();
+    DispatcherSnapshot {
+        format: FORMAT.to_owned(),
+        version: VERSION,
+        saved_at: now.wall.isoformat().as_str().to_owned(),
+        retry: retry_snapshot::capture(book, now),
+        delayed,
+    }
+}
+
+/// Restores the retry state and holds each saved delayed task (unless the
+/// dispatcher holds it already) until its due time. Everything is checked
+/// first: on error nothing changes.
+pub fn restore<T>(
+    state: &mut DispatcherState<T>,
+    book: &mut RetryBook,
+    snapshot: &DispatcherSnapshot,
+    now: Now,
+) -> Result<(), SnapshotError> {
+    if snapshot.format != FORMAT {
+        return Err(SnapshotError(format!(
+            "not a dispatcher state: format is {:?}, expected {FORMAT:?}",
+            snapshot.format
+        )));
+    }
+    if snapshot.version != VERSION {
+        return Err(SnapshotError(format!(
+            "unsupported dispatcher state version {} (this version reads {VERSION})",
+            snapshot.version
+        )));
+    }
+    let mut seen = HashSet::new();
+    let mut delayed = Vec::with_capacity(snapshot.delayed.len());
+    for (i, d) in snapshot.delayed.iter().enumerate() {
+        if !seen.insert(d.task_id.as_str()) {
+            return Err(SnapshotError(format!(
+                "delayed[{i}] ({:?}): task_id appears twice",
+                d.task_id
+            )));
+        }
+        let due = WallTime::parse_isoformat(&d.due_at).ok_or_else(|| {
+            SnapshotError(format!(
+                "delayed[{i}] ({:?}): due_at {:?} is not an isoformat datetime",
+                d.task_id, d.due_at
+            ))
+        })?;
+        delayed.push((
+            Arc::<str>::from(d.task_id.as_str()),
+            Arc::<str>::from(d.spec_name.as_str()),
+            retry_snapshot::mono_of(now, due),
+        ));
+    }
+    retry_snapshot::restore(book, &snapshot.retry, now)
+        .map_err(|e| SnapshotError(format!("retry: {e}")))?;
+    for (id, spec, due) in delayed {
+        state.hold_delayed(id, spec, due, now);
+    }
+    Ok(())
+}
+
+pub fn to_json(snapshot: &DispatcherSnapshot) -> String {
+    serde_json::to_string(snapshot).expect("dispatcher state serialises")
+}
+
+pub fn from_json(text: &str) -> Result<DispatcherSnapshot, SnapshotError> {
+    retry_snapshot::parse_json(text, "dispatcher state")
+}

@@ -1,0 +1,272 @@
+//! Saving and restoring retry state across restarts.
+//!
+//! Monotonic times mean nothing in another process (or after a reboot), so due
+//! times are saved as wall-clock times and converted back to the monotonic
+//! clock on load: a task due 30 s after the save is due 30 s after the load
+//! if the wall clock moved on by exactly the time between them, or at once if
+//! the wall clock says the due time has passed.
+//!
+//! A restore checks everything first and changes nothing when any part is
+//! wrong, so a truncated or corrupted file loads nothing.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{MonoNanos, Now};
+use crate::failure_policy::GiveUp;
+use crate::retry_state::{RetryBook, StoredRecord};
+use crate::wall_time::WallTime;
+
+/// What the file says it is, so that another JSON file is not taken for one.
+pub const FORMAT: &str = "necrocode-dispatch retry state";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryState {
+    pub format: String,
+    pub version: u32,
+    /// Wall-clock time of the save.
+    pub saved_at: String,
+    pub records: Vec<SavedRecord>,
+    #[serde(default)]
+    pub retry_budget: Option<SavedBudget>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedRecord {
+    pub task_id: String,
+    pub retry_count: u64,
+    pub last_retry_at: String,
+    /// As reported: `last_retry_at` + the delay.
+    pub next_retry_at: String,
+    pub failure_reason: Option<String>,
+    /// The monotonic due time as a wall-clock time at the save.
+    pub due_at: String,
+    #[serde(default)]
+    pub gave_up: Option<String>,
+    #[serde(default)]
+    pub first_failure_at: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedBudget {
+    pub tokens: u64,
+}
+
+/// Why saved state cannot be restored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotError(pub String);
+
+impl fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `mono` as a wall-clock time, by the two clocks' readings at `now`.
+pub fn wall_of(now: Now, mono: MonoNanos) -> WallTime {
+    let delta = if mono >= now.mono {
+        ((mono - now.mono) / 1_000) as i64
+    } else {
+        -(((now.mono - mono) / 1_000) as i64)
+    };
+    now.wall.saturating_add_micros(delta)
+}
+
+/// The inverse of [`wall_of`], held within the monotonic clock's range.
+pub fn mono_of(now: Now, wall: WallTime) -> MonoNanos {
+    let delta_micros = i128::from(wall.micros()) - i128::from(now.wall.micros());
+    let mono = i128::from(now.mono) + delta_micros * 1_000;
+    mono.clamp(0, i128::from(u64::MAX)) as MonoNanos
+}
+
+/// The book's state at `now`.
+pub fn capture(book: &RetryBook, now: Now) -> RetryState {
+    let records = book
+        .stored_records()
+        .into_iter()
+        .map(|r| SavedRecord {
+            task_id: r.task_id.to_string(),
+            retry_count: u64::from(r.retry_count),
+            last_retry_at: r.last_retry_at.isoformat().as_str().to_owned(),
+            next_retry_at: r.next_retry_at.isoformat().as_str().to_owned(),
+            failure_reason: r.failure_reason.map(|s| s.to_string()),
+            due_at: wall_of(now, r.due).isoformat().as_str().to_owned(),
+            gave_up: r.gave_up.map(|g| g.name().to_owned()),
+            first_failure_at: r
+                .first_failure
+                .map(|m| wall_of(now, m).isoformat().as_str().to_owned()),
+        })
+        .collect();
+    RetryState {
+        format: FORMAT.to_owned(),
+        version: VERSION,
+        saved_at: now.wall.isoformat().as_str().to_owned(),
+        records,
+        retry_budget: book
+            .budget_status()
+            .map(|b| SavedBudget { tokens: b.tokens }),
+    }
+}
+
+/// Replaces the book's records with the saved ones, converting due times to
+/// the monotonic clock at `now`. Nothing changes on error.
+pub fn restore(book: &mut RetryBook, state: &RetryState, now: Now) -> Result<(), SnapshotError> {
+    let records = check(state, now)?;
+    book.replace_records(&records, state.retry_budget.as_ref().map(|b| b.tokens));
+    Ok(())
+}
+
+fn check(state: &RetryState, now: Now) -> Result<Vec<StoredRecord>, SnapshotError> {
+    if state.format != FORMAT {
+        return Err(SnapshotError(format!(
+            "not a retry state: format is {:?}, expected {FORMAT:?}",
+            state.format
+        )));
+    }
+    if state.version != VERSION {
+        return Err(SnapshotError(format!(
+            "unsupported retry state version {} (this version reads {VERSION})",
+            state.version
+        )));
+    }
+    let mut seen = HashSet::new();
+    let mut records = Vec::with_capacity(state.records.len());
+    for (i, r) in state.records.iter().enumerate() {
+        let at = |what: &str| format!("records[{i}] ({:?}): {what}", r.task_id);
+        if !seen.insert(r.task_id.as_str()) {
+            return Err(SnapshotError(at("task_id appears twice")));
+        }
+        let time = |field: &str, text: &str| {
+            WallTime::parse_isoformat(text).ok_or_else(|| {
+                SnapshotError(at(&format!(
+                    "{field} {text:?} is not an isoformat datetime"
+                )))
+            })
+        };
+        let retry_count = u32::try_from(r.retry_count).map_err(|_| {
+            SnapshotError(at(&format!("retry_count {} is too large", r.retry_count)))
+        })?;
+        let last_retry_at = time("last_retry_at", &r.last_retry_at)?;
+        let gave_up = match &r.gave_up {
+            None => None,
+            Some(name) => Some(GiveUp::parse(name).ok_or_else(|| {
+                SnapshotError(at(&format!("gave_up {name:?} is not a known reason")))
+            })?),
+        };
+        let first_failure = match &r.first_failure_at {
+            Some(text) => mono_of(now, time("first_failure_at", text)?),
+            None => mono_of(now, last_retry_at),
+        };
+        records.push(StoredRecord {
+            task_id: Arc::from(r.task_id.as_str()),
+            retry_count,
+            last_retry_at,
+            next_retry_at: time("next_retry_at", &r.next_retry_at)?,
+            failure_reason: r.failure_reason.as_deref().map(Arc::from),
+            due: mono_of(now, time("due_at", &r.due_at)?),
+            gave_up,
+            first_failure: Some(first_failure),
+        });
+    }
+    Ok(records)
+}
+
+pub fn to_json(state: &RetryState) -> String {
+    serde_json::to_string(state).expect("retry state serialises")
+}
+
+/// Parses saved JSON; the error says where it went wrong.
+pub fn from_json(text: &str) -> Result<RetryState, SnapshotError> {
+    parse_json(text, "retry state")
+}
+
+/// Parses saved JSON of any of our state formats (`what` names it).
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    what: &str,
+) -> Result<T, SnapshotError> {
+    serde_json::from_str(text).map_err(|e| {
+        let problem = if e.is_eof() {
+            "it ends early (truncated?)".to_owned()
+        } else {
+            format!("it is not valid {what}")
+        };
+        SnapshotError(format!("{problem}: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backoff::BackoffPolicy;
+    use crate::retry_state::RetryOptions;
+
+    const SECOND: MonoNanos = 1_000_000_000;
+
+    fn at(mono_seconds: u64, wall_seconds: i64) -> Now {
+        Now {
+            mono: mono_seconds * SECOND,
+            wall: WallTime::from_micros(63_900_000_000_000_000 + wall_seconds * 1_000_000).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_round_trip_keeps_every_record_and_moves_due_times_to_the_new_clock() {
+        let mut book = RetryBook::new(BackoffPolicy::new(3, 2.0, 10.0, 300.0).unwrap());
+        book.record_failure("a", Some("exit 1"), at(100, 0));
+        book.record_failure("b", None, at(100, 0));
+        book.record_failure("b", None, at(105, 5));
+        for _ in 0..3 {
+            book.record_failure("c", Some("oom"), at(105, 5));
+        }
+        let saved = capture(&book, at(106, 6));
+        let text = to_json(&saved);
+        // A new process: its monotonic clock starts elsewhere.
+        let mut restored = RetryBook::new(BackoffPolicy::new(3, 2.0, 10.0, 300.0).unwrap());
+        restore(&mut restored, &from_json(&text).unwrap(), at(7, 6)).unwrap();
+        assert_eq!(restored.all_info().len(), 3);
+        for id in ["a", "b", "c"] {
+            assert_eq!(restored.info(id), book.info(id), "{id}");
+        }
+        // "a" was due 4 s after the save; "b" 19 s after.
+        assert!(restored.ready_for_retry(10 * SECOND).is_empty());
+        assert_eq!(restored.ready_for_retry(11 * SECOND).len(), 1);
+        assert_eq!(restored.ready_for_retry(26 * SECOND).len(), 2);
+        assert!(!restored.should_retry("c", u64::MAX).allowed());
+        assert_eq!(capture(&restored, at(7, 6)), saved);
+    }
+
+    #[test]
+    fn broken_state_is_refused_and_changes_nothing() {
+        let mut book = RetryBook::with_options(BackoffPolicy::default(), RetryOptions::default());
+        book.record_failure("keep", None, at(0, 0));
+        let good = to_json(&capture(&book, at(0, 0)));
+        let truncated = &good[..good.len() / 2];
+        assert!(from_json(truncated).unwrap_err().0.contains("ends early"));
+        assert!(from_json("{\"format\": 1}").is_err());
+        let mut wrong = from_json(&good).unwrap();
+        wrong.records[0].due_at = "yesterday".into();
+        let err = restore(&mut book, &wrong, at(0, 0)).unwrap_err();
+        assert_eq!(
+            err.0,
+            "records[0] (\"keep\"): due_at \"yesterday\" is not an isoformat datetime"
+        );
+        let mut twice = from_json(&good).unwrap();
+        twice.records.push(twice.records[0].clone());
+        twice.records[1].retry_count = 2;
+        assert!(restore(&mut book, &twice, at(0, 0))
+            .unwrap_err()
+            .0
+            .contains("twice"));
+        let mut other = from_json(&good).unwrap();
+        other.format = "something else".into();
+        assert!(restore(&mut book, &other, at(0, 0)).is_err());
+        assert_eq!(book.retry_count("keep"), 1);
+    }
+}
