@@ -233,6 +233,10 @@ def test_status_structure_is_json():
         "pool_statuses",
         "metrics",
         "retry_info",
+        "retry_budget",
+        "retries_by_reason",
+        "permanent_failures_by_reason",
+        "backoff_delays",
     }
     assert status["scheduling_policy"] == "priority"
     assert status["running_tasks"] == status["global_running_count"] == 1
