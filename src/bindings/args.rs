@@ -35,6 +35,11 @@ pub fn describe(obj: &Bound<'_, PyAny>) -> String {
     format!("{type_name} {repr}")
 }
 
+/// A text quoted the way Python's `repr` quotes a simple str: `'name'`.
+pub fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 pub fn type_error(name: &str, expected: &str, obj: &Bound<'_, PyAny>) -> PyErr {
     PyTypeError::new_err(format!("{name} must be {expected}, got {}", describe(obj)))
 }

@@ -164,14 +164,14 @@ fn policies(
     let mut out = Vec::new();
     for (reason, policy) in dict.iter() {
         let reason = args::string(&format!("{name} key"), &reason)?.into_owned();
-        let here = format!("{name}[{reason:?}]");
+        let here = format!("{name}[{}]", args::quoted(&reason));
         let policy = policy
             .cast::<PyDict>()
             .map_err(|_| args::type_error(&here, "a dict of settings", &policy))?;
         let mut o = PolicyOverride::default();
         for (key, setting) in policy.iter() {
             let key = args::string(&format!("{here} key"), &key)?;
-            let field = format!("{here}[{key:?}]");
+            let field = format!("{here}[{}]", args::quoted(&key));
             match key.as_ref() {
                 "max_attempts" => o.max_attempts = Some(args::non_negative_int(&field, &setting)?),
                 "initial_delay" => o.initial_delay = Some(args::number(&field, &setting)?),
@@ -179,7 +179,8 @@ fn policies(
                 "max_delay" => o.max_delay = Some(args::number(&field, &setting)?),
                 other => {
                     return Err(PyValueError::new_err(format!(
-                        "{here}: unknown setting {other:?} (known: {})",
+                        "{here}: unknown setting {} (known: {})",
+                        args::quoted(other),
                         POLICY_KEYS.join(", ")
                     )))
                 }
@@ -199,7 +200,7 @@ fn budget(name: &str, value: &Bound<'_, PyAny>) -> PyResult<BudgetSettings> {
     if let Ok(dict) = value.cast::<PyDict>() {
         for (key, v) in dict.iter() {
             let key = args::string(&format!("{name} key"), &key)?;
-            let field = format!("{name}[{key:?}]");
+            let field = format!("{name}[{}]", args::quoted(&key));
             let n = args::non_negative_int(&field, &v)?;
             match key.as_ref() {
                 "capacity" => settings.capacity = n,
@@ -207,7 +208,8 @@ fn budget(name: &str, value: &Bound<'_, PyAny>) -> PyResult<BudgetSettings> {
                 "success_refill" => settings.success_refill = n,
                 other => {
                     return Err(PyValueError::new_err(format!(
-                        "{name}: unknown setting {other:?} (known: capacity, retry_cost, success_refill)"
+                        "{name}: unknown setting {} (known: capacity, retry_cost, success_refill)",
+                        args::quoted(other)
                     )))
                 }
             }
