@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,10 @@ TOUCH = "tasks:\n  - {id: a, command: 'touch MARKER'}\n"
             "agent_pools: {gpu: {type: docker}}\n" + TOUCH,
             "agent_pools.gpu.type: 'docker' pools cannot run here",
         ),
+        (
+            "dispatcher: {retry: {jitter: sometimes}}\n" + TOUCH,
+            "config.retry_jitter must be one of 'none', 'full', 'equal', 'decorrelated'",
+        ),
     ],
     ids=[
         "missing-command",
@@ -192,6 +197,7 @@ TOUCH = "tasks:\n  - {id: a, command: 'touch MARKER'}\n"
         "not-mapping",
         "bad-retry",
         "docker",
+        "bad-jitter",
     ],
 )
 def test_a_bad_job_file_exits_2_and_runs_nothing(tmp_path, text, message):
@@ -357,3 +363,104 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
         bar = "[############............] 1/2  done 1"
         assert (bar in text) is isinstance(stream, Terminal)
         assert ("\x1b[K" in text) is isinstance(stream, Terminal)
+
+
+def read_state(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_state_file(tmp_path):
+    """Killed mid-run (one task running, one waiting for its retry, two
+    done), the run resumes with --state: it finishes every task and runs
+    none of the done ones again; retry counts carry on."""
+    marks = tmp_path / "marks"
+    flag = tmp_path / "hang-once"
+    job = write_job(
+        tmp_path,
+        f"""
+        dispatcher:
+          retry: {{initial_delay: 3, max_attempts: 3}}
+        tasks:
+          - {{id: a, command: "echo a >> {marks}"}}
+          - {{id: b, command: "echo b >> {marks}"}}
+          - id: flaky
+            command: >-
+              echo flaky >> {marks};
+              if [ -e {tmp_path}/flaky-failed ]; then exit 0; fi;
+              touch {tmp_path}/flaky-failed; exit 1
+          - id: slow
+            command: >-
+              echo "slow $$" >> {marks};
+              if [ -e {flag} ]; then exit 0; fi; touch {flag}; exec sleep 60
+        """,
+    )
+    state = tmp_path / "run-state.json"
+    first = subprocess.Popen(
+        cli_args(tmp_path, job, "--quiet", "--state", str(state)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            saved = read_state(state)
+            tasks = saved["tasks"] if saved else {}
+            states = {t: tasks.get(t, {}).get("state") for t in ("a", "b", "flaky", "slow")}
+            if (
+                states == {"a": "done", "b": "done", "flaky": "ready", "slow": "running"}
+                and (tmp_path / "flaky-failed").exists()
+            ):
+                break
+            assert first.poll() is None, f"the run ended early: {states}"
+            assert time.monotonic() < deadline, f"never reached the kill point: {states}"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # The hanging command outlived the killed run; end it.
+    slow_pid = int(
+        next(line for line in marks.read_text().split("\n") if line.startswith("slow")).split()[1]
+    )
+    os.killpg(slow_pid, signal.SIGKILL)
+    assert saved["dispatcher"]["retry"]["records"][0]["task_id"] == "flaky"
+
+    (tmp_path / "work").rename(tmp_path / "work-1")
+    # Resumed: the flaky command's retry (it succeeds now) waits out its backoff.
+    result = run_cli(tmp_path, job, "--state", str(state), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    outcomes = {t["id"]: (t["outcome"], t["attempts"]) for t in report["tasks"]}
+    assert outcomes == {
+        "a": ("done", 1),
+        "b": ("done", 1),
+        "flaky": ("done", 2),
+        "slow": ("done", 2),
+    }
+    started = [line.split()[0] for line in marks.read_text().split("\n") if line]
+    assert started.count("a") == 1 and started.count("b") == 1
+    assert started.count("flaky") == 2 and started.count("slow") == 2
+    # The retry waited out the backoff recorded before the kill.
+    history = {t["id"]: t["history"] for t in report["tasks"]}
+    failed_at = next(h for h in history["flaky"] if h["state"] == "ready" and h["metadata"])
+    retried_at = [h for h in history["flaky"] if h["state"] == "running"][1]
+    waited = datetime.fromisoformat(retried_at["at"]) - datetime.fromisoformat(failed_at["at"])
+    assert waited.total_seconds() >= 3 - 0.05
+    # Resuming a finished run runs nothing.
+    again = run_cli(tmp_path, job, "--state", str(state))
+    assert again.returncode == 0
+    assert len([line for line in marks.read_text().split("\n") if line]) == len(started)
+
+
+def test_a_damaged_state_file_is_refused_before_anything_runs(tmp_path):
+    job = write_job(tmp_path, f"tasks: [{{id: a, command: 'touch {tmp_path}/ran'}}]\n")
+    state = tmp_path / "state.json"
+    state.write_text('{"format": "necrocode-dispatch run state", "version": 1, "tasks": {')
+    result = run_cli(tmp_path, job, "--state", str(state))
+    assert result.returncode == 2
+    assert "not a run state (truncated?)" in result.stderr
+    assert not (tmp_path / "ran").exists()

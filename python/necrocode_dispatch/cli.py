@@ -29,6 +29,7 @@ from necrocode_dispatch.local import (
     LocalSlotPool,
     SubprocessLauncher,
 )
+from necrocode_dispatch.run_state import RunState, StateFileError
 
 PROG = "necrocode-dispatch"
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_JOB = 0, 1, 2
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--workdir", metavar="DIR", help="slots and command logs (default: a new temporary dir)"
     )
+    run.add_argument(
+        "--state",
+        metavar="FILE",
+        help="resume from FILE if it exists, and keep it up to date: a run stopped "
+        "at any moment continues where it was",
+    )
     run.add_argument("--quiet", action="store_true", help="no live progress")
     run.add_argument("-v", "--verbose", action="store_true", help="log the dispatcher's decisions")
     args = parser.parse_args(argv)
@@ -83,10 +90,22 @@ def run_job(args: argparse.Namespace) -> int:
         return EXIT_BAD_JOB
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"{PROG}-"))
     events_path = Path(args.events) if args.events else workdir / "events.jsonl"
+    run_state = RunState(args.state, str(args.jobfile)) if args.state else None
+    try:
+        saved = run_state.load() if run_state else None
+    except StateFileError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_BAD_JOB
     progress = Progress(
         sys.stderr, [t.id for t in job.tasks], job.config.retry_max_attempts, args.quiet
     )
-    registry = InMemoryTaskRegistry(job.tasks, listener=progress.on_change)
+
+    def on_change(task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
+        progress.on_change(task_id, state, metadata)
+        if run_state is not None:
+            run_state.save(registry, dispatcher)
+
+    registry = InMemoryTaskRegistry(job.tasks, listener=on_change)
     launcher = SubprocessLauncher(
         workdir / "logs", heartbeat_interval=min(1.0, job.config.heartbeat_timeout / 3)
     )
@@ -101,6 +120,16 @@ def run_job(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, DispatcherError) as e:
         print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
         return EXIT_BAD_JOB
+    if run_state is not None:
+        if saved is not None:
+            try:
+                registry.restore(saved["tasks"])
+                dispatcher.restore(saved["dispatcher"])
+            except (ValueError, TypeError, KeyError) as e:
+                print(f"{PROG}: {run_state.path}: cannot resume: {e}", file=sys.stderr)
+                return EXIT_BAD_JOB
+            progress.resume(registry, run_state.path)
+        run_state.save(registry, dispatcher)
     recorder = JsonlEventRecorder(events_path)
     dispatcher.event_recorder = recorder
     launcher.dispatcher = dispatcher
@@ -129,8 +158,12 @@ def run_job(args: argparse.Namespace) -> int:
     else:
         print_table(rows, sys.stdout)
         print(f"\nevent log: {events_path}\ncommand logs: {workdir / 'logs'}")
+        if run_state is not None:
+            print(f"state: {run_state.path}")
         if interrupted is not None:
             print(f"interrupted ({interrupted}): running commands were stopped")
+    if run_state is not None and run_state.save_error is not None:
+        print(f"{PROG}: saving {run_state.path} failed: {run_state.save_error}", file=sys.stderr)
     return code
 
 
@@ -244,6 +277,21 @@ class Progress:
         self.lock = threading.Lock()
         self.labels: dict[str, str] = {}
         self.attempts: dict[str, int] = {}
+
+    def resume(self, registry: InMemoryTaskRegistry, path: Path) -> None:
+        """Takes in the tasks' states restored from a state file."""
+        with self.lock:
+            for task_id in registry.task_ids():
+                history = registry.get_history(task_id)
+                self.attempts[task_id] = sum(c.state is TaskState.RUNNING for c in history)
+                state = registry.get_state(task_id)
+                if state in (TaskState.DONE, TaskState.FAILED):
+                    self.labels[task_id] = state.value
+            if not self.quiet:
+                done = sum(label == "done" for label in self.labels.values())
+                failed = sum(label == "failed" for label in self.labels.values())
+                self.stream.write(f"resuming from {path}: {done} done, {failed} failed\n")
+                self.stream.flush()
 
     def on_change(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
         with self.lock:

@@ -127,6 +127,43 @@ class InMemoryTaskRegistry:
         with self._lock:
             return Counter(r.state for r in self._records.values())
 
+    def snapshot(self) -> dict[str, Any]:
+        """Each task's state and history, as JSON data."""
+        with self._lock:
+            return {
+                task_id: {
+                    "state": r.state.value,
+                    "history": [
+                        {"state": c.state.value, "metadata": c.metadata, "at": c.at.isoformat()}
+                        for c in r.history
+                    ],
+                }
+                for task_id, r in self._records.items()
+            }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Takes back the states and histories of a ``snapshot()`` for the
+        tasks registered here (others are ignored). A task that was running
+        when saved is READY again: its runner went with the process."""
+        restored = {}
+        for task_id, entry in saved.items():
+            state = TaskState(entry["state"])
+            history = [
+                StateChange(
+                    TaskState(c["state"]), dict(c["metadata"]), datetime.fromisoformat(c["at"])
+                )
+                for c in entry["history"]
+            ]
+            if state is TaskState.RUNNING:
+                state = TaskState.READY
+            restored[task_id] = (state, history)
+        with self._lock:
+            for task_id, (state, history) in restored.items():
+                record = self._records.get(task_id)
+                if record is not None:
+                    record.state = state
+                    record.history = history
+
     def all_finished(self) -> bool:
         """Every task DONE or FAILED."""
         with self._lock:
