@@ -792,6 +792,13 @@ mod tests {
     }
 
     #[test]
+    fn a_record_stays_48_bytes() {
+        // SPEC §6's memory target rests on it: options beyond the original's
+        // keep their per-record data aside.
+        assert_eq!(std::mem::size_of::<RetryRecord>(), 48);
+    }
+
+    #[test]
     fn failures_increment_the_count_and_keep_the_last_reason() {
         let mut b = book(3);
         assert_eq!(b.retry_count("t"), 0);

@@ -70,3 +70,58 @@ def test_concurrent_mixed_calls_lose_no_failure():
     tracked = set(manager.get_all_retry_info())
     assert tracked == {t for t in TASKS if expected[t]}
     assert len(manager) == len(tracked)
+
+
+def test_the_retry_budget_is_never_spent_twice_under_concurrent_failures():
+    """8 threads fail distinct tasks at once against one budget: exactly
+    capacity / cost retries are granted, every other failure is refused, and
+    the level never leaves 0..capacity, whatever the interleaving."""
+    capacity, cost = 500, 5
+    manager = RetryManager(
+        max_attempts=100,
+        clock=ManualClock(),
+        retry_budget={"capacity": capacity, "retry_cost": cost},
+    )
+    barrier = threading.Barrier(THREADS)
+    seen_levels: list[int] = []
+    errors = []
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(2_000):
+                manager.record_failure(f"w{index}-{i}", "exit 1")
+                if i % 97 == 0:
+                    seen_levels.append(manager.get_status()["retry_budget"]["tokens"])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    budget = manager.get_status()["retry_budget"]
+    granted = capacity // cost
+    assert budget["tokens"] == 0
+    assert budget["refused"] == THREADS * 2_000 - granted
+    assert len(manager.get_tasks_ready_for_retry()) == 0  # none due yet
+    manager.clock.advance(10)
+    assert len(manager.get_tasks_ready_for_retry()) == granted
+    assert all(0 <= level <= capacity for level in seen_levels)
+
+    # Successes from many threads refill it to exactly its capacity.
+    ready = manager.get_tasks_ready_for_retry()
+    chunks = [ready[i::THREADS] for i in range(THREADS)]
+
+    def succeed(ids: list[str]) -> None:
+        for task_id in ids:
+            manager.record_success(task_id)
+
+    threads = [threading.Thread(target=succeed, args=(chunk,)) for chunk in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert manager.get_status()["retry_budget"]["tokens"] == capacity

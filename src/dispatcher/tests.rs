@@ -484,3 +484,54 @@ fn a_duplicate_runner_id_from_the_launcher_fails_the_assignment() {
     assert_eq!(s.global_running(), 1);
     s.check_invariants().unwrap();
 }
+
+#[test]
+fn a_restored_delay_takes_the_polled_task_and_queues_it_when_due() {
+    let mut s = state();
+    assert!(s.hold_delayed("t".into(), "spec".into(), 30 * SECOND, at(0)));
+    assert!(!s.hold_delayed("t".into(), "spec".into(), 40 * SECOND, at(0)));
+    let mut polled = meta("t");
+    polled.priority = 7;
+    assert!(s.offer(polled, "handle", at(1)).is_ok());
+    assert_eq!(s.place_of("t"), Some(&Place::Delayed { due: 30 * SECOND }));
+    assert_eq!(s.promote_due(29 * SECOND), 0);
+    assert_eq!(s.promote_due(30 * SECOND), 1);
+    let reserved = s.schedule();
+    assert_eq!(reserved.len(), 1);
+    // The polled task's own details replaced the placeholder's.
+    assert_eq!(reserved[0].meta.priority, 7);
+    assert_eq!(reserved[0].payload, "handle");
+}
+
+#[test]
+fn a_dispatcher_snapshot_round_trip_keeps_retries_and_delays() {
+    use crate::dispatcher_snapshot::{capture, from_json, restore, to_json};
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::new(3, 2.0, 10.0, 300.0).unwrap());
+    s.offer(meta("t"), "handle", at(0)).unwrap();
+    let reserved = s.schedule();
+    s.confirm_assignment(
+        &reserved[0].meta.id,
+        "handle",
+        runner("r1"),
+        &mut book,
+        at(0),
+    );
+    s.complete("r1", Some("t"), false, Some("exit 1"), &mut book, at(0));
+    assert_eq!(s.next_due(), Some(10 * SECOND));
+    let text = to_json(&capture(&s, &book, at(4)));
+    // Another process, whose monotonic clock reads 100 s at the same wall time.
+    let mut later = state();
+    let mut later_book = RetryBook::new(BackoffPolicy::new(3, 2.0, 10.0, 300.0).unwrap());
+    let now = Now {
+        mono: 100 * SECOND,
+        wall: at(4).wall,
+    };
+    restore(&mut later, &mut later_book, &from_json(&text).unwrap(), now).unwrap();
+    assert_eq!(
+        later.place_of("t"),
+        Some(&Place::Delayed { due: 106 * SECOND })
+    );
+    assert_eq!(later_book.retry_count("t"), 1);
+    assert_eq!(later_book.info("t"), book.info("t"));
+}
