@@ -66,18 +66,11 @@ pub fn restore<T>(
     snapshot: &DispatcherSnapshot,
     now: Now,
 ) -> Result<(), SnapshotError> {
-    if snapshot.format != FORMAT {
-        return Err(SnapshotError(format!(
-            "not a dispatcher state: format is {:?}, expected {FORMAT:?}",
-            snapshot.format
-        )));
-    }
-    if snapshot.version != VERSION {
-        return Err(SnapshotError(format!(
-            "unsupported dispatcher state version {} (this version reads {VERSION})",
-            snapshot.version
-        )));
-    }
+    retry_snapshot::check_header(
+        "dispatcher state",
+        (&snapshot.format, snapshot.version),
+        (FORMAT, VERSION),
+    )?;
     let mut seen = HashSet::new();
     let mut delayed = Vec::with_capacity(snapshot.delayed.len());
     for (i, d) in snapshot.delayed.iter().enumerate() {

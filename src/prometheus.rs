@@ -124,21 +124,22 @@ pub fn render(status: &StatusSnapshot, budget: Option<BudgetStatus>) -> String {
         out.single(name, counter, help, value as f64);
     }
     let stats = &status.failure_stats;
-    out.family(
-        "retries_total",
-        counter,
-        "Retries scheduled, by failure reason class.",
-    );
-    for (reason, n) in stats.retries.iter() {
-        out.sample("retries_total", &[("reason", reason)], n as f64);
-    }
-    out.family(
-        "permanent_failures_total",
-        counter,
-        "Tasks failed for good, by failure reason class.",
-    );
-    for (reason, n) in stats.permanent_failures.iter() {
-        out.sample("permanent_failures_total", &[("reason", reason)], n as f64);
+    for (name, help, counts) in [
+        (
+            "retries_total",
+            "Retries scheduled, by failure reason class.",
+            &stats.retries,
+        ),
+        (
+            "permanent_failures_total",
+            "Tasks failed for good, by failure reason class.",
+            &stats.permanent_failures,
+        ),
+    ] {
+        out.family(name, counter, help);
+        for (reason, n) in counts.iter() {
+            out.sample(name, &[("reason", reason)], n as f64);
+        }
     }
     out.family(
         "backoff_delay_seconds",

@@ -122,19 +122,31 @@ pub fn restore(book: &mut RetryBook, state: &RetryState, now: Now) -> Result<(),
     Ok(())
 }
 
+/// Checks that saved state says it is `what`, in a version this reads.
+pub fn check_header(
+    what: &str,
+    (format, version): (&str, u32),
+    (expected_format, expected_version): (&str, u32),
+) -> Result<(), SnapshotError> {
+    if format != expected_format {
+        return Err(SnapshotError(format!(
+            "not a {what}: format is {format:?}, expected {expected_format:?}"
+        )));
+    }
+    if version != expected_version {
+        return Err(SnapshotError(format!(
+            "unsupported {what} version {version} (this version reads {expected_version})"
+        )));
+    }
+    Ok(())
+}
+
 fn check(state: &RetryState, now: Now) -> Result<Vec<StoredRecord>, SnapshotError> {
-    if state.format != FORMAT {
-        return Err(SnapshotError(format!(
-            "not a retry state: format is {:?}, expected {FORMAT:?}",
-            state.format
-        )));
-    }
-    if state.version != VERSION {
-        return Err(SnapshotError(format!(
-            "unsupported retry state version {} (this version reads {VERSION})",
-            state.version
-        )));
-    }
+    check_header(
+        "retry state",
+        (&state.format, state.version),
+        (FORMAT, VERSION),
+    )?;
     let mut seen = HashSet::new();
     let mut records = Vec::with_capacity(state.records.len());
     for (i, r) in state.records.iter().enumerate() {

@@ -22,16 +22,20 @@ from .fakes import build, make_task
 START = datetime(2026, 3, 1, 8, 0, 0)
 
 
-def populated(clock: ManualClock) -> RetryManager:
-    """A manager with records in every condition: backing off, due, at the
-    limit, given up as non-retryable, and a used retry budget."""
-    m = RetryManager(
+def new_manager(clock: ManualClock) -> RetryManager:
+    return RetryManager(
         max_attempts=3,
         initial_delay=10,
         clock=clock,
         non_retryable=["auth"],
         retry_budget={"capacity": 100, "retry_cost": 5},
     )
+
+
+def populated(clock: ManualClock) -> RetryManager:
+    """A manager with records in every condition: backing off, due, at the
+    limit, given up as non-retryable, and a used retry budget."""
+    m = new_manager(clock)
     m.record_failure("due", "exit 1")
     clock.advance(30)
     m.record_failure("backing-off", "exit 1")
@@ -57,13 +61,7 @@ def test_a_round_trip_preserves_every_record_and_decision():
     state = m.snapshot()
     assert state["format"] == "necrocode-dispatch retry state" and state["version"] == 1
     assert json.loads(json.dumps(state)) == state  # plain JSON data
-    restored = RetryManager(
-        max_attempts=3,
-        initial_delay=10,
-        clock=clock,
-        non_retryable=["auth"],
-        retry_budget={"capacity": 100, "retry_cost": 5},
-    )
+    restored = new_manager(clock)
     restored.record_failure("replaced", "gone after the restore")
     restored.restore(state)
     assert infos(restored) == infos(m)
