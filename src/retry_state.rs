@@ -318,12 +318,24 @@ impl RetryBook {
         }
     }
 
-    /// Whether a live record is still retrying: below its limit and not
-    /// given up for another reason.
+    /// Why a record is not retried again, if it is not: decided at its
+    /// failure (time limit, budget) or by the current settings (reason
+    /// class, attempt limit), so that a changed setting applies at once.
+    fn gave_up_of(&self, slot: Slot, record: &RetryRecord) -> Option<GiveUp> {
+        if !self.stopped.is_empty() {
+            if let Some(&why) = self.stopped.get(&slot) {
+                return Some(why);
+            }
+        }
+        if self.reasons.class(record.reason) == FailureClass::NonRetryable {
+            return Some(GiveUp::NonRetryable);
+        }
+        (u64::from(record.retry_count) >= self.limit_of(record)).then_some(GiveUp::MaxAttempts)
+    }
+
+    /// Whether a live record is still retrying.
     fn retrying(&self, slot: Slot, record: &RetryRecord) -> bool {
-        record.seq != 0
-            && u64::from(record.retry_count) < self.limit_of(record)
-            && (self.stopped.is_empty() || !self.stopped.contains_key(&slot))
+        record.seq != 0 && self.gave_up_of(slot, record).is_none()
     }
 
     pub fn policy(&self) -> &BackoffPolicy {
@@ -486,9 +498,7 @@ impl RetryBook {
                 );
             }
         }
-        if let Some(why @ (GiveUp::NonRetryable | GiveUp::MaxRetryDuration | GiveUp::RetryBudget)) =
-            gave_up
-        {
+        if let Some(why @ (GiveUp::MaxRetryDuration | GiveUp::RetryBudget)) = gave_up {
             self.stopped.insert(slot, why);
         }
         let record = &mut self.slots[slot as usize];
@@ -537,13 +547,9 @@ impl RetryBook {
         policy: &BackoffPolicy,
         now: Now,
     ) -> Option<GiveUp> {
-        if class == FailureClass::NonRetryable {
-            return Some(GiveUp::NonRetryable);
-        }
-        if u64::from(retry_count) >= policy.max_attempts() {
-            return Some(GiveUp::MaxAttempts);
-        }
-        if let Some(limit) = self.options.max_retry_duration {
+        // The first failure is noted whatever the outcome: a later setting
+        // may make this record retry again.
+        let too_old = self.options.max_retry_duration.is_some_and(|limit| {
             let index = slot as usize;
             if self.first_failure.len() <= index {
                 self.first_failure.resize(index + 1, now.mono);
@@ -551,10 +557,16 @@ impl RetryBook {
             if retry_count == 1 {
                 self.first_failure[index] = now.mono;
             }
-            let age = now.mono.saturating_sub(self.first_failure[index]);
-            if nanos_to_seconds(age) >= limit {
-                return Some(GiveUp::MaxRetryDuration);
-            }
+            nanos_to_seconds(now.mono.saturating_sub(self.first_failure[index])) >= limit
+        });
+        if class == FailureClass::NonRetryable {
+            return Some(GiveUp::NonRetryable);
+        }
+        if u64::from(retry_count) >= policy.max_attempts() {
+            return Some(GiveUp::MaxAttempts);
+        }
+        if too_old {
+            return Some(GiveUp::MaxRetryDuration);
         }
         match self.budget.as_mut() {
             Some(budget) => (!budget.try_acquire()).then_some(GiveUp::RetryBudget),
@@ -580,18 +592,15 @@ impl RetryBook {
             };
         };
         let r = &self.slots[slot as usize];
-        let retry_count = u64::from(r.retry_count);
-        let max_attempts = self.limit_of(r);
-        if retry_count >= max_attempts {
-            return RetryDecision::LimitReached {
-                retry_count,
-                max_attempts,
-            };
-        }
-        if !self.stopped.is_empty() {
-            if let Some(&why) = self.stopped.get(&slot) {
-                return RetryDecision::GaveUp(why);
+        match self.gave_up_of(slot, r) {
+            Some(GiveUp::MaxAttempts) => {
+                return RetryDecision::LimitReached {
+                    retry_count: u64::from(r.retry_count),
+                    max_attempts: self.limit_of(r),
+                }
             }
+            Some(why) => return RetryDecision::GaveUp(why),
+            None => {}
         }
         if now < r.due {
             RetryDecision::BackingOff {
@@ -659,9 +668,7 @@ impl RetryBook {
             .filter(|(_, r)| r.seq != 0)
             .map(|(slot, r)| {
                 let slot = slot as Slot;
-                let gave_up = self.stopped.get(&slot).copied().or_else(|| {
-                    (u64::from(r.retry_count) >= self.limit_of(r)).then_some(GiveUp::MaxAttempts)
-                });
+                let gave_up = self.gave_up_of(slot, r);
                 StoredRecord {
                     task_id: Arc::from(self.id_of(r)),
                     retry_count: r.retry_count,
@@ -1107,5 +1114,30 @@ mod tests {
             assert_eq!(waited, timedelta_micros(d));
             previous = waited as f64 / 1e6;
         }
+    }
+
+    #[test]
+    fn changed_options_apply_to_the_records_already_kept() {
+        let mut b = book(3);
+        b.record_failure("oom-task", Some("oom: 4 GiB"), at(0));
+        b.record_failure("other", Some("exit 1"), at(0));
+        assert_eq!(b.ready_for_retry(u64::MAX).len(), 2);
+        b.set_options(RetryOptions {
+            classes: classes(&["oom"], vec![]),
+            ..Default::default()
+        });
+        assert_eq!(
+            b.should_retry("oom-task", u64::MAX),
+            RetryDecision::GaveUp(GiveUp::NonRetryable)
+        );
+        assert_eq!(
+            b.ready_for_retry(u64::MAX)
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+            ["other"]
+        );
+        b.set_options(RetryOptions::default());
+        assert_eq!(b.ready_for_retry(u64::MAX).len(), 2);
     }
 }
