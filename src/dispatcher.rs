@@ -384,6 +384,11 @@ impl<T> DispatcherState<T> {
         self.global_running
     }
 
+    /// Tasks held in any place (queued, delayed, being launched, running).
+    pub fn held_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
     pub fn can_accept_globally(&self) -> bool {
         self.global_running < self.limits.max_global_concurrency
     }

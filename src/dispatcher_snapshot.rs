@@ -57,9 +57,10 @@ pub fn capture<T>(state: &DispatcherState<T>, book: &RetryBook, now: Now) -> Dis
     }
 }
 
-/// Restores the retry state and holds each saved delayed task (unless the
-/// dispatcher holds it already) until its due time. Everything is checked
-/// first: on error nothing changes.
+/// Restores the retry state and holds each saved delayed task until its due
+/// time, into a dispatcher that holds no task yet (the retry state is
+/// replaced whole, so tasks already held would lose theirs). Everything is
+/// checked first: on error nothing changes.
 pub fn restore<T>(
     state: &mut DispatcherState<T>,
     book: &mut RetryBook,
@@ -71,6 +72,12 @@ pub fn restore<T>(
         (&snapshot.format, snapshot.version),
         (FORMAT, VERSION),
     )?;
+    if state.held_tasks() > 0 {
+        return Err(SnapshotError(format!(
+            "restore needs a dispatcher that holds no task yet; this one holds {}",
+            state.held_tasks()
+        )));
+    }
     let mut seen = HashSet::new();
     let mut delayed = Vec::with_capacity(snapshot.delayed.len());
     for (i, d) in snapshot.delayed.iter().enumerate() {

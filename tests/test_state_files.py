@@ -213,11 +213,12 @@ def test_a_crash_between_write_and_rename_leaves_the_previous_file(tmp_path, pau
     proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), "2000"], env=env)
     try:
         deadline = time.monotonic() + 60
-        while not marker.exists():
+        # Waiting on another process: poll until the shim has named the
+        # temporary file (its fclose makes the whole name appear at once).
+        while not (marker.exists() and marker.read_text().endswith(".tmp")):
             assert proc.poll() is None, "the saver ended without reaching the rename"
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        time.sleep(0.05)  # the marker is written and closed
         temporary = marker.read_text()
         # The new state was written in full beside the file...
         assert len(json.loads(open(temporary).read())["records"]) == 2000
@@ -286,3 +287,13 @@ def test_a_broken_dispatcher_state_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="retry: records\\[0\\]"):
         fresh.restore(state)
     assert fresh.get_status()["delayed"] == [] and fresh.get_status()["retry_info"] == {}
+
+
+def test_a_dispatcher_holding_tasks_refuses_a_restore():
+    dispatcher, _ = build([make_task("t1")])
+    state = dispatcher.snapshot()
+    dispatcher.tick()
+    before = dispatcher.get_status()
+    with pytest.raises(ValueError, match="holds no task yet; this one holds 1"):
+        dispatcher.restore(state)
+    assert dispatcher.get_status() == before

@@ -534,4 +534,11 @@ fn a_dispatcher_snapshot_round_trip_keeps_retries_and_delays() {
     );
     assert_eq!(later_book.retry_count("t"), 1);
     assert_eq!(later_book.info("t"), book.info("t"));
+    // A dispatcher already holding tasks is refused, unchanged.
+    let err = restore(&mut later, &mut later_book, &from_json(&text).unwrap(), now).unwrap_err();
+    assert!(
+        err.0.contains("holds no task yet; this one holds 1"),
+        "{err}"
+    );
+    assert_eq!(later_book.retry_count("t"), 1);
 }

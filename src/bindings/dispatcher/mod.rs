@@ -841,9 +841,10 @@ impl PyDispatcherCore {
         retry::state_to_py(py, &json)
     }
 
-    /// Restores a `snapshot()`: retry records, and delayed tasks held until
-    /// their due time (their handles arrive with the next poll). A state that
-    /// does not check out raises ValueError and changes nothing.
+    /// Restores a `snapshot()` into a dispatcher that holds no task yet:
+    /// retry records, and delayed tasks held until their due time (their
+    /// handles arrive with the next poll). A state that does not check out
+    /// raises ValueError and changes nothing.
     fn restore(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
         let json = retry::state_from_py("state", state)?;
         self.restore_json(&json)
