@@ -14,8 +14,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::clock::{nanos_to_seconds, MonoNanos, Now};
+use crate::finished::RecentlyFinished;
 use crate::hashing::FastMap;
 use crate::metrics::FailureStats;
+use crate::outbox::{Outbox, OutboxStats};
 use crate::pools::{PoolIndex, PoolState, Pools};
 use crate::queue::{QueueOrder, ReadyQueue};
 use crate::retry_state::{RecordedFailure, RetryBook, TaskId};
@@ -126,6 +128,7 @@ pub enum StateMetadata {
 #[derive(Debug)]
 pub enum Effect<T> {
     ReleaseSlot {
+        task_id: TaskId,
         slot_id: Arc<str>,
     },
     ReportState {
@@ -157,6 +160,7 @@ pub enum Effect<T> {
         retry_count: u64,
     },
     StopRunner {
+        task_id: TaskId,
         runner_id: Arc<str>,
     },
     TaskAssigned {
@@ -180,6 +184,31 @@ pub enum Effect<T> {
     Discard(T),
 }
 
+impl<T> Effect<T> {
+    /// The task whose lane the report goes to; None for a handle to drop.
+    pub fn task_id(&self) -> Option<&TaskId> {
+        match self {
+            Effect::ReleaseSlot { task_id, .. }
+            | Effect::ReportState { task_id, .. }
+            | Effect::RunnerFinished { task_id, .. }
+            | Effect::TaskCompleted { task_id, .. }
+            | Effect::TaskFailed { task_id, .. }
+            | Effect::StopRunner { task_id, .. }
+            | Effect::TaskAssigned { task_id, .. }
+            | Effect::RunnerStarted { task_id, .. } => Some(task_id),
+            Effect::Discard(_) => None,
+        }
+    }
+}
+
+/// Effects filed in the outbox: the lanes to deliver now, and the handles
+/// to drop once the lock is released.
+#[derive(Debug)]
+pub struct Filed<T> {
+    pub lanes: Vec<TaskId>,
+    pub discards: Vec<T>,
+}
+
 /// What a failure, completion or timeout did.
 #[derive(Debug)]
 pub struct Outcome<T> {
@@ -188,6 +217,12 @@ pub struct Outcome<T> {
     pub effects: Vec<Effect<T>>,
     /// The retry record, when a failure was recorded.
     pub failure: Option<RecordedFailure>,
+}
+
+impl<T> Default for Outcome<T> {
+    fn default() -> Self {
+        Outcome::ignored()
+    }
 }
 
 impl<T> Outcome<T> {
@@ -289,6 +324,10 @@ pub struct StatusSnapshot {
     pub pools: Vec<PoolState>,
     pub metrics: Metrics,
     pub failure_stats: FailureStats,
+    /// Reports not yet delivered, and the tasks they are for (SPEC §9).
+    pub pending_reports: usize,
+    pub pending_report_tasks: usize,
+    pub delivery: OutboxStats,
 }
 
 /// A runner as the caller describes it when it starts running a task.
@@ -318,7 +357,18 @@ pub struct DispatcherState<T> {
     accepting: bool,
     /// Set by `force_stop`: a runner launched afterwards is stopped at once.
     forced: bool,
+    /// Reports decided and not yet delivered, one lane per task (SPEC §9).
+    outbox: Outbox<Effect<T>>,
+    /// Tasks whose terminal outcome was decided lately (SPEC §4.5 #4).
+    finished: RecentlyFinished,
+    /// Completions reported while launches were in progress, for runners
+    /// not tracked yet and without a task id: applied if a launch returns
+    /// one of these runners. Only kept while an assignment is in progress.
+    orphan_completions: Vec<EarlyReport>,
 }
+
+/// At most this many orphan completions are kept.
+const MAX_ORPHAN_COMPLETIONS: usize = 1024;
 
 impl<T> DispatcherState<T> {
     pub fn new(limits: Limits, pools: Pools, scheduler: Scheduler) -> Self {
@@ -336,7 +386,86 @@ impl<T> DispatcherState<T> {
             scheduler,
             accepting: true,
             forced: false,
+            outbox: Outbox::default(),
+            finished: RecentlyFinished::default(),
+            orphan_completions: Vec::new(),
         }
+    }
+
+    /// Files each effect in its task's lane of the outbox, in order. Returns
+    /// the lanes touched and the handles to drop after the lock.
+    pub fn file(&mut self, effects: Vec<Effect<T>>) -> Filed<T> {
+        let mut filed = Filed {
+            lanes: Vec::new(),
+            discards: Vec::new(),
+        };
+        for effect in effects {
+            match effect {
+                Effect::Discard(handle) => filed.discards.push(handle),
+                effect => {
+                    let task = effect.task_id().expect("reports name a task").clone();
+                    if !filed.lanes.contains(&task) {
+                        filed.lanes.push(task.clone());
+                    }
+                    self.outbox.push(&task, effect);
+                }
+            }
+        }
+        filed
+    }
+
+    /// Takes `task`'s pending reports for delivery (see [`Outbox::take`]).
+    pub fn take_reports(
+        &mut self,
+        task: &str,
+        now: MonoNanos,
+        force: bool,
+    ) -> Option<std::collections::VecDeque<Effect<T>>> {
+        self.outbox.take(task, now, force)
+    }
+
+    /// Ends a delivery (see [`Outbox::finish`]).
+    pub fn finish_reports(
+        &mut self,
+        task: &str,
+        delivered: usize,
+        undelivered: std::collections::VecDeque<Effect<T>>,
+        now: MonoNanos,
+    ) -> bool {
+        self.outbox.finish(task, delivered, undelivered, now)
+    }
+
+    /// Lanes whose delivery retry is due; with `all`, every idle lane.
+    pub fn lanes_to_deliver(&self, now: MonoNanos, all: bool) -> Vec<TaskId> {
+        if all {
+            self.outbox.idle_lanes()
+        } else {
+            self.outbox.due(now)
+        }
+    }
+
+    /// When the earliest failed delivery may be retried.
+    pub fn next_delivery_retry(&self) -> Option<MonoNanos> {
+        self.outbox.next_retry()
+    }
+
+    /// Reports not yet delivered, and the tasks they are for.
+    pub fn pending_reports(&self) -> (usize, usize) {
+        (self.outbox.pending(), self.outbox.pending_tasks())
+    }
+
+    pub fn outbox(&self) -> &Outbox<Effect<T>> {
+        &self.outbox
+    }
+
+    pub fn delivery_stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
+    /// Whether `task_id` reached its terminal outcome lately and has not been
+    /// handed back by a poll since.
+    pub fn finished_lately(&self, task_id: &str) -> bool {
+        self.finished.contains(task_id)
     }
 
     pub fn policy(&self) -> Policy {
@@ -420,6 +549,10 @@ impl<T> DispatcherState<T> {
     /// running), in which case the poll is ignored and the handle comes back —
     /// except that a delayed task held without a handle keeps this one.
     pub fn offer(&mut self, meta: TaskMeta, payload: T, now: Now) -> Result<(), T> {
+        // Its reports are still on their way: the registry's view is stale.
+        if self.outbox.holds(&meta.id) {
+            return Err(payload);
+        }
         if let Some(held) = self.tasks.get(&meta.id) {
             if !(matches!(held.place, Place::Delayed { .. }) && held.payload.is_none()) {
                 return Err(payload);
@@ -432,6 +565,8 @@ impl<T> DispatcherState<T> {
             held.payload = Some(payload);
             return Ok(());
         }
+        // The registry handed a finished task back: it runs anew.
+        self.finished.remove(&meta.id);
         let order = self.new_order(&meta, now);
         self.queue.push(meta.id.clone(), order);
         self.tasks.insert(
@@ -618,6 +753,7 @@ impl<T> DispatcherState<T> {
         self.global_running = self.global_running.saturating_sub(1);
         if let Some(slot_id) = &runner.slot_id {
             effects.push(Effect::ReleaseSlot {
+                task_id: runner.task_id.clone(),
                 slot_id: slot_id.clone(),
             });
         }
@@ -655,6 +791,8 @@ impl<T> DispatcherState<T> {
                 Some(r) => Some(r),
             },
             None => match self.tasks.get(task_id).map(|t| &t.place) {
+                // A stale report for a task that finished: nothing changes.
+                None if self.finished.contains(task_id) => return Ok(Outcome::ignored()),
                 Some(Place::Running { runner_id }) => {
                     let rid = runner_id.clone();
                     self.runners.take(&rid)
@@ -746,6 +884,7 @@ impl<T> DispatcherState<T> {
                 },
             });
             book.clear(&id);
+            self.finished.insert(&id);
             if let Some(payload) = self.tasks.remove(task_id).and_then(|h| h.payload) {
                 effects.push(Effect::Discard(payload));
             }
@@ -806,16 +945,14 @@ impl<T> DispatcherState<T> {
         now: Now,
     ) -> Outcome<T> {
         let Some(runner) = self.runners.take(runner_id) else {
+            let early = EarlyReport::Completion {
+                runner_id: Arc::from(runner_id),
+                success,
+                reason: failure_reason.map(Arc::from),
+            };
             return match task_id {
-                Some(task_id) => {
-                    let early = EarlyReport::Completion {
-                        runner_id: Arc::from(runner_id),
-                        success,
-                        reason: failure_reason.map(Arc::from),
-                    };
-                    self.note_early(task_id, early)
-                }
-                None => Outcome::ignored(),
+                Some(task_id) => self.note_early(task_id, early),
+                None => self.note_orphan(early),
             };
         };
         let execution_time = nanos_to_seconds(now.mono.saturating_sub(runner.started_mono));
@@ -869,6 +1006,7 @@ impl<T> DispatcherState<T> {
             effects.push(Effect::Discard(payload));
         }
         book.record_success(&runner.task_id);
+        self.finished.insert(&runner.task_id);
         self.metrics.tasks_completed += 1;
         Outcome {
             applied: true,
@@ -948,6 +1086,35 @@ impl<T> DispatcherState<T> {
         }
     }
 
+    /// A completion for a runner not tracked, without a task id: while a
+    /// launch is in progress it may be for the runner being launched, so it
+    /// is kept for `confirm_assignment`; otherwise it is stale.
+    fn note_orphan(&mut self, report: EarlyReport) -> Outcome<T> {
+        let assigning = self.global_running > self.runners.len() as u64;
+        if !assigning || self.orphan_completions.len() >= MAX_ORPHAN_COMPLETIONS {
+            return Outcome::ignored();
+        }
+        self.orphan_completions.push(report);
+        Outcome::accepted()
+    }
+
+    /// The orphan completion for `runner_id`, if one came; orphans are
+    /// dropped once no launch is in progress.
+    fn take_orphan(&mut self, runner_id: &str) -> Option<EarlyReport> {
+        let found = self
+            .orphan_completions
+            .iter()
+            .position(|r| matches!(r, EarlyReport::Completion { runner_id: rid, .. } if &**rid == runner_id))
+            .map(|i| self.orphan_completions.swap_remove(i));
+        found
+    }
+
+    fn prune_orphans(&mut self) {
+        if self.global_running <= self.runners.len() as u64 {
+            self.orphan_completions.clear();
+        }
+    }
+
     /// No slot for a reservation: the capacity is given back and the task
     /// returns to its place in the queue; nothing is counted.
     pub fn abort_assignment(&mut self, task_id: &str, payload: T) -> Outcome<T> {
@@ -955,6 +1122,7 @@ impl<T> DispatcherState<T> {
             return Outcome::returning(payload);
         };
         self.release_reservation(pool);
+        self.prune_orphans();
         let Some(held) = self.tasks.get_mut(task_id) else {
             return Outcome::returning(payload);
         };
@@ -979,9 +1147,13 @@ impl<T> DispatcherState<T> {
             return Outcome::returning(payload);
         };
         self.release_reservation(pool);
+        self.prune_orphans();
         let mut effects = Vec::new();
         if let Some(slot_id) = slot_id {
-            effects.push(Effect::ReleaseSlot { slot_id });
+            effects.push(Effect::ReleaseSlot {
+                task_id: Arc::from(task_id),
+                slot_id,
+            });
         }
         if let Some(held) = self.tasks.get_mut(task_id) {
             held.payload = Some(payload);
@@ -1022,6 +1194,7 @@ impl<T> DispatcherState<T> {
             Place::Assigning { early, .. } => early,
             _ => None,
         };
+        let early = early.or_else(|| self.take_orphan(&runner.runner_id));
         let (spec_name, id) = (held.meta.spec_name.clone(), held.meta.id.clone());
         let pool_name = self.pools.get(pool).name.clone();
         let runner_id = runner.runner_id.clone();
@@ -1081,6 +1254,7 @@ impl<T> DispatcherState<T> {
             effects.extend(later.effects);
             failure = later.failure;
         }
+        self.prune_orphans();
         Outcome {
             applied: true,
             effects,
@@ -1097,6 +1271,7 @@ impl<T> DispatcherState<T> {
             return;
         };
         effects.push(Effect::StopRunner {
+            task_id: runner.task_id.clone(),
             runner_id: runner.runner_id.clone(),
         });
         effects.push(Effect::RunnerFinished {
@@ -1227,6 +1402,9 @@ impl<T> DispatcherState<T> {
             pools: self.pools.iter().map(|(_, p)| p.clone()).collect(),
             metrics: self.metrics,
             failure_stats: self.failure_stats.clone(),
+            pending_reports: self.outbox.pending(),
+            pending_report_tasks: self.outbox.pending_tasks(),
+            delivery: self.outbox.stats(),
         }
     }
 

@@ -464,3 +464,26 @@ def test_a_damaged_state_file_is_refused_before_anything_runs(tmp_path):
     assert result.returncode == 2
     assert "not a run state (truncated?)" in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_400_quick_tasks_all_end_done_with_reports_in_order(tmp_path, run):
+    """Issue 12, finding 2: a runner's completion used to overtake the launch's
+    RUNNING report, and the run hung with a task left RUNNING."""
+    tasks = "\n".join(f"  - {{id: t{i:03}, command: 'true'}}" for i in range(400))
+    job = write_job(
+        tmp_path,
+        "dispatcher:\n  max_global_concurrency: 16\n  poll_interval: 0.05\n"
+        "agent_pools:\n  local: {type: local-process, max_concurrency: 16}\n"
+        f"tasks:\n{tasks}\n",
+    )
+    result = run_cli(tmp_path, job, "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {t["outcome"] for t in report["tasks"]} == {"done"}
+    for task in report["tasks"]:
+        assert [h["state"] for h in task["history"]] == ["running", "done"], task["id"]
+    first_seen: dict[str, str] = {}
+    for event in events(tmp_path):
+        first_seen.setdefault(event["task_id"], event["event"])
+    assert set(first_seen.values()) == {"task_assigned"}

@@ -237,6 +237,8 @@ def test_status_structure_is_json():
         "retries_by_reason",
         "permanent_failures_by_reason",
         "backoff_delays",
+        "pending_reports",
+        "pending_report_tasks",
     }
     assert status["scheduling_policy"] == "priority"
     assert status["running_tasks"] == status["global_running_count"] == 1

@@ -49,7 +49,7 @@ fn released(effects: &[Effect<&str>]) -> Vec<String> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::ReleaseSlot { slot_id } => Some(slot_id.to_string()),
+            Effect::ReleaseSlot { slot_id, .. } => Some(slot_id.to_string()),
             _ => None,
         })
         .collect()
@@ -462,7 +462,7 @@ fn force_stop_interrupts_runners_and_requeues_their_tasks() {
     assert!(late
         .effects
         .iter()
-        .any(|e| matches!(e, Effect::StopRunner { runner_id } if runner_id.as_ref() == "r2")));
+        .any(|e| matches!(e, Effect::StopRunner { runner_id, .. } if runner_id.as_ref() == "r2")));
     assert_eq!(s.global_running(), 0);
     assert!(s.schedule().is_empty(), "stopped: nothing is assigned");
     s.resume();

@@ -1,6 +1,7 @@
 //! `DispatcherCore` as a Python class: converts arguments, holds the ports,
 //! and performs what the core decided — always after releasing its lock.
 
+mod delivery;
 mod errors;
 mod ports;
 mod run_loop;
@@ -102,11 +103,11 @@ impl PyDispatcherCore {
 
     /// `task_source.poll_ready_tasks()`. A source that raises, or returns
     /// something odd, is logged; the pass goes on with what it did return.
-    fn poll(&self, py: Python<'_>) -> Vec<(crate::dispatcher::TaskMeta, Py<PyAny>)> {
+    fn poll(&self, py: Python<'_>) -> PyResult<Vec<(crate::dispatcher::TaskMeta, Py<PyAny>)>> {
         let source = self.port(py, |p| &p.task_source).into_bound(py);
         let mut polled = Vec::new();
         if source.is_none() {
-            return polled;
+            return Ok(polled);
         }
         let result = (|| -> PyResult<()> {
             let tasks = source.call_method0("poll_ready_tasks")?;
@@ -120,14 +121,20 @@ impl PyDispatcherCore {
             Ok(())
         })();
         if let Err(e) = result {
+            if delivery::is_interrupt(py, &e) {
+                return Err(e);
+            }
             log::error!(target: LOG_TARGET, "poll_ready_tasks failed: {e}");
         }
-        polled
+        Ok(polled)
     }
 
     /// One pass of the loop (SPEC §4.3).
-    fn tick_once(&self, py: Python<'_>) -> TickCounts {
-        let polled = self.poll(py);
+    fn tick_once(&self, py: Python<'_>) -> PyResult<TickCounts> {
+        // Reports whose delivery failed earlier go first: a task's next
+        // report must not overtake them.
+        self.deliver_pending(py, false)?;
+        let polled = self.poll(py)?;
         let can_launch = !self.port(py, |p| &p.runner_launcher).is_none(py);
         let mut counts = TickCounts::default();
         let (ignored, reservations) = self.decide(|state, _, now| {
@@ -148,24 +155,31 @@ impl PyDispatcherCore {
         });
         counts.ignored = ignored.len();
         drop(ignored);
-        for reservation in reservations {
+        let mut reservations = reservations.into_iter();
+        while let Some(reservation) = reservations.next() {
             match self.assign(py, reservation) {
-                Assigned::Launched => counts.assigned += 1,
-                Assigned::NoSlot => counts.no_slot += 1,
-                Assigned::LaunchFailed => counts.launch_failed += 1,
+                Ok(Assigned::Launched) => counts.assigned += 1,
+                Ok(Assigned::NoSlot) => counts.no_slot += 1,
+                Ok(Assigned::LaunchFailed) => counts.launch_failed += 1,
+                Err(interrupt) => {
+                    // The rest go back to the queue before the interrupt
+                    // reaches the caller: no capacity stays reserved.
+                    let rest: Vec<_> = reservations.collect();
+                    self.settle_all(py, |state, _, _| {
+                        rest.into_iter()
+                            .map(|r| state.abort_assignment(&r.meta.id, r.payload))
+                            .collect()
+                    })?;
+                    return Err(interrupt);
+                }
             }
         }
-        counts.timed_out = self.sweep_heartbeats(py);
-        counts
+        counts.timed_out = self.sweep_heartbeats(py)?;
+        Ok(counts)
     }
 
-    fn sweep_heartbeats(&self, py: Python<'_>) -> usize {
-        let outcomes = self.decide(|state, book, now| state.check_heartbeats(book, now));
-        let count = outcomes.len();
-        for outcome in outcomes {
-            self.perform(py, outcome);
-        }
-        count
+    fn sweep_heartbeats(&self, py: Python<'_>) -> PyResult<usize> {
+        self.settle_all(py, |state, book, now| state.check_heartbeats(book, now))
     }
 
     /// Waits until no runner runs, or `deadline` passes; true when none runs.
@@ -192,7 +206,13 @@ impl PyDispatcherCore {
     /// How long until the earliest delayed retry is due (at least 1 ms), so
     /// the loop wakes for it instead of waiting out a long poll interval.
     fn until_next_retry(&self) -> Duration {
-        let next_due = { self.state.lock().next_due() };
+        let next_due = {
+            let state = self.state.lock();
+            match (state.next_due(), state.next_delivery_retry()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
         match next_due {
             Some(due) => {
                 let wait = due.saturating_sub(self.clock.now().mono);
@@ -461,7 +481,12 @@ impl PyDispatcherCore {
     /// until the next poll or the next retry due, whichever is sooner.
     fn _run_loop(&self, py: Python<'_>, generation: u64) {
         while self.running() && self.run_loop.is_current(generation) {
-            self.tick_once(py);
+            if let Err(e) = self.tick_once(py) {
+                // Only Ctrl-C or SystemExit come out of a pass: the loop ends.
+                log::error!(target: LOG_TARGET, "the dispatch loop ends: {e}");
+                self.running.store(false, Ordering::SeqCst);
+                return;
+            }
             let interval = match self.config_seconds(py, "poll_interval", 5.0) {
                 Ok(s) => Duration::from_secs_f64(s),
                 Err(e) => {
@@ -516,14 +541,20 @@ impl PyDispatcherCore {
         }
         let deadline = Instant::now().checked_add(Duration::from_secs_f64(timeout));
         if !py.detach(|| self.wait_for_runners(deadline)) {
-            let outcome = self.decide(|state, _, now| state.force_stop(now));
-            log::warn!(
-                target: LOG_TARGET,
-                "forced {} runner(s) to stop after {timeout} s",
-                outcome.effects.iter().filter(|e| matches!(e, crate::dispatcher::Effect::StopRunner { .. })).count()
-            );
-            self.perform(py, outcome);
+            let mut forced = 0;
+            self.settle(py, KnownTexts::default(), |state, _, now| {
+                let outcome = state.force_stop(now);
+                forced = outcome
+                    .effects
+                    .iter()
+                    .filter(|e| matches!(e, crate::dispatcher::Effect::StopRunner { .. }))
+                    .count();
+                outcome
+            })?;
+            log::warn!(target: LOG_TARGET, "forced {forced} runner(s) to stop after {timeout} s");
         }
+        // A last try for reports still waiting; what stays is in snapshot().
+        self.deliver_pending(py, true)?;
         log::info!(target: LOG_TARGET, "dispatcher stopped");
         Ok(())
     }
@@ -589,18 +620,6 @@ impl PyDispatcherCore {
         // Known from the tracked runner; checked for type only.
         args::optional_string("slot_id", slot_id)?;
         args::optional_string("pool_name", pool_name)?;
-        let outcome = self
-            .decide(|state, book, now| {
-                state.fail_task(
-                    &task_id_text,
-                    spec_text.as_deref(),
-                    reason.as_deref().unwrap_or("unknown"),
-                    runner_text.as_deref(),
-                    book,
-                    now,
-                )
-            })
-            .map_err(refusal_to_py)?;
         let known = KnownTexts::of(&[
             Some(task_id),
             spec_name,
@@ -609,7 +628,26 @@ impl PyDispatcherCore {
             slot_id,
             pool_name,
         ]);
-        Ok(self.perform_with(py, outcome, known))
+        let mut refused = None;
+        let applied = self.settle(py, known, |state, book, now| {
+            state
+                .fail_task(
+                    &task_id_text,
+                    spec_text.as_deref(),
+                    reason.as_deref().unwrap_or("unknown"),
+                    runner_text.as_deref(),
+                    book,
+                    now,
+                )
+                .unwrap_or_else(|refusal| {
+                    refused = Some(refusal);
+                    crate::dispatcher::Outcome::default()
+                })
+        })?;
+        match refused {
+            Some(refusal) => Err(refusal_to_py(refusal)),
+            None => Ok(applied),
+        }
     }
 
     /// A runner finished. The first report for a runner wins; a later one
@@ -646,16 +684,6 @@ impl PyDispatcherCore {
             }
         };
         let reason = args::optional_string("failure_reason", failure_reason)?;
-        let outcome = self.decide(|state, book, now| {
-            state.complete(
-                &runner_text,
-                task_text.as_deref(),
-                success,
-                reason.as_deref(),
-                book,
-                now,
-            )
-        });
         let known = KnownTexts::of(&[
             Some(runner_id),
             task_id,
@@ -664,7 +692,16 @@ impl PyDispatcherCore {
             pool_name,
             failure_reason,
         ]);
-        Ok(self.perform_with(py, outcome, known))
+        self.settle(py, known, |state, book, now| {
+            state.complete(
+                &runner_text,
+                task_text.as_deref(),
+                success,
+                reason.as_deref(),
+                book,
+                now,
+            )
+        })
     }
 
     /// Records a heartbeat; False for a runner that is not tracked.
@@ -675,7 +712,7 @@ impl PyDispatcherCore {
 
     /// Times out every runner silent for longer than `heartbeat_timeout`;
     /// returns how many.
-    fn check_heartbeats(&self, py: Python<'_>) -> usize {
+    fn check_heartbeats(&self, py: Python<'_>) -> PyResult<usize> {
         self.sweep_heartbeats(py)
     }
 
@@ -691,15 +728,16 @@ impl PyDispatcherCore {
     ) -> PyResult<bool> {
         let _ = runner_info;
         let runner_id = args::string("runner_id", runner_id)?;
-        let outcome = self.decide(|state, book, now| state.time_out(&runner_id, book, now));
-        Ok(self.perform(py, outcome))
+        self.settle(py, KnownTexts::default(), |state, book, now| {
+            state.time_out(&runner_id, book, now)
+        })
     }
 
     /// One pass of the loop: poll the source, queue new tasks, move retries
     /// whose backoff has elapsed back to the queue, schedule and assign while
     /// capacity lasts, check heartbeats. Returns counts of what it did.
     fn tick<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let c = self.tick_once(py);
+        let c = self.tick_once(py)?;
         let out = PyDict::new(py);
         out.set_item("enqueued", c.enqueued)?;
         out.set_item("ignored", c.ignored)?;
@@ -760,6 +798,9 @@ impl PyDispatcherCore {
         }
         out.set_item("delayed", delayed)?;
         out.set_item("running_tasks", snapshot.running_tasks)?;
+        // SPEC §9: reports decided and not yet delivered to the ports.
+        out.set_item("pending_reports", snapshot.pending_reports)?;
+        out.set_item("pending_report_tasks", snapshot.pending_report_tasks)?;
         out.set_item("global_running_count", snapshot.global_running)?;
         out.set_item("max_global_concurrency", snapshot.max_global_concurrency)?;
         let pools = PyList::empty(py);
@@ -785,6 +826,11 @@ impl PyDispatcherCore {
         metrics.set_item("retries_scheduled", m.retries_scheduled)?;
         metrics.set_item("runner_timeouts", m.runner_timeouts)?;
         metrics.set_item("runners_force_stopped", m.runners_force_stopped)?;
+        metrics.set_item("reports_delivered", snapshot.delivery.delivered)?;
+        metrics.set_item(
+            "report_delivery_failures",
+            snapshot.delivery.failed_attempts,
+        )?;
         out.set_item("metrics", metrics)?;
         let infos = PyDict::new(py);
         for info in retry_info {

@@ -9,14 +9,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3::IntoPyObjectExt;
 
+use super::delivery::is_interrupt;
 use super::settings::{getattr_opt, optional_arc};
 use super::{PyDispatcherCore, LOG_TARGET};
 use crate::bindings::call::{call_method, KeywordNames};
 use crate::bindings::{args, datetime};
-use crate::dispatcher::{
-    Effect, NewRunner, Outcome, ReportedState, Reservation, StateMetadata, TaskMeta,
-};
-use crate::retry_manager::log_failure;
+use crate::dispatcher::{Effect, NewRunner, ReportedState, Reservation, StateMetadata, TaskMeta};
 use crate::runners::RunnerDetails;
 
 /// The outside world, injected. Each may be None (its calls are skipped).
@@ -96,41 +94,8 @@ impl PyDispatcherCore {
         drop(old); // after the lock: dropping may run Python code
     }
 
-    /// Performs an outcome's effects on the ports, in order. A port that raises
-    /// is logged and the rest still happen.
-    pub(super) fn perform(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) -> bool {
-        self.perform_with(py, outcome, KnownTexts::default())
-    }
-
-    /// [`Self::perform`], reusing the caller's own `str` arguments where an
-    /// effect passes the same text on (ids and names are in nearly every
-    /// port call; making them anew is most of what a call costs).
-    pub(super) fn perform_with<'a, 'py>(
-        &self,
-        py: Python<'py>,
-        outcome: Outcome<Py<PyAny>>,
-        known: KnownTexts<'a, 'py>,
-    ) -> bool {
-        if let Some(failure) = &outcome.failure {
-            log_failure(failure);
-            if !failure.limit_reached && self.running() {
-                // A retry is now delayed: the loop may have to wake sooner.
-                self.run_loop.nudge();
-            }
-        }
-        if !outcome.effects.is_empty() {
-            let ports = self.effect_ports(py, known);
-            for effect in outcome.effects {
-                if let Err(err) = ports.perform(py, effect) {
-                    log::error!(target: LOG_TARGET, "{err}");
-                }
-            }
-        }
-        outcome.applied
-    }
-
     /// The ports effects use: the current snapshot, taken once per outcome.
-    fn effect_ports<'a, 'py>(
+    pub(super) fn effect_ports<'a, 'py>(
         &self,
         py: Python<'py>,
         known: KnownTexts<'a, 'py>,
@@ -145,8 +110,14 @@ impl PyDispatcherCore {
 
     /// Carries out one reservation: allocate a slot, launch, and report back
     /// to the core. The capacity stays reserved throughout, and is released
-    /// on every path that does not end in a tracked runner.
-    pub(super) fn assign(&self, py: Python<'_>, reservation: Reservation<Py<PyAny>>) -> Assigned {
+    /// on every path that does not end in a tracked runner. Ctrl-C or
+    /// `SystemExit` in a port puts the task back in the queue (slot
+    /// released), then reaches the caller.
+    pub(super) fn assign(
+        &self,
+        py: Python<'_>,
+        reservation: Reservation<Py<PyAny>>,
+    ) -> PyResult<Assigned> {
         let Reservation {
             meta,
             payload,
@@ -156,23 +127,34 @@ impl PyDispatcherCore {
         let slot = match self.allocate_slot(py, &meta, &pool_name) {
             Ok(Some(slot)) => slot,
             result => {
-                match result {
-                    Err(e) => log::error!(
-                        target: LOG_TARGET,
-                        "allocate_slot for task {:?} (repo {:?}) failed: {e}",
-                        meta.id,
-                        meta.repo_name
-                    ),
-                    _ => log::debug!(
-                        target: LOG_TARGET,
-                        "no slot free for task {:?} (repo {:?}); it stays queued",
-                        meta.id,
-                        meta.repo_name
-                    ),
-                }
-                let outcome = self.decide(|state, _, _| state.abort_assignment(&meta.id, payload));
-                self.perform(py, outcome);
-                return Assigned::NoSlot;
+                let interrupt = match result {
+                    Err(e) if is_interrupt(py, &e) => Some(e),
+                    Err(e) => {
+                        log::error!(
+                            target: LOG_TARGET,
+                            "allocate_slot for task {:?} (repo {:?}) failed: {e}",
+                            meta.id,
+                            meta.repo_name
+                        );
+                        None
+                    }
+                    Ok(_) => {
+                        log::debug!(
+                            target: LOG_TARGET,
+                            "no slot free for task {:?} (repo {:?}); it stays queued",
+                            meta.id,
+                            meta.repo_name
+                        );
+                        None
+                    }
+                };
+                self.settle(py, KnownTexts::default(), |state, _, _| {
+                    state.abort_assignment(&meta.id, payload)
+                })?;
+                return match interrupt {
+                    Some(e) => Err(e),
+                    None => Ok(Assigned::NoSlot),
+                };
             }
         };
         let pool_object = self
@@ -191,20 +173,33 @@ impl PyDispatcherCore {
                     runner.runner_id,
                     runner.slot_id
                 );
-                let outcome = self.decide(|state, book, now| {
+                self.settle(py, KnownTexts::default(), |state, book, now| {
                     state.confirm_assignment(&meta.id, payload, runner, book, now)
-                });
-                self.perform(py, outcome);
-                Assigned::Launched
+                })?;
+                Ok(Assigned::Launched)
+            }
+            Err(e) if is_interrupt(py, &e) => {
+                // Not the task's failure: it goes back to the queue, its
+                // slot is released, and the interrupt reaches the caller.
+                self.settle(py, KnownTexts::default(), |state, _, _| {
+                    let mut outcome = state.abort_assignment(&meta.id, payload);
+                    if let Some(slot_id) = slot.id.clone() {
+                        outcome.effects.push(Effect::ReleaseSlot {
+                            task_id: meta.id.clone(),
+                            slot_id,
+                        });
+                    }
+                    outcome
+                })?;
+                Err(e)
             }
             Err(e) => {
                 let reason = format!("launch failed: {e}");
                 log::error!(target: LOG_TARGET, "task {:?}: {reason}", meta.id);
-                let outcome = self.decide(|state, book, now| {
+                self.settle(py, KnownTexts::default(), |state, book, now| {
                     state.fail_assignment(&meta.id, payload, slot.id, &reason, book, now)
-                });
-                self.perform(py, outcome);
-                Assigned::LaunchFailed
+                })?;
+                Ok(Assigned::LaunchFailed)
             }
         }
     }
@@ -235,10 +230,32 @@ impl PyDispatcherCore {
         if slot.is_none() {
             return Ok(None);
         }
-        let id = getattr_opt(&slot, "slot_id")?.ok_or_else(|| {
-            args::type_error("the allocated slot", "an object with a slot_id", &slot)
-        })?;
-        let id = Arc::from(args::string("slot.slot_id", &id)?.as_ref());
+        let raw_id = getattr_opt(&slot, "slot_id")?;
+        let id = match &raw_id {
+            Some(raw) => args::string("slot.slot_id", raw).map(|id| Arc::from(id.as_ref())),
+            None => Err(args::type_error(
+                "the allocated slot",
+                "an object with a slot_id",
+                &slot,
+            )),
+        };
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                // A slot the core cannot track is given back at once, so
+                // the pool does not lose it.
+                if let Some(raw) = raw_id {
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item("cleanup", true)?;
+                    if let Err(release) =
+                        manager.call_method("release_slot", (&raw,), Some(&kwargs))
+                    {
+                        log::error!(target: LOG_TARGET, "release_slot({raw}) of an unusable slot failed: {release}");
+                    }
+                }
+                return Err(e);
+            }
+        };
         Ok(Some(Slot {
             object: slot.unbind(),
             id: Some(id),
@@ -255,10 +272,35 @@ impl PyDispatcherCore {
     ) -> PyResult<NewRunner> {
         let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
         let runner = launcher.call_method1("launch", (task, &slot.object, pool))?;
-        let runner_id = getattr_opt(&runner, "runner_id")?.ok_or_else(|| {
-            args::type_error("the launched runner", "an object with a runner_id", &runner)
-        })?;
-        let runner_id = Arc::from(args::string("runner.runner_id", &runner_id)?.as_ref());
+        let raw_id = getattr_opt(&runner, "runner_id")?;
+        let runner_id = match &raw_id {
+            Some(raw) => args::string("runner.runner_id", raw).map(|id| Arc::from(id.as_ref())),
+            None => Err(args::type_error(
+                "the launched runner",
+                "an object with a runner_id",
+                &runner,
+            )),
+        };
+        let runner_id = match runner_id {
+            Ok(id) => id,
+            Err(e) => {
+                // A runner the core cannot track is stopped, so it does not
+                // run on unwatched.
+                let stop = intern!(py, "stop");
+                match raw_id {
+                    Some(raw) if launcher.hasattr(stop).unwrap_or(false) => {
+                        if let Err(stop_err) = launcher.call_method1(stop, (&raw,)) {
+                            log::error!(target: LOG_TARGET, "stop({raw}) of an untrackable runner failed: {stop_err}");
+                        }
+                    }
+                    _ => log::error!(
+                        target: LOG_TARGET,
+                        "a launched runner cannot be tracked nor stopped: {e}"
+                    ),
+                }
+                return Err(e);
+            }
+        };
         // The optional details are informational: a malformed one is dropped
         // (and logged) rather than losing track of a runner that is running.
         let optional = |name: &str| -> Option<Bound<'_, PyAny>> {
@@ -357,7 +399,7 @@ struct TextMemo<'py> {
 }
 
 /// The ports an outcome's effects call.
-struct EffectPorts<'a, 'py> {
+pub(super) struct EffectPorts<'a, 'py> {
     py: Python<'py>,
     ports: Arc<Ports>,
     texts: RefCell<TextMemo<'py>>,
@@ -461,18 +503,26 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         Ok(d)
     }
 
-    fn perform(&self, py: Python<'py>, effect: Effect<Py<PyAny>>) -> Result<(), String> {
-        let fail = |what: &str, e: PyErr| format!("{what} failed: {e}");
+    pub(super) fn perform(
+        &self,
+        py: Python<'py>,
+        effect: &Effect<Py<PyAny>>,
+    ) -> Result<(), FailedReport> {
+        let fail = |what: &str, error: PyErr| FailedReport {
+            what: what.to_owned(),
+            error,
+        };
         match effect {
-            Effect::Discard(handle) => drop(handle),
-            Effect::ReleaseSlot { slot_id } => {
+            // Handles are dropped when filed; none reaches the outbox.
+            Effect::Discard(_) => {}
+            Effect::ReleaseSlot { slot_id, .. } => {
                 static CLEANUP: KeywordNames = KeywordNames::new(&["cleanup"]);
                 if let Some(pool) = self.port(|p| &p.repo_pool_manager) {
                     let result = (|| {
                         call_method(
                             pool,
                             intern!(py, "release_slot"),
-                            &[self.text(py, &slot_id).into_any()],
+                            &[self.text(py, slot_id).into_any()],
                             &CLEANUP,
                             &[any(py, true)?],
                         )
@@ -493,7 +543,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 };
                 let result = (|| -> PyResult<()> {
                     let new_state = match &self.ports.states {
-                        Some(states) => states[state_index(state)].bind(py).clone(),
+                        Some(states) => states[state_index(*state)].bind(py).clone(),
                         None => self
                             .ports
                             .task_state_type
@@ -501,10 +551,10 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                             .call1((state.value(),))?,
                     };
                     let values = [
-                        self.text(py, &spec_name).into_any(),
-                        self.text(py, &task_id).into_any(),
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
                         new_state,
-                        self.metadata_dict(py, &metadata)?.into_any(),
+                        self.metadata_dict(py, metadata)?.into_any(),
                     ];
                     call_method(
                         registry,
@@ -540,12 +590,12 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 ]);
                 self.record_event(py, intern!(py, "record_task_assigned"), &NAMES, || {
                     Ok([
-                        self.text(py, &spec_name).into_any(),
-                        self.text(py, &task_id).into_any(),
-                        self.text(py, &runner_id).into_any(),
-                        any(py, self.optional_text(py, &slot_id))?,
-                        self.text(py, &pool_name).into_any(),
-                        datetime::to_py(py, timestamp)?.into_any(),
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, self.optional_text(py, slot_id))?,
+                        self.text(py, pool_name).into_any(),
+                        datetime::to_py(py, *timestamp)?.into_any(),
                     ])
                 })
                 .map_err(|e| fail("record_task_assigned", e))?
@@ -572,15 +622,15 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 ]);
                 self.record_event(py, intern!(py, "record_runner_started"), &NAMES, || {
                     Ok([
-                        self.text(py, &spec_name).into_any(),
-                        self.text(py, &task_id).into_any(),
-                        self.text(py, &runner_id).into_any(),
-                        any(py, self.optional_text(py, &slot_id))?,
-                        self.text(py, &pool_name).into_any(),
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, self.optional_text(py, slot_id))?,
+                        self.text(py, pool_name).into_any(),
                         any(py, details.pid)?,
                         any(py, details.container_id.as_deref())?,
                         any(py, details.job_name.as_deref())?,
-                        datetime::to_py(py, timestamp)?.into_any(),
+                        datetime::to_py(py, *timestamp)?.into_any(),
                     ])
                 })
                 .map_err(|e| fail("record_runner_started", e))?
@@ -605,13 +655,13 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 ]);
                 self.record_event(py, intern!(py, "record_runner_finished"), &NAMES, || {
                     Ok([
-                        self.text(py, &spec_name).into_any(),
-                        self.text(py, &task_id).into_any(),
-                        self.text(py, &runner_id).into_any(),
-                        any(py, self.optional_text(py, &slot_id))?,
-                        any(py, success)?,
-                        any(py, execution_time_seconds)?,
-                        any(py, self.optional_text(py, &failure_reason))?,
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, self.optional_text(py, slot_id))?,
+                        any(py, *success)?,
+                        any(py, *execution_time_seconds)?,
+                        any(py, self.optional_text(py, failure_reason))?,
                     ])
                 })
                 .map_err(|e| fail("record_runner_finished", e))?
@@ -631,10 +681,10 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
                 self.record_event(py, intern!(py, "record_task_completed"), &NAMES, || {
                     Ok([
-                        self.text(py, &spec_name).into_any(),
-                        self.text(py, &task_id).into_any(),
-                        self.text(py, &runner_id).into_any(),
-                        any(py, execution_time_seconds)?,
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, *execution_time_seconds)?,
                     ])
                 })
                 .map_err(|e| fail("record_task_completed", e))?
@@ -655,16 +705,16 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 ]);
                 self.record_event(py, intern!(py, "record_task_failed"), &NAMES, || {
                     Ok([
-                        self.text(py, &spec_name).into_any(),
-                        self.text(py, &task_id).into_any(),
-                        any(py, self.optional_text(py, &runner_id))?,
-                        self.text(py, &failure_reason).into_any(),
-                        any(py, retry_count)?,
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        any(py, self.optional_text(py, runner_id))?,
+                        self.text(py, failure_reason).into_any(),
+                        any(py, *retry_count)?,
                     ])
                 })
                 .map_err(|e| fail("record_task_failed", e))?
             }
-            Effect::StopRunner { runner_id } => {
+            Effect::StopRunner { runner_id, .. } => {
                 if let Some(launcher) = self.port(|p| &p.runner_launcher) {
                     if launcher.hasattr(intern!(py, "stop")).unwrap_or(false) {
                         launcher
@@ -693,6 +743,12 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         call_method(recorder, method, &[], names, &values()?)?;
         Ok(())
     }
+}
+
+/// A report whose port call raised: what was called, and the error.
+pub struct FailedReport {
+    pub what: String,
+    pub error: PyErr,
 }
 
 /// Any value a port call passes on, as a Python object.
