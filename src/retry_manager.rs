@@ -70,6 +70,18 @@ impl RetryManager {
         self.book.lock()
     }
 
+    /// In a forked child, frees the book's lock if a thread that the child
+    /// does not have held it.
+    ///
+    /// # Safety
+    /// Call only in a forked child, from the one thread it has, which must
+    /// not hold the lock itself.
+    pub unsafe fn force_unlock_after_fork(&self) {
+        if self.book.is_locked() {
+            self.book.force_unlock();
+        }
+    }
+
     pub fn policy(&self) -> BackoffPolicy {
         *self.book.lock().policy()
     }

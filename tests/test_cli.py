@@ -153,7 +153,9 @@ def test_a_hanging_task_is_killed_at_its_timeout_and_retried(tmp_path):
     assert time.monotonic() - began < 30
     first, second = events(tmp_path, "runner_finished")
     assert first["success"] is False and first["failure_reason"] == "timeout after 0.5 s"
-    assert 0.5 <= first["execution_time_seconds"] < 3
+    # The launcher starts its timer when it launches; the core counts from
+    # when it tracks the runner, a moment later: allow that moment.
+    assert 0.45 <= first["execution_time_seconds"] < 3
     assert second["success"] is True
     started = events(tmp_path, "runner_started")
     assert group_is_gone(started[0]["pid"]), "the hung command's process group is killed"

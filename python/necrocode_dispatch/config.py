@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,41 @@ RETRY_KEYS = (
 )
 
 
+#: Numeric fields, with their lower bound and whether the bound is allowed.
+_SECONDS = {
+    "poll_interval": (0, False),
+    "heartbeat_timeout": (0, False),
+    "graceful_shutdown_timeout": (0, True),
+    "retry_backoff_base": (0, False),
+    "retry_initial_delay": (0, True),
+    "retry_max_delay": (0, True),
+}
+#: Whole-number fields, with their least value.
+_COUNTS = {"max_global_concurrency": 1, "retry_max_attempts": 0}
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raises TypeError or ValueError, naming the field, for a value the
+    dispatcher cannot use; checked at construction and on every assignment."""
+    if name in _SECONDS:
+        low, inclusive = _SECONDS[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        bound_ok = value >= low if inclusive else value > low
+        if not (math.isfinite(value) and bound_ok):
+            relation = ">=" if inclusive else ">"
+            raise ValueError(f"{name} must be a finite number {relation} {low}, got {value!r}")
+    elif name in _COUNTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < _COUNTS[name]:
+            raise ValueError(f"{name} must be >= {_COUNTS[name]}, got {value!r}")
+
+
 @dataclass
 class DispatcherConfig:
-    """Settings of a DispatcherCore. Fields stay assignable after construction."""
+    """Settings of a DispatcherCore. Fields stay assignable after construction;
+    every numeric field is checked when set (TypeError or ValueError naming it)."""
 
     poll_interval: float = 5
     scheduling_policy: SchedulingPolicy = SchedulingPolicy.PRIORITY
@@ -65,6 +98,10 @@ class DispatcherConfig:
     retry_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     retry_max_duration: float | None = None
     retry_budget: int | dict[str, int] | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check_field(name, value)
+        super().__setattr__(name, value)
 
     def get_pool(self, name: str) -> AgentPool | None:
         return next((p for p in self.agent_pools if p.name == name), None)

@@ -88,9 +88,13 @@ def parse_job(data: Any, default_spec: str = "job") -> Job:
     for key in ("poll_interval", "heartbeat_timeout", "graceful_shutdown_timeout"):
         if key in section:
             _number(f"dispatcher.{key}", section[key], minimum=0)
-    config = DispatcherConfig.from_dict(
-        {"dispatcher": section, "agent_pools": pools, "skill_mapping": mapping}
-    )
+    try:
+        config = DispatcherConfig.from_dict(
+            {"dispatcher": section, "agent_pools": pools, "skill_mapping": mapping}
+        )
+    except (TypeError, ValueError) as e:
+        # DispatcherConfig names the field (e.g. "poll_interval must be > 0").
+        raise JobError(f"dispatcher.{e}") from None
     return Job(config, tasks)
 
 

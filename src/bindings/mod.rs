@@ -18,7 +18,9 @@ mod core_module {
     #[pymodule_export]
     use super::clock::{PyManualClock, PySystemClock};
     #[pymodule_export]
-    use super::dispatcher::PyDispatcherCore;
+    use super::dispatcher::{
+        _after_fork_in_child, _stop_loops_at_exit, DispatchLoop, PyDispatcherCore,
+    };
     #[pymodule_export]
     use super::files::write_atomically;
     #[pymodule_export]
@@ -34,6 +36,16 @@ mod core_module {
         super::logging::GatedLogger::install(m.py())?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         let py = m.py();
+        // Running loops end before CPython finalises; forked children get
+        // stopped dispatchers with free locks.
+        py.import("atexit")?
+            .call_method1("register", (m.getattr("_stop_loops_at_exit")?,))?;
+        let os = py.import("os")?;
+        if os.hasattr("register_at_fork")? {
+            let kwargs = pyo3::types::PyDict::new(py);
+            kwargs.set_item("after_in_child", m.getattr("_after_fork_in_child")?)?;
+            os.call_method("register_at_fork", (), Some(&kwargs))?;
+        }
         use super::dispatcher as d;
         m.add("DispatcherError", py.get_type::<d::DispatcherError>())?;
         m.add(

@@ -80,7 +80,7 @@ impl PyDispatcherCore {
         }
         if delayed && self.running() {
             // A retry is now delayed: the loop may have to wake sooner.
-            self.run_loop.nudge();
+            self.run_loop().nudge();
         }
         self.deliver(py, lanes, known, false)
     }
@@ -126,7 +126,6 @@ impl PyDispatcherCore {
                         .lock()
                         .finish_reports(task, delivered, reports, now)
                 };
-                self.state_changed.notify_all();
                 if let Some(failure) = failed {
                     log::error!(
                         target: LOG_TARGET,
@@ -135,7 +134,7 @@ impl PyDispatcherCore {
                         failure.error
                     );
                     if self.running() {
-                        self.run_loop.nudge();
+                        self.run_loop().nudge();
                     }
                     if is_interrupt(py, &failure.error) {
                         interrupted.get_or_insert(failure.error);

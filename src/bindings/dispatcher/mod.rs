@@ -3,16 +3,17 @@
 
 mod delivery;
 mod errors;
+mod lifecycle;
 mod ports;
 mod run_loop;
 mod settings;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Mutex, RwLock};
 use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList};
@@ -22,8 +23,9 @@ pub use errors::{
     DeadlockDetectedError, DispatcherError, PoolNotFoundError, RunnerLaunchError,
     SlotAllocationError, TaskAssignmentError,
 };
+pub use lifecycle::{_after_fork_in_child, _stop_loops_at_exit, DispatchLoop};
 use ports::{Assigned, KnownTexts, Ports};
-use run_loop::{LoopControl, Wake};
+use run_loop::LoopControl;
 use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta};
 
 use crate::bindings::args;
@@ -44,17 +46,24 @@ use crate::scheduling::{Policy, Scheduler};
 const LOG_TARGET: &str = "necrocode_dispatch::dispatcher_core";
 
 /// The dispatcher's state machine, with its ports, thread-safe.
-#[pyclass(module = "necrocode_dispatch._core", name = "DispatcherCore", frozen)]
+#[pyclass(
+    module = "necrocode_dispatch._core",
+    name = "DispatcherCore",
+    frozen,
+    weakref
+)]
 pub struct PyDispatcherCore {
     state: Mutex<DispatcherState<Py<PyAny>>>,
-    /// Notified after every decision, for `stop()` waiting on runners.
-    state_changed: Condvar,
+    /// The global running count as of the last decision, for `stop()`
+    /// waiting on runners without taking the state's lock.
+    running_count: AtomicU64,
     clock: Arc<dyn Clock>,
     clock_obj: Py<PyAny>,
     retry: Mutex<(Arc<RetryManager>, Py<PyRetryManager>)>,
     ports: RwLock<Arc<Ports>>,
     running: AtomicBool,
-    run_loop: LoopControl,
+    /// Replaced whole in a forked child (see `run_loop`).
+    run_loop: RwLock<Arc<LoopControl>>,
 }
 
 /// What one `tick()` did.
@@ -70,12 +79,30 @@ struct TickCounts {
 }
 
 impl PyDispatcherCore {
+    /// In a forked child: the locks a vanished thread held are freed. Those
+    /// holders only ever read under them with the GIL released, so the
+    /// state is whole.
+    fn unlock_after_fork(&self) {
+        // SAFETY: only the forking thread exists in the child, and it held
+        // none of these locks (it was running Python code).
+        unsafe {
+            if self.state.is_locked() {
+                self.state.force_unlock();
+            }
+            let retry = &self.retry;
+            if retry.is_locked() {
+                retry.force_unlock();
+            }
+            retry.lock().0.force_unlock_after_fork();
+        }
+    }
+
     fn restore_json(&self, json: &str) -> Result<(), SnapshotError> {
         let snapshot = dispatcher_snapshot::from_json(json)?;
         let result = self
             .decide(|state, book, now| dispatcher_snapshot::restore(state, book, &snapshot, now));
         if result.is_ok() && self.running() {
-            self.run_loop.nudge();
+            self.run_loop().nudge();
         }
         result
     }
@@ -95,9 +122,12 @@ impl PyDispatcherCore {
             let mut state = self.state.lock();
             let mut book = retry.lock();
             let now = self.clock.now();
-            decide(&mut state, &mut book, now)
+            let result = decide(&mut state, &mut book, now);
+            self.running_count
+                .store(state.global_running(), Ordering::SeqCst);
+            result
         };
-        self.state_changed.notify_all();
+        self.run_loop.read().changed();
         result
     }
 
@@ -184,23 +214,14 @@ impl PyDispatcherCore {
 
     /// Waits until no runner runs, or `deadline` passes; true when none runs.
     /// Call with the GIL released.
-    fn wait_for_runners(&self, deadline: Option<Instant>) -> bool {
-        let mut state = self.state.lock();
-        while state.global_running() > 0 {
-            match deadline {
-                Some(deadline) => {
-                    if self
-                        .state_changed
-                        .wait_until(&mut state, deadline)
-                        .timed_out()
-                    {
-                        return state.global_running() == 0;
-                    }
-                }
-                None => self.state_changed.wait(&mut state),
-            }
-        }
-        true
+    fn wait_for_runners(&self, deadline: Instant) -> bool {
+        let control = self.run_loop();
+        control.wait_for_change(deadline, || self.running_count.load(Ordering::SeqCst) == 0)
+    }
+
+    /// The loop's control as it is now (a forked child gets a new one).
+    fn run_loop(&self) -> Arc<LoopControl> {
+        self.run_loop.read().clone()
     }
 
     /// How long until the earliest delayed retry is due (at least 1 ms), so
@@ -297,7 +318,7 @@ impl PyDispatcherCore {
                 pools,
                 Scheduler::new(tunables.policy, tunables.mapping),
             )),
-            state_changed: Condvar::new(),
+            running_count: AtomicU64::new(0),
             clock: core_clock,
             clock_obj,
             retry: Mutex::new((retry, retry_obj)),
@@ -313,7 +334,7 @@ impl PyDispatcherCore {
                 pool_objects,
             })),
             running: AtomicBool::new(false),
-            run_loop: LoopControl::default(),
+            run_loop: RwLock::default(),
         })
     }
 
@@ -440,123 +461,28 @@ impl PyDispatcherCore {
     #[setter]
     fn set_running(&self, value: bool) {
         self.running.store(value, Ordering::SeqCst);
-        self.run_loop.nudge();
+        self.run_loop().nudge();
     }
 
     /// Runs `tick()` every `config.poll_interval` seconds on a background
-    /// thread until `stop()`.
+    /// thread until `stop()`. Waits while another thread is in `stop()`.
     fn start(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let py = slf.py();
-        let this = slf.get();
-        if this.running.swap(true, Ordering::SeqCst) {
-            log::warn!(target: LOG_TARGET, "the dispatcher is already running");
-            return Ok(());
-        }
-        this.state.lock().resume();
-        let generation = this.run_loop.begin();
-        let started = (|| -> PyResult<()> {
-            let kwargs = PyDict::new(py);
-            kwargs.set_item("target", slf.getattr("_run_loop")?)?;
-            kwargs.set_item("args", (generation,))?;
-            kwargs.set_item("name", "necrocode-dispatch-loop")?;
-            kwargs.set_item("daemon", true)?;
-            let thread = py
-                .import("threading")?
-                .getattr("Thread")?
-                .call((), Some(&kwargs))?;
-            drop(this.run_loop.set_thread(Some(thread.clone().unbind())));
-            thread.call_method0("start")?;
-            Ok(())
-        })();
-        if let Err(e) = started {
-            this.running.store(false, Ordering::SeqCst);
-            drop(this.run_loop.end());
-            return Err(e);
-        }
-        log::info!(target: LOG_TARGET, "dispatcher started");
-        Ok(())
-    }
-
-    /// The background loop's body (the thread's target): a pass, then sleep
-    /// until the next poll or the next retry due, whichever is sooner.
-    fn _run_loop(&self, py: Python<'_>, generation: u64) {
-        while self.running() && self.run_loop.is_current(generation) {
-            if let Err(e) = self.tick_once(py) {
-                // Only Ctrl-C or SystemExit come out of a pass: the loop ends.
-                log::error!(target: LOG_TARGET, "the dispatch loop ends: {e}");
-                self.running.store(false, Ordering::SeqCst);
-                return;
-            }
-            let interval = match self.config_seconds(py, "poll_interval", 5.0) {
-                Ok(s) => Duration::from_secs_f64(s),
-                Err(e) => {
-                    log::error!(target: LOG_TARGET, "{e}; polling every 5 s");
-                    Duration::from_secs(5)
-                }
-            };
-            let next_poll = Instant::now().checked_add(interval);
-            loop {
-                let seen = self.run_loop.nudges();
-                let now = Instant::now();
-                let poll_in = next_poll.map_or(Duration::MAX, |t| t.saturating_duration_since(now));
-                let wait = poll_in.min(self.until_next_retry());
-                if wait.is_zero() {
-                    break;
-                }
-                let deadline = now
-                    .checked_add(wait)
-                    .unwrap_or(now + Duration::from_secs(86_400));
-                match py.detach(|| self.run_loop.sleep_until(generation, seen, deadline)) {
-                    Wake::Ended => return,
-                    Wake::TimedOut => break,
-                    Wake::Nudged if !self.running() => return,
-                    Wake::Nudged => {}
-                }
-            }
-        }
+        Self::start_loop(slf)
     }
 
     /// Stops assigning at once, ends the loop without waiting out a poll
     /// interval, waits up to `timeout` seconds (default
     /// `config.graceful_shutdown_timeout`) for running runners with the GIL
-    /// released, then forces the rest to stop.
+    /// released, then forces the rest to stop. Ctrl-C during the wait
+    /// forces them at once and comes out as KeyboardInterrupt. Concurrent
+    /// calls return once the dispatcher is stopped.
     #[pyo3(signature = (timeout = None))]
     fn stop(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let timeout = match timeout.filter(|t| !t.is_none()) {
             Some(t) => settings::seconds("timeout", args::number("timeout", t)?)?,
             None => self.config_seconds(py, "graceful_shutdown_timeout", 300.0)?,
         };
-        if !self.running.swap(false, Ordering::SeqCst) {
-            log::warn!(target: LOG_TARGET, "the dispatcher is not running");
-            return Ok(());
-        }
-        self.state.lock().stop_assigning();
-        if let Some(thread) = self.run_loop.end() {
-            let thread = thread.into_bound(py);
-            let current = py.import("threading")?.call_method0("current_thread")?;
-            // stop() called from a port inside the loop: it ends on its own.
-            if !thread.is(&current) {
-                thread.call_method0("join")?;
-            }
-        }
-        let deadline = Instant::now().checked_add(Duration::from_secs_f64(timeout));
-        if !py.detach(|| self.wait_for_runners(deadline)) {
-            let mut forced = 0;
-            self.settle(py, KnownTexts::default(), |state, _, now| {
-                let outcome = state.force_stop(now);
-                forced = outcome
-                    .effects
-                    .iter()
-                    .filter(|e| matches!(e, crate::dispatcher::Effect::StopRunner { .. }))
-                    .count();
-                outcome
-            })?;
-            log::warn!(target: LOG_TARGET, "forced {forced} runner(s) to stop after {timeout} s");
-        }
-        // A last try for reports still waiting; what stays is in snapshot().
-        self.deliver_pending(py, true)?;
-        log::info!(target: LOG_TARGET, "dispatcher stopped");
-        Ok(())
+        self.stop_loop(py, timeout)
     }
 
     /// Puts `task` into the dispatcher as running on a runner in `pool_name`,

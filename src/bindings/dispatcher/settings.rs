@@ -93,6 +93,19 @@ pub struct Tunables {
 }
 
 pub fn read_tunables(config: &Bound<'_, PyAny>, pools: &Pools) -> PyResult<Tunables> {
+    // Read again on every pass and at stop(): checked now, so that a bad
+    // value is refused where it was set rather than when it is used.
+    let poll = config_number(config, "poll_interval", 5.0)?;
+    if !(poll.is_finite() && poll > 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "config.poll_interval must be a finite number > 0, got {}",
+            python_float_repr(poll)
+        )));
+    }
+    seconds(
+        "config.graceful_shutdown_timeout",
+        config_number(config, "graceful_shutdown_timeout", 300.0)?,
+    )?;
     let heartbeat = seconds(
         "config.heartbeat_timeout",
         config_number(config, "heartbeat_timeout", 60.0)?,
