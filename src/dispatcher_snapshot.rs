@@ -78,6 +78,13 @@ pub fn restore<T>(
             state.held_tasks()
         )));
     }
+    retry_snapshot::saved_time("saved_at", &snapshot.saved_at)?;
+    let records: std::collections::HashMap<&str, &str> = snapshot
+        .retry
+        .records
+        .iter()
+        .map(|r| (r.task_id.as_str(), r.due_at.as_str()))
+        .collect();
     let mut seen = HashSet::new();
     let mut delayed = Vec::with_capacity(snapshot.delayed.len());
     for (i, d) in snapshot.delayed.iter().enumerate() {
@@ -93,6 +100,22 @@ pub fn restore<T>(
                 d.task_id, d.due_at
             ))
         })?;
+        // A delayed task waits for its retry record's due time: both were
+        // written by one capture, so they agree unless the file was edited.
+        let record_due = records.get(d.task_id.as_str()).ok_or_else(|| {
+            SnapshotError(format!(
+                "delayed[{i}] ({:?}): no retry record for it in retry.records",
+                d.task_id
+            ))
+        })?;
+        // (A record whose own due_at is malformed is reported by its check.)
+        let record_due_time = retry_snapshot::saved_time("due_at", record_due).ok();
+        if record_due_time.is_some_and(|t| t != due) {
+            return Err(SnapshotError(format!(
+                "delayed[{i}] ({:?}): due_at {:?} disagrees with its retry record's due_at {record_due:?}",
+                d.task_id, d.due_at
+            )));
+        }
         delayed.push((
             Arc::<str>::from(d.task_id.as_str()),
             Arc::<str>::from(d.spec_name.as_str()),

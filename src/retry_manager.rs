@@ -192,7 +192,12 @@ impl RetryManager {
 
     /// Reads state saved by [`RetryManager::save`] and restores it.
     pub fn load(&self, path: &Path) -> Result<(), LoadError> {
-        let text = std::fs::read_to_string(path).map_err(LoadError::Io)?;
+        let bytes = std::fs::read(path).map_err(LoadError::Io)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            LoadError::Invalid(SnapshotError(
+                "it is not a retry state: not UTF-8 text (a binary file?)".to_owned(),
+            ))
+        })?;
         let state = retry_snapshot::from_json(&text).map_err(LoadError::Invalid)?;
         self.restore(&state).map_err(LoadError::Invalid)
     }

@@ -117,7 +117,7 @@ pub fn capture(book: &RetryBook, now: Now) -> RetryState {
 /// Replaces the book's records with the saved ones, converting due times to
 /// the monotonic clock at `now`. Nothing changes on error.
 pub fn restore(book: &mut RetryBook, state: &RetryState, now: Now) -> Result<(), SnapshotError> {
-    let records = check(state, now)?;
+    let records = check(state, now, book.policy().max_attempts())?;
     book.replace_records(&records, state.retry_budget.as_ref().map(|b| b.tokens));
     Ok(())
 }
@@ -141,12 +141,23 @@ pub fn check_header(
     Ok(())
 }
 
-fn check(state: &RetryState, now: Now) -> Result<Vec<StoredRecord>, SnapshotError> {
+/// A saved wall-clock time, or an error naming the field.
+pub fn saved_time(field: &str, text: &str) -> Result<WallTime, SnapshotError> {
+    WallTime::parse_isoformat(text)
+        .ok_or_else(|| SnapshotError(format!("{field} {text:?} is not an isoformat datetime")))
+}
+
+fn check(
+    state: &RetryState,
+    now: Now,
+    max_attempts: u64,
+) -> Result<Vec<StoredRecord>, SnapshotError> {
     check_header(
         "retry state",
         (&state.format, state.version),
         (FORMAT, VERSION),
     )?;
+    saved_time("saved_at", &state.saved_at)?;
     let mut seen = HashSet::new();
     let mut records = Vec::with_capacity(state.records.len());
     for (i, r) in state.records.iter().enumerate() {
@@ -164,7 +175,20 @@ fn check(state: &RetryState, now: Now) -> Result<Vec<StoredRecord>, SnapshotErro
         let retry_count = u32::try_from(r.retry_count).map_err(|_| {
             SnapshotError(at(&format!("retry_count {} is too large", r.retry_count)))
         })?;
+        if r.retry_count == 0 || r.retry_count > max_attempts {
+            return Err(SnapshotError(at(&format!(
+                "retry_count {} is not between 1 and max_attempts ({max_attempts})",
+                r.retry_count
+            ))));
+        }
         let last_retry_at = time("last_retry_at", &r.last_retry_at)?;
+        let next_retry_at = time("next_retry_at", &r.next_retry_at)?;
+        if next_retry_at < last_retry_at {
+            return Err(SnapshotError(at(&format!(
+                "next_retry_at {:?} is before last_retry_at {:?}",
+                r.next_retry_at, r.last_retry_at
+            ))));
+        }
         let gave_up = match &r.gave_up {
             None => None,
             Some(name) => Some(GiveUp::parse(name).ok_or_else(|| {
@@ -179,7 +203,7 @@ fn check(state: &RetryState, now: Now) -> Result<Vec<StoredRecord>, SnapshotErro
             task_id: Arc::from(r.task_id.as_str()),
             retry_count,
             last_retry_at,
-            next_retry_at: time("next_retry_at", &r.next_retry_at)?,
+            next_retry_at,
             failure_reason: r.failure_reason.as_deref().map(Arc::from),
             due: mono_of(now, time("due_at", &r.due_at)?),
             gave_up,
@@ -204,13 +228,56 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     what: &str,
 ) -> Result<T, SnapshotError> {
     serde_json::from_str(text).map_err(|e| {
-        let problem = if e.is_eof() {
-            "it ends early (truncated?)".to_owned()
-        } else {
-            format!("it is not valid {what}")
-        };
-        SnapshotError(format!("{problem}: {e}"))
+        if e.is_eof() {
+            return SnapshotError(format!("it ends early (truncated?): {e}"));
+        }
+        if e.is_syntax() {
+            return SnapshotError(format!("it is not valid {what} (not JSON): {e}"));
+        }
+        // Well-formed JSON of the wrong shape: name the part that is wrong
+        // rather than a position in text the caller may never have seen.
+        let place = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|value| locate(&value))
+            .unwrap_or_default();
+        SnapshotError(format!(
+            "it is not valid {what}: {place}{}",
+            without_position(&e)
+        ))
     })
+}
+
+/// serde's message without its " at line L column C".
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+/// The first list entry of a saved state that does not have its shape, as
+/// `records[3] ("task-id"): ` (also inside a dispatcher state's `retry`).
+fn locate(value: &serde_json::Value) -> Option<String> {
+    fn entries<T: serde::de::DeserializeOwned>(
+        value: &serde_json::Value,
+        key: &str,
+        prefix: &str,
+    ) -> Option<String> {
+        let list = value.get(key)?.as_array()?;
+        list.iter().enumerate().find_map(|(i, entry)| {
+            serde_json::from_value::<T>(entry.clone()).err().map(|_| {
+                let id = entry.get("task_id").and_then(|t| t.as_str());
+                match id {
+                    Some(id) => format!("{prefix}{key}[{i}] ({id:?}): "),
+                    None => format!("{prefix}{key}[{i}]: "),
+                }
+            })
+        })
+    }
+    entries::<SavedRecord>(value, "records", "")
+        .or_else(|| entries::<SavedRecord>(value.get("retry")?, "records", "retry."))
+        .or_else(|| entries::<crate::dispatcher_snapshot::SavedDelay>(value, "delayed", ""))
 }
 
 #[cfg(test)]
@@ -262,6 +329,32 @@ mod tests {
         let truncated = &good[..good.len() / 2];
         assert!(from_json(truncated).unwrap_err().0.contains("ends early"));
         assert!(from_json("{\"format\": 1}").is_err());
+        let mut shape = serde_json::from_str::<serde_json::Value>(&good).unwrap();
+        shape["records"][0]["retry_count"] = "two".into();
+        let err = from_json(&shape.to_string()).unwrap_err().0;
+        assert!(
+            err.starts_with("it is not valid retry state: records[0] (\"keep\"): invalid type"),
+            "{err}"
+        );
+        assert!(!err.contains("line"), "{err}");
+        let mut wrong = from_json(&good).unwrap();
+        wrong.saved_at = "yesterday".into();
+        assert!(restore(&mut book, &wrong, at(0, 0))
+            .unwrap_err()
+            .0
+            .contains("saved_at"));
+        let mut wrong = from_json(&good).unwrap();
+        wrong.records[0].retry_count = 9;
+        assert!(restore(&mut book, &wrong, at(0, 0))
+            .unwrap_err()
+            .0
+            .contains("max_attempts (3)"));
+        let mut wrong = from_json(&good).unwrap();
+        wrong.records[0].next_retry_at = "2000-01-01T00:00:00".into();
+        assert!(restore(&mut book, &wrong, at(0, 0))
+            .unwrap_err()
+            .0
+            .contains("before last_retry_at"));
         let mut wrong = from_json(&good).unwrap();
         wrong.records[0].due_at = "yesterday".into();
         let err = restore(&mut book, &wrong, at(0, 0)).unwrap_err();

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -297,3 +298,95 @@ def test_a_dispatcher_holding_tasks_refuses_a_restore():
     with pytest.raises(ValueError, match="holds no task yet; this one holds 1"):
         dispatcher.restore(state)
     assert dispatcher.get_status() == before
+
+
+# -- issue 12, findings 10 and 11 ---------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinks and modes are POSIX")
+def test_a_planted_symlink_at_a_temporary_name_redirects_nothing(tmp_path):
+    """The temporary names are not predictable, and a file created there is
+    opened exclusively without following links: a planted link is not used."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    manager = populated(ManualClock(START))
+    target = tmp_path / "state.json"
+    # Every name the old scheme (.NAME.PID.N.tmp) would have used, planted.
+    for n in range(50):
+        (tmp_path / f".state.json.{os.getpid()}.{n}.tmp").symlink_to(victim)
+    for _ in range(5):
+        manager.save(target)
+    assert victim.read_text() == "precious"
+    assert json.loads(target.read_text())["format"] == "necrocode-dispatch retry state"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinks and modes are POSIX")
+def test_a_state_file_keeps_its_mode_and_a_symlinked_one_is_written_through(tmp_path):
+    clock = ManualClock(START)
+    real = tmp_path / "real.json"
+    link = tmp_path / "link.json"
+    manager = populated(clock)
+    manager.save(real)
+    real.chmod(0o600)
+    link.symlink_to(real)
+    clock.advance(5)
+    manager.record_failure("new", "exit 1")
+    manager.save(link)
+    assert link.is_symlink()
+    assert (real.stat().st_mode & 0o777) == 0o600
+    restored = new_manager(ManualClock(START))
+    restored.load(real)
+    assert "new" in restored
+
+
+def _saved_dispatcher_state(tmp_path):
+    dispatcher, ports = build([make_task("a")], retry_initial_delay=10)
+    ports.launcher.fail_tasks.add("a")
+    dispatcher.tick()
+    return dispatcher.snapshot()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["delayed"][0].update(due_at="2031-01-01T00:00:00"), "disagrees"),
+        (lambda s: s["retry"]["records"][0].update(retry_count=99), "max_attempts"),
+        (lambda s: s.update(saved_at="yesterday"), "saved_at"),
+        (lambda s: s["retry"].update(saved_at="yesterday"), "saved_at"),
+        (lambda s: s["retry"]["records"].clear(), "no retry record"),
+        (
+            lambda s: s["retry"]["records"][0].update(retry_count="one"),
+            'retry.records[0] ("a"): invalid type',
+        ),
+        (lambda s: s["delayed"][0].pop("due_at"), 'delayed[0] ("a"): missing field `due_at`'),
+    ],
+)
+def test_a_restore_refuses_a_contradiction_naming_the_field(tmp_path, change, message):
+    state = _saved_dispatcher_state(tmp_path)
+    change(state)
+    fresh, _ = build()
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        fresh.restore(state)
+    assert "line 1 column" not in str(raised.value)
+    assert fresh.get_status()["delayed"] == []
+    assert len(fresh.retry_manager) == 0
+
+
+def test_a_lone_surrogate_id_is_refused_naming_the_argument():
+    manager = RetryManager()
+    with pytest.raises(ValueError, match="task_id"):
+        manager.record_failure("bad\udc80id")
+    dispatcher, _ = build()
+    with pytest.raises(ValueError, match="task_id"):
+        dispatcher.handle_task_failure("bad\udc80id", "spec")
+    assert len(manager) == 0
+
+
+def test_a_binary_state_file_is_a_value_error_naming_the_file(tmp_path):
+    path = tmp_path / "state.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        RetryManager().load(path)
+    dispatcher, _ = build()
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        dispatcher.load(path)

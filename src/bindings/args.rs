@@ -47,7 +47,15 @@ pub fn type_error(name: &str, expected: &str, obj: &Bound<'_, PyAny>) -> PyErr {
 /// A `str` argument, such as a task id.
 pub fn string<'a>(name: &str, obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, str>> {
     match obj.cast::<PyString>() {
-        Ok(s) => s.to_cow(),
+        // A str that is not valid Unicode text (a lone surrogate) cannot be
+        // an id or a name: say which argument, not just the codec's complaint.
+        Ok(s) => s.to_cow().map_err(|e| {
+            PyValueError::new_err(format!(
+                "{name} must be valid Unicode text, got {}: {e}",
+                obj.repr()
+                    .map_or_else(|_| "?".to_owned(), |r| r.to_string())
+            ))
+        }),
         Err(_) => Err(type_error(name, "a str", obj)),
     }
 }

@@ -837,9 +837,14 @@ impl PyDispatcherCore {
     /// Restores what `save(path)` wrote; nothing is loaded on any error.
     fn load(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
         let path = files::path_arg("path", path)?;
-        let text = py
-            .detach(|| std::fs::read_to_string(&path))
+        let bytes = py
+            .detach(|| std::fs::read(&path))
             .map_err(|e| files::io_error(&path, &e))?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            PyValueError::new_err(format!(
+                "{path}: it is not a dispatcher state: not UTF-8 text (a binary file?)"
+            ))
+        })?;
         self.restore_json(&text)
             .map_err(|e| PyValueError::new_err(format!("{path}: {e}")))
     }
