@@ -489,3 +489,147 @@ def test_400_quick_tasks_all_end_done_with_reports_in_order(tmp_path, run):
     for event in events(tmp_path):
         first_seen.setdefault(event["task_id"], event["event"])
     assert set(first_seen.values()) == {"task_assigned"}
+
+
+# -- issue 12, finding 9: the local runner owns its processes -----------------------
+
+
+def process_is_gone(pid: int, within: float = 5.0) -> bool:
+    """Whether `pid` has exited (a zombie counts as gone)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(line.split()[-1]) for line in path.read_text().split("\n") if line.strip()]
+
+
+def children_of(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+@linux_only
+def test_what_a_command_leaves_in_the_background_ends_with_its_task(tmp_path):
+    pids = tmp_path / "pids"
+    job = write_job(
+        tmp_path,
+        f"""
+        tasks:
+          - {{id: bg, command: "sleep 40 & echo $! >> {pids}"}}
+          - {{id: nohup, command: "nohup sleep 41 > /dev/null 2>&1 & echo $! >> {pids}"}}
+          - {{id: exit0, command: "sleep 43 & echo $! >> {pids}; exit 0"}}
+          - id: daemon
+            keep_background: true
+            command: "sleep 44 & echo kept $! >> {pids}.kept"
+        """,
+    )
+    result = run_cli(tmp_path, job)
+    assert result.returncode == 0, result.stderr
+    killed = pids_in(pids)
+    assert len(killed) == 3
+    assert all(process_is_gone(pid) for pid in killed)
+    (kept,) = pids_in(Path(f"{pids}.kept"))
+    try:
+        assert not process_is_gone(kept, within=0.2), "keep_background keeps the daemon"
+    finally:
+        os.kill(kept, signal.SIGKILL)
+
+
+@linux_only
+def test_commands_die_with_a_cli_killed_by_sigkill(tmp_path):
+    pids = tmp_path / "pids"
+    job = write_job(
+        tmp_path,
+        f"""
+        tasks:
+          - {{id: slow, command: "sleep 50 & echo $! >> {pids}; echo $$ >> {pids}; wait"}}
+        """,
+    )
+    cli = subprocess.Popen(
+        cli_args(tmp_path, job, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (pids.exists() and len(pids_in(pids)) == 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running = pids_in(pids)
+        assert len(running) == 2
+    finally:
+        cli.kill()
+        cli.wait()
+    assert all(process_is_gone(pid) for pid in running)
+
+
+@linux_only
+def test_a_resumed_run_kills_what_the_dead_run_left_before_starting(tmp_path):
+    """The CLI and its orphan guard are both killed: the state file's record
+    of process groups is what the resumed run uses."""
+    marks = tmp_path / "marks"
+    flag = tmp_path / "second-run"
+    job = write_job(
+        tmp_path,
+        f"""
+        tasks:
+          - id: slow
+            command: >-
+              if [ -e {flag} ]; then echo "new $$" >> {marks}; exit 0; fi;
+              echo "old $$" >> {marks}; exec sleep 60
+        """,
+    )
+    state = tmp_path / "state.json"
+    first = subprocess.Popen(
+        cli_args(tmp_path, job, "--quiet", "--state", str(state)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    old = None
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            saved = read_state(state)
+            if saved and saved.get("process_groups") and marks.exists():
+                break
+            time.sleep(0.05)
+        (old,) = pids_in(marks)
+        guards = [pid for pid in children_of(first.pid) if b"SIG_IGN" in cmdline(pid)]
+        assert len(guards) == 1
+        for pid in [first.pid, *guards]:
+            os.kill(pid, signal.SIGKILL)
+        first.wait()
+        assert not process_is_gone(old, within=0.5), "left running by the dead run"
+        flag.touch()
+        result = run_cli(tmp_path, job, "--state", str(state))
+        assert result.returncode == 0, result.stderr
+        assert process_is_gone(old, within=0.5)
+        lines = marks.read_text().split("\n")
+        assert lines[0].startswith("old") and lines[1].startswith("new")
+    finally:
+        if old is not None and not process_is_gone(old, within=0):
+            os.kill(old, signal.SIGKILL)

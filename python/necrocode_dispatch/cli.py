@@ -28,6 +28,7 @@ from necrocode_dispatch.local import (
     JsonlEventRecorder,
     LocalSlotPool,
     SubprocessLauncher,
+    kill_leftover_groups,
 )
 from necrocode_dispatch.run_state import RunState, StateFileError
 
@@ -103,7 +104,7 @@ def run_job(args: argparse.Namespace) -> int:
     def on_change(task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
         progress.on_change(task_id, state, metadata)
         if run_state is not None:
-            run_state.save(registry, dispatcher)
+            run_state.save(registry, dispatcher, launcher)
 
     registry = InMemoryTaskRegistry(job.tasks, listener=on_change)
     launcher = SubprocessLauncher(
@@ -122,6 +123,12 @@ def run_job(args: argparse.Namespace) -> int:
         return EXIT_BAD_JOB
     if run_state is not None:
         if saved is not None:
+            # What a run killed before it could stop its commands left
+            # running is killed before anything starts again.
+            left = saved.get("process_groups")
+            if isinstance(left, list) and isinstance(saved.get("run_id"), str):
+                groups = [g for g in left if isinstance(g, int) and g > 1]
+                kill_leftover_groups(saved["run_id"], groups)
             try:
                 registry.restore(saved["tasks"])
                 dispatcher.restore(saved["dispatcher"])
@@ -129,7 +136,7 @@ def run_job(args: argparse.Namespace) -> int:
                 print(f"{PROG}: {run_state.path}: cannot resume: {e}", file=sys.stderr)
                 return EXIT_BAD_JOB
             progress.resume(registry, run_state.path)
-        run_state.save(registry, dispatcher)
+        run_state.save(registry, dispatcher, launcher)
     recorder = JsonlEventRecorder(events_path)
     dispatcher.event_recorder = recorder
     launcher.dispatcher = dispatcher
@@ -189,6 +196,7 @@ def _run_until_finished(dispatcher, registry, launcher) -> Interrupted | None:
         try:
             dispatcher.stop(timeout=0 if interrupted else None)
             launcher.close()
+            launcher.close_guard()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

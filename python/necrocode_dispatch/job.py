@@ -17,7 +17,7 @@ __all__ = ["Job", "JobError", "load_job", "parse_job"]
 _DISPATCHER_KEYS = {*DISPATCHER_KEYS, "scheduling_policy", "retry"}
 _RETRY_KEYS = set(RETRY_KEYS)
 _POOL_KEYS = {"name", "type", "max_concurrency", "cpu_quota", "memory_quota", "enabled", "config"}
-_TASK_KEYS = {"id", "command", "priority", "required_skill", "timeout", "spec"}
+_TASK_KEYS = {"id", "command", "priority", "required_skill", "timeout", "spec", "keep_background"}
 _TOP_KEYS = {"dispatcher", "agent_pools", "skill_mapping", "tasks"}
 
 #: The job file's poll interval when it sets none: a retry is also picked up
@@ -213,6 +213,11 @@ def _tasks(value: Any, default_spec: str) -> list[Task]:
         if timeout is not None:
             timeout = _number(f"{where}.timeout", timeout, minimum=0, strict=True)
         spec_name = _text(f"{where}.spec", spec.get("spec", default_spec))
+        keep_background = spec.get("keep_background", False)
+        if not isinstance(keep_background, bool):
+            raise JobError(
+                f"{where}.keep_background: must be true or false, got {keep_background!r}"
+            )
         tasks.append(
             Task(
                 id=task_id,
@@ -223,6 +228,7 @@ def _tasks(value: Any, default_spec: str) -> list[Task]:
                     "repo_name": spec_name,
                     "command": command,
                     "timeout": timeout,
+                    "keep_background": keep_background,
                 },
             )
         )

@@ -5,7 +5,9 @@ machine through a DispatcherCore.
 - ``LocalSlotPool``: numbered slots per repo, each a working directory.
 - ``SubprocessLauncher``: runs a task's ``command`` in its slot, sends heartbeats
   while it runs, reports the outcome (exit code, signal, timeout) and kills the
-  process group on ``stop``.
+  process group on ``stop``. A task's processes end with it (what its command
+  left in the background is killed, unless the task says ``keep_background``)
+  and with the program (an orphan guard kills them if it dies, even by SIGKILL).
 - ``JsonlEventRecorder``: the SPEC §4.2 event methods, one JSON object a line.
 
 POSIX only (process groups). Nothing here is imported by ``import necrocode_dispatch``.
@@ -20,8 +22,10 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +43,10 @@ __all__ = [
     "LocalRunner",
     "LocalSlot",
     "LocalSlotPool",
+    "OrphanGuard",
     "StateChange",
     "SubprocessLauncher",
+    "kill_leftover_groups",
 ]
 
 
@@ -223,6 +229,97 @@ class LocalSlotPool:
             return sorted(self._busy)
 
 
+#: The orphan guard: a small process that outlives nothing it guards. It is
+#: told each process group as it starts ("+PGID") and ends ("-PGID"); when
+#: its stdin closes — the program ended, however it ended — it kills the
+#: groups it was not told have ended.
+_GUARD_SOURCE = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    line = line.strip()
+    if line[:1] in ("+", "-") and line[1:].isdigit():
+        (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class OrphanGuard:
+    """Kills the process groups of a program's runners when the program dies,
+    even by SIGKILL: a helper process reads the live groups from a pipe, and
+    the pipe closes when the program ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _GUARD_SOURCE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            stdin = self._process.stdin
+            if stdin is None or stdin.closed:
+                return
+            try:
+                stdin.write(line.encode() + b"\n")
+                stdin.flush()
+            except OSError:
+                pass
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}")
+
+    def forget(self, pgid: int) -> None:
+        self._send(f"-{pgid}")
+
+    def close(self) -> None:
+        """Ends the guard; groups still registered are killed."""
+        with self._lock:
+            if self._process.stdin is not None and not self._process.stdin.closed:
+                self._process.stdin.close()
+        try:
+            self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+def kill_leftover_groups(run_id: str, pgids: list[int]) -> list[int]:
+    """Kills the process groups among ``pgids`` that still hold a process of
+    the run ``run_id`` (its commands carry ``NECROCODE_RUN_ID``); a group
+    whose processes belong to anything else is left alone. Linux (/proc);
+    elsewhere nothing is killed. Returns the groups killed."""
+    wanted = set(pgids)
+    marker = f"NECROCODE_RUN_ID={run_id}".encode()
+    killed: set[int] = set()
+    proc = Path("/proc")
+    if not wanted or not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            pgid = os.getpgid(int(entry.name))
+            if pgid not in wanted or pgid in killed:
+                continue
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            os.killpg(pgid, signal.SIGKILL)
+            killed.add(pgid)
+        except OSError:
+            continue
+    return sorted(killed)
+
+
 @dataclass
 class LocalRunner:
     """A running command, as ``launch`` returns it."""
@@ -245,6 +342,7 @@ class _Process:
     runner: LocalRunner
     popen: subprocess.Popen
     timeout: float | None
+    keep_background: bool = False
     stopped: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -256,7 +354,12 @@ class SubprocessLauncher:
     at the task's ``timeout``, and reports the outcome to the dispatcher.
 
     The command sees ``NECROCODE_TASK_ID``, ``NECROCODE_ATTEMPT`` (1 for the
-    first run) and ``NECROCODE_SLOT_DIR``; its output goes to ``log_dir``."""
+    first run), ``NECROCODE_SLOT_DIR`` and ``NECROCODE_RUN_ID``; its output goes
+    to ``log_dir``. When the command's shell exits, whatever it left running in
+    its process group is killed before the outcome is reported (so before its
+    slot is cleaned), unless the task sets ``keep_background``. With
+    ``orphan_guard`` (the default) a helper process kills the runners' groups
+    if this program dies without stopping them."""
 
     def __init__(
         self,
@@ -266,6 +369,8 @@ class SubprocessLauncher:
         heartbeat_interval: float = 1.0,
         kill_grace: float = 2.0,
         env: dict[str, str] | None = None,
+        orphan_guard: bool = True,
+        run_id: str | None = None,
     ):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +381,10 @@ class SubprocessLauncher:
         self._lock = threading.Lock()
         self._processes: dict[str, _Process] = {}
         self._count = 0
+        #: Marks this launcher's commands (``NECROCODE_RUN_ID``), so that a
+        #: resumed run can tell its leftovers from anything else.
+        self.run_id = run_id or uuid.uuid4().hex
+        self._guard = OrphanGuard() if orphan_guard and os.name == "posix" else None
 
     def launch(self, task: Any, slot: Any, pool: Any) -> LocalRunner:
         if self.dispatcher is None:
@@ -296,6 +405,7 @@ class SubprocessLauncher:
             NECROCODE_TASK_ID=task_id,
             NECROCODE_ATTEMPT=str(attempt),
             NECROCODE_SLOT_DIR=str(slot_dir),
+            NECROCODE_RUN_ID=self.run_id,
         )
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
@@ -319,7 +429,14 @@ class SubprocessLauncher:
             log_path=log_path,
             started_at=datetime.now(),
         )
-        process = _Process(runner, popen, float(timeout) if timeout else None)
+        if self._guard is not None:
+            self._guard.watch(popen.pid)
+        process = _Process(
+            runner,
+            popen,
+            float(timeout) if timeout else None,
+            keep_background=bool(_field(task, "keep_background")),
+        )
         process.thread = threading.Thread(
             target=self._watch, args=(process,), name=f"watch-{runner_id}", daemon=True
         )
@@ -347,6 +464,17 @@ class SubprocessLauncher:
         for process in processes:
             if process.thread is not None:
                 process.thread.join(timeout)
+
+    def process_groups(self) -> list[int]:
+        """The process groups of the runners still running."""
+        with self._lock:
+            return sorted(p.popen.pid for p in self._processes.values())
+
+    def close_guard(self) -> None:
+        """Ends the orphan guard (after ``close()``)."""
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
 
     def running(self) -> list[LocalRunner]:
         with self._lock:
@@ -390,6 +518,15 @@ class SubprocessLauncher:
                 code = process.popen.wait()
                 break
             self.dispatcher.update_heartbeat(runner.runner_id)
+        if not process.keep_background:
+            # The shell is gone; what it left in its group ends with it,
+            # before the outcome (and so the slot's cleanup) is reported.
+            try:
+                os.killpg(process.popen.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self._guard is not None:
+            self._guard.forget(process.popen.pid)
         with self._lock:
             self._processes.pop(runner.runner_id, None)
         if process.stopped.is_set():

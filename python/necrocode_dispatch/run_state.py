@@ -56,9 +56,11 @@ class RunState:
                 raise StateFileError(f"{self.path}: {key!r} is missing or not a mapping")
         return data
 
-    def save(self, registry: Any, dispatcher: Any) -> None:
+    def save(self, registry: Any, dispatcher: Any, launcher: Any = None) -> None:
         """Writes the current state. Saves are serialised, so the file always
-        ends with the latest one."""
+        ends with the latest one. With the launcher, its run id and the
+        process groups it runs are kept too, so that a resumed run can kill
+        what a dead one left running."""
         with self._lock:
             data = {
                 "format": FORMAT,
@@ -68,6 +70,9 @@ class RunState:
                 "tasks": registry.snapshot(),
                 "dispatcher": dispatcher.snapshot(),
             }
+            if launcher is not None:
+                data["run_id"] = launcher.run_id
+                data["process_groups"] = launcher.process_groups()
             try:
                 write_atomically(self.path, json.dumps(data))
             except OSError as e:
