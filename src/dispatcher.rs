@@ -435,6 +435,16 @@ impl<T> DispatcherState<T> {
         self.outbox.finish(task, delivered, undelivered, now)
     }
 
+    /// Files reports restored from a snapshot; their lanes are due at `now`,
+    /// so the next pass delivers them.
+    pub fn restore_reports(&mut self, reports: Vec<Effect<T>>, now: MonoNanos) {
+        let filed = self.file(reports);
+        for lane in &filed.lanes {
+            self.outbox.schedule(lane, now);
+        }
+        drop(filed.discards);
+    }
+
     /// Lanes whose delivery retry is due; with `all`, every idle lane.
     pub fn lanes_to_deliver(&self, now: MonoNanos, all: bool) -> Vec<TaskId> {
         if all {

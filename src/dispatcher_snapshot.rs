@@ -12,6 +12,7 @@ use crate::clock::Now;
 use crate::dispatcher::DispatcherState;
 use crate::retry_snapshot::{self, RetryState, SnapshotError};
 use crate::retry_state::RetryBook;
+use crate::saved_reports::{self, SavedReport};
 use crate::wall_time::WallTime;
 
 pub const FORMAT: &str = "necrocode-dispatch dispatcher state";
@@ -24,6 +25,9 @@ pub struct DispatcherSnapshot {
     pub saved_at: String,
     pub retry: RetryState,
     pub delayed: Vec<SavedDelay>,
+    /// Reports not yet delivered when saved, in each task's order (SPEC §9).
+    #[serde(default)]
+    pub pending_reports: Vec<SavedReport>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -54,6 +58,13 @@ pub fn capture<T>(state: &DispatcherState<T>, book: &RetryBook, now: Now) -> Dis
         saved_at: now.wall.isoformat().as_str().to_owned(),
         retry: retry_snapshot::capture(book, now),
         delayed,
+        // Reports being delivered at this moment are not among them: they
+        // are in a port call, and go back to their lane if it fails.
+        pending_reports: state
+            .outbox()
+            .lanes()
+            .flat_map(|(_, reports)| reports.iter().filter_map(saved_reports::save))
+            .collect(),
     }
 }
 
@@ -122,11 +133,20 @@ pub fn restore<T>(
             retry_snapshot::mono_of(now, due),
         ));
     }
+    let reports = snapshot
+        .pending_reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            saved_reports::load(r).map_err(|e| SnapshotError(format!("pending_reports[{i}]: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     retry_snapshot::restore(book, &snapshot.retry, now)
         .map_err(|e| SnapshotError(format!("retry: {e}")))?;
     for (id, spec, due) in delayed {
         state.hold_delayed(id, spec, due, now);
     }
+    state.restore_reports(reports, now.mono);
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub mod retry_manager;
 pub mod retry_snapshot;
 pub mod retry_state;
 pub mod runners;
+pub mod saved_reports;
 pub mod scheduling;
 pub mod wall_time;
 

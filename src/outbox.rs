@@ -152,6 +152,22 @@ impl<R> Outbox<R> {
         false
     }
 
+    /// Makes an idle lane wait until `at` (a restored lane: the loop's next
+    /// pass delivers it).
+    pub fn schedule(&mut self, task: &str, at: MonoNanos) {
+        let Some((id, lane)) = self.lanes.get_key_value(task) else {
+            return;
+        };
+        if lane.busy || lane.retry_at.is_some() {
+            return;
+        }
+        let id = id.clone();
+        if let Some(lane) = self.lanes.get_mut(task) {
+            lane.retry_at = Some(at);
+        }
+        self.retries.insert((at, id));
+    }
+
     /// Lanes whose retry is due at `now`, earliest first.
     pub fn due(&self, now: MonoNanos) -> Vec<TaskId> {
         self.retries

@@ -367,3 +367,29 @@ def test_500_tasks_through_a_registry_failing_30_percent_of_updates(seed):
     assert ports.slots.each_released_once()
     dispatcher._check_invariants()
     assert dispatcher.get_global_running_count() == 0
+
+
+def test_pending_reports_are_in_the_snapshot_and_delivered_first_after_a_restore():
+    """SPEC §9: a DONE that never reached the registry survives a restart; the
+    task, READY again in a restored registry, is not run a second time."""
+    registry = FlakyRegistry([make_task("a")], refuse=lambda t, s: s is TaskState.DONE)
+    dispatcher, ports = build()
+    dispatcher.task_source = dispatcher.task_registry = registry
+    dispatcher.tick()
+    runner = ports.launcher.launches[0].runner_id
+    dispatcher.handle_runner_completion(runner, task_id="a", success=True)
+    saved = dispatcher.snapshot()
+    kinds = [(r["report"], r.get("state")) for r in saved["pending_reports"]]
+    # The events and the slot release landed before the registry refused.
+    assert kinds == [("state", "done")]
+    # A new process: the registry restored the running task as READY.
+    restored_registry = Registry([make_task("a")])
+    fresh, fresh_ports = build()
+    fresh.task_source = fresh.task_registry = restored_registry
+    fresh.restore(saved)
+    assert fresh.get_status()["pending_reports"] == 1
+    fresh.tick()
+    assert restored_registry.states["a"] is TaskState.DONE
+    assert restored_registry.history["a"][0][1]["runner_id"] == runner
+    assert fresh_ports.launcher.launches == []
+    assert fresh.get_status()["pending_reports"] == 0
