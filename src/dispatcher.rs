@@ -414,6 +414,51 @@ impl<T> DispatcherState<T> {
         filed
     }
 
+    /// [`Self::file`], but when every report is for one task that has no
+    /// lane yet (the usual case) they are taken for delivery at once:
+    /// returned as `Ok`, the lane busy until [`Self::finish_reports`].
+    #[allow(clippy::type_complexity)]
+    pub fn file_and_take(
+        &mut self,
+        effects: Vec<Effect<T>>,
+    ) -> (Filed<T>, Option<std::collections::VecDeque<Effect<T>>>) {
+        // Handles are dropped by the caller, after the lock.
+        let mut discards = Vec::new();
+        let mut effects: Vec<Effect<T>> = effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Discard(handle) => {
+                    discards.push(handle);
+                    None
+                }
+                e => Some(e),
+            })
+            .collect();
+        let single = match effects.first().and_then(Effect::task_id) {
+            Some(first) if effects.iter().all(|e| e.task_id() == Some(first)) => {
+                Some(first.clone())
+            }
+            _ => None,
+        };
+        if let Some(task) = single {
+            match self.outbox.push_and_take(&task, effects.into()) {
+                Ok(taken) => {
+                    return (
+                        Filed {
+                            lanes: vec![task],
+                            discards,
+                        },
+                        Some(taken),
+                    )
+                }
+                Err(back) => effects = back.into(),
+            }
+        }
+        let mut filed = self.file(effects);
+        filed.discards.append(&mut discards);
+        (filed, None)
+    }
+
     /// Takes `task`'s pending reports for delivery (see [`Outbox::take`]).
     pub fn take_reports(
         &mut self,

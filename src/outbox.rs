@@ -71,6 +71,30 @@ impl<R> Outbox<R> {
         self.pending += 1;
     }
 
+    /// Files `reports` for a task that has no lane and takes them for
+    /// delivery at once (the lane is busy until [`Self::finish`]); hands
+    /// them back when the task has a lane already.
+    pub fn push_and_take(
+        &mut self,
+        task: &TaskId,
+        reports: VecDeque<R>,
+    ) -> Result<VecDeque<R>, VecDeque<R>> {
+        if self.lanes.contains_key(task) {
+            return Err(reports);
+        }
+        self.pending += reports.len();
+        self.lanes.insert(
+            task.clone(),
+            Lane {
+                reports: VecDeque::new(),
+                busy: true,
+                retry_at: None,
+                failures: 0,
+            },
+        );
+        Ok(reports)
+    }
+
     /// Whether `task` has reports not yet delivered (or being delivered).
     pub fn holds(&self, task: &str) -> bool {
         self.lanes.contains_key(task)
@@ -271,6 +295,20 @@ mod tests {
             "force ignores the wait"
         );
         assert!(o.next_retry().is_none());
+    }
+
+    #[test]
+    fn reports_for_a_task_without_a_lane_are_taken_at_once() {
+        let mut o = Outbox::default();
+        let taken = o.push_and_take(&id("a"), VecDeque::from([1, 2])).unwrap();
+        assert_eq!(Vec::from(taken), vec![1, 2]);
+        assert!(o.holds("a"));
+        o.push(&id("a"), 3);
+        assert!(o.take("a", 0, false).is_none(), "busy");
+        let again = o.push_and_take(&id("a"), VecDeque::from([4])).unwrap_err();
+        assert_eq!(Vec::from(again), vec![4]);
+        assert!(o.finish("a", 2, VecDeque::new(), 0));
+        assert_eq!(o.pending(), 1);
     }
 
     #[test]

@@ -10,7 +10,9 @@ use pyo3::prelude::*;
 use super::ports::KnownTexts;
 use super::{PyDispatcherCore, LOG_TARGET};
 use crate::clock::Now;
-use crate::dispatcher::{DispatcherState, Outcome};
+use std::collections::VecDeque;
+
+use crate::dispatcher::{DispatcherState, Effect, Outcome};
 use crate::retry_manager::log_failure;
 use crate::retry_state::{RecordedFailure, RetryBook, TaskId};
 
@@ -28,14 +30,19 @@ impl PyDispatcherCore {
         known: KnownTexts<'a, 'py>,
         decide: impl FnOnce(&mut DispatcherState<Py<PyAny>>, &mut RetryBook, Now) -> Outcome<Py<PyAny>>,
     ) -> PyResult<bool> {
-        let (applied, failures, lanes) = self.decide(|state, book, now| {
+        let (applied, failures, filed, taken) = self.decide(|state, book, now| {
             let outcome = decide(state, book, now);
-            let filed = state.file(outcome.effects);
-            (outcome.applied, outcome.failure, filed)
+            // The usual case, one task with no reports waiting: they are
+            // taken for delivery at once, saving a round trip through the lock.
+            let (filed, taken) = state.file_and_take(outcome.effects);
+            (outcome.applied, outcome.failure, filed, taken)
         });
-        let (lanes, discards) = (lanes.lanes, lanes.discards);
-        drop(discards);
-        self.after_decision(py, failures.iter(), &lanes, known)?;
+        drop(filed.discards);
+        self.note_failures(failures.iter());
+        match (taken, filed.lanes.as_slice()) {
+            (Some(reports), [only]) => self.deliver_lane(py, only, Some(reports), known, false)?,
+            _ => self.deliver(py, &filed.lanes, known, false)?,
+        }
         Ok(applied)
     }
 
@@ -62,17 +69,13 @@ impl PyDispatcherCore {
             (applied, failures, state.file(effects))
         });
         drop(filed.discards);
-        self.after_decision(py, failures.iter(), &filed.lanes, KnownTexts::default())?;
+        self.note_failures(failures.iter());
+        self.deliver(py, &filed.lanes, KnownTexts::default(), false)?;
         Ok(applied)
     }
 
-    fn after_decision<'a, 'py>(
-        &self,
-        py: Python<'py>,
-        failures: impl Iterator<Item = &'a RecordedFailure>,
-        lanes: &[TaskId],
-        known: KnownTexts<'_, 'py>,
-    ) -> PyResult<()> {
+    /// Logs recorded failures (after the lock: logging runs Python code).
+    fn note_failures<'a>(&self, failures: impl Iterator<Item = &'a RecordedFailure>) {
         let mut delayed = false;
         for failure in failures {
             log_failure(failure);
@@ -82,7 +85,6 @@ impl PyDispatcherCore {
             // A retry is now delayed: the loop may have to wake sooner.
             self.run_loop().nudge();
         }
-        self.deliver(py, lanes, known, false)
     }
 
     /// Delivers the pending reports of `lanes`, front first. A lane another
@@ -96,62 +98,75 @@ impl PyDispatcherCore {
         known: KnownTexts<'_, '_>,
         force: bool,
     ) -> PyResult<()> {
-        if lanes.is_empty() {
-            return Ok(());
-        }
-        let ports = self.effect_ports(py, known);
-        let mut interrupted = None;
+        let mut known = Some(known);
         for task in lanes {
-            loop {
-                let taken = {
-                    let now = self.clock.now().mono;
-                    self.state.lock().take_reports(task, now, force)
-                };
-                let Some(mut reports) = taken else { break };
-                let mut delivered = 0;
-                let mut failed = None;
-                while let Some(report) = reports.pop_front() {
-                    match ports.perform(py, &report) {
-                        Ok(()) => delivered += 1,
-                        Err(failure) => {
-                            reports.push_front(report);
-                            failed = Some(failure);
-                            break;
-                        }
-                    }
-                }
-                let more = {
-                    let now = self.clock.now().mono;
-                    self.state
-                        .lock()
-                        .finish_reports(task, delivered, reports, now)
-                };
-                if let Some(failure) = failed {
-                    log::error!(
-                        target: LOG_TARGET,
-                        "{} failed (task {task:?}; delivered again later): {}",
-                        failure.what,
-                        failure.error
-                    );
-                    if self.running() {
-                        self.run_loop().nudge();
-                    }
-                    if is_interrupt(py, &failure.error) {
-                        interrupted.get_or_insert(failure.error);
-                    }
-                    break;
-                }
-                if !more {
-                    break;
-                }
-            }
-            if interrupted.is_some() {
-                break;
-            }
+            self.deliver_lane(py, task, None, known.take().unwrap_or_default(), force)?;
         }
-        match interrupted {
-            Some(err) => Err(err),
-            None => Ok(()),
+        Ok(())
+    }
+
+    /// Delivers one lane until it is empty, waits for a retry, or another
+    /// thread has it; `taken` are its reports when the caller took them.
+    fn deliver_lane(
+        &self,
+        py: Python<'_>,
+        task: &TaskId,
+        mut taken: Option<VecDeque<Effect<Py<PyAny>>>>,
+        known: KnownTexts<'_, '_>,
+        force: bool,
+    ) -> PyResult<()> {
+        let ports = self.effect_ports(py, known);
+        loop {
+            let reports = match taken.take() {
+                Some(reports) => Some(reports),
+                None => {
+                    let now = self.clock.monotonic();
+                    self.state.lock().take_reports(task, now, force)
+                }
+            };
+            let Some(mut reports) = reports else {
+                return Ok(());
+            };
+            let mut delivered = 0;
+            let mut failed = None;
+            while let Some(report) = reports.pop_front() {
+                match ports.perform(py, &report) {
+                    Ok(()) => delivered += 1,
+                    Err(failure) => {
+                        reports.push_front(report);
+                        failed = Some(failure);
+                        break;
+                    }
+                }
+            }
+            // The clock matters only for a retry's due time.
+            let now = if reports.is_empty() {
+                0
+            } else {
+                self.clock.monotonic()
+            };
+            let more = self
+                .state
+                .lock()
+                .finish_reports(task, delivered, reports, now);
+            if let Some(failure) = failed {
+                log::error!(
+                    target: LOG_TARGET,
+                    "{} failed (task {task:?}; delivered again later): {}",
+                    failure.what,
+                    failure.error
+                );
+                if self.running() {
+                    self.run_loop().nudge();
+                }
+                if is_interrupt(py, &failure.error) {
+                    return Err(failure.error);
+                }
+                return Ok(());
+            }
+            if !more {
+                return Ok(());
+            }
         }
     }
 
@@ -159,7 +174,7 @@ impl PyDispatcherCore {
     /// `all`, ignoring their backoff).
     pub(super) fn deliver_pending(&self, py: Python<'_>, all: bool) -> PyResult<()> {
         let lanes = {
-            let now = self.clock.now().mono;
+            let now = self.clock.monotonic();
             self.state.lock().lanes_to_deliver(now, all)
         };
         self.deliver(py, &lanes, KnownTexts::default(), all)
