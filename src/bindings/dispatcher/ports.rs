@@ -230,15 +230,7 @@ impl PyDispatcherCore {
         if slot.is_none() {
             return Ok(None);
         }
-        let raw_id = getattr_opt(&slot, "slot_id")?;
-        let id = match &raw_id {
-            Some(raw) => args::string("slot.slot_id", raw).map(|id| Arc::from(id.as_ref())),
-            None => Err(args::type_error(
-                "the allocated slot",
-                "an object with a slot_id",
-                &slot,
-            )),
-        };
+        let (raw_id, id) = id_attribute(&slot, "slot_id", "slot", "the allocated slot")?;
         let id = match id {
             Ok(id) => id,
             Err(e) => {
@@ -272,15 +264,8 @@ impl PyDispatcherCore {
     ) -> PyResult<NewRunner> {
         let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
         let runner = launcher.call_method1("launch", (task, &slot.object, pool))?;
-        let raw_id = getattr_opt(&runner, "runner_id")?;
-        let runner_id = match &raw_id {
-            Some(raw) => args::string("runner.runner_id", raw).map(|id| Arc::from(id.as_ref())),
-            None => Err(args::type_error(
-                "the launched runner",
-                "an object with a runner_id",
-                &runner,
-            )),
-        };
+        let (raw_id, runner_id) =
+            id_attribute(&runner, "runner_id", "runner", "the launched runner")?;
         let runner_id = match runner_id {
             Ok(id) => id,
             Err(e) => {
@@ -336,6 +321,30 @@ impl PyDispatcherCore {
             },
         })
     }
+}
+
+/// An id attribute of a port's result (`slot.slot_id`, `runner.runner_id`):
+/// what it holds, and the id when it is a `str`. The outer error is the
+/// attribute read raising; the inner one says why the id cannot be used.
+#[allow(clippy::type_complexity)]
+fn id_attribute<'py>(
+    object: &Bound<'py, PyAny>,
+    attribute: &str,
+    name: &str,
+    description: &str,
+) -> PyResult<(Option<Bound<'py, PyAny>>, PyResult<Arc<str>>)> {
+    let raw = getattr_opt(object, attribute)?;
+    let id = match &raw {
+        Some(value) => {
+            args::string(&format!("{name}.{attribute}"), value).map(|id| Arc::from(id.as_ref()))
+        }
+        None => Err(args::type_error(
+            description,
+            &format!("an object with a {attribute}"),
+            object,
+        )),
+    };
+    Ok((raw, id))
 }
 
 /// The task states as `task_state_type` gives them, made once: calling an
