@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod clock;
+pub mod dependencies;
 pub mod dispatcher;
 pub mod dispatcher_snapshot;
 pub mod failure_policy;

@@ -239,6 +239,7 @@ def test_status_structure_is_json():
         "backoff_delays",
         "pending_reports",
         "pending_report_tasks",
+        "deadlock_info",
     }
     assert status["scheduling_policy"] == "priority"
     assert status["running_tasks"] == status["global_running_count"] == 1

@@ -26,6 +26,7 @@ DISPATCHER_KEYS = (
     "retry_budget",
     "graceful_shutdown_timeout",
     "task_registry_dir",
+    "deadlock_check_interval",
 )
 #: The keys of a nested ``retry:`` section (``retry_`` + key on the config).
 RETRY_KEYS = (
@@ -50,6 +51,7 @@ _SECONDS = {
     "retry_backoff_base": (0, False),
     "retry_initial_delay": (0, True),
     "retry_max_delay": (0, True),
+    "deadlock_check_interval": (0, False),
 }
 #: Whole-number fields, with their least value.
 _COUNTS = {"max_global_concurrency": 1, "retry_max_attempts": 0}
@@ -98,6 +100,8 @@ class DispatcherConfig:
     retry_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     retry_max_duration: float | None = None
     retry_budget: int | dict[str, int] | None = None
+    # How often the loop looks for dependency cycles (NecroCode: 60 s).
+    deadlock_check_interval: float = 60
 
     def __setattr__(self, name: str, value: Any) -> None:
         check_field(name, value)

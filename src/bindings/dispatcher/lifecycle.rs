@@ -43,6 +43,7 @@ impl DispatchLoop {
     /// next retry or redelivery due, whichever is sooner.
     fn __call__(&self, py: Python<'_>) {
         let mut next_poll: Option<Instant> = None;
+        let mut next_deadlock_check: Option<Instant> = None;
         loop {
             let Ok(Some(dispatcher)) = self.dispatcher.bind(py).upgrade_as::<PyDispatcherCore>()
             else {
@@ -60,6 +61,18 @@ impl DispatchLoop {
                     return;
                 }
                 next_poll = Instant::now().checked_add(this.poll_interval(py));
+                if next_deadlock_check.is_none_or(|at| at <= Instant::now()) {
+                    // As NecroCode's loop does (every 60 s by default).
+                    if let Err(e) = this.check_deadlocks(py) {
+                        log::error!(target: LOG_TARGET, "checking for dependency cycles failed: {e}");
+                    }
+                    let every = this
+                        .config_seconds(py, "deadlock_check_interval", 60.0)
+                        .unwrap_or(60.0)
+                        .max(0.001);
+                    next_deadlock_check =
+                        Instant::now().checked_add(Duration::from_secs_f64(every));
+                }
             }
             let seen = self.control.nudges();
             let now = Instant::now();

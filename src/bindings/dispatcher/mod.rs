@@ -1,6 +1,7 @@
 //! `DispatcherCore` as a Python class: converts arguments, holds the ports,
 //! and performs what the core decided — always after releasing its lock.
 
+mod deadlocks;
 mod delivery;
 mod errors;
 mod lifecycle;
@@ -64,6 +65,8 @@ pub struct PyDispatcherCore {
     running: AtomicBool,
     /// Replaced whole in a forked child (see `run_loop`).
     run_loop: RwLock<Arc<LoopControl>>,
+    /// The last dependency-cycle check.
+    deadlocks: Mutex<deadlocks::LastCheck>,
 }
 
 /// What one `tick()` did.
@@ -335,6 +338,7 @@ impl PyDispatcherCore {
             })),
             running: AtomicBool::new(false),
             run_loop: RwLock::default(),
+            deadlocks: Mutex::default(),
         })
     }
 
@@ -788,6 +792,7 @@ impl PyDispatcherCore {
         delays.set_item("sum", stats.delays.sum)?;
         delays.set_item("count", stats.delays.count)?;
         out.set_item("backoff_delays", delays)?;
+        out.set_item("deadlock_info", self.deadlock_info(py)?)?;
         Ok(out)
     }
 
@@ -894,6 +899,36 @@ impl PyDispatcherCore {
             .lock()
             .set_pool_enabled(&name, false)
             .map_err(refusal_to_py)
+    }
+
+    /// Looks for dependency cycles among the task source's tasks now (its
+    /// `dependency_graph()`), logs each with the tasks it blocks, and returns
+    /// the cycles (each a list of ids; empty when none, or when the source
+    /// gives no graph). With `raise_on_deadlock`, a cycle raises
+    /// DeadlockDetectedError.
+    #[pyo3(signature = (raise_on_deadlock = false))]
+    fn check_deadlock_now<'py>(
+        &self,
+        py: Python<'py>,
+        raise_on_deadlock: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let found = self.check_deadlocks(py)?.unwrap_or_default();
+        if raise_on_deadlock && !found.is_empty() {
+            let spelled: Vec<String> = found
+                .cycles
+                .iter()
+                .map(|c| crate::dependencies::spell(c))
+                .collect();
+            return Err(DeadlockDetectedError::new_err(format!(
+                "dependency cycle(s): {}",
+                spelled.join("; ")
+            )));
+        }
+        let cycles = PyList::empty(py);
+        for cycle in &found.cycles {
+            cycles.append(&cycle[..cycle.len().saturating_sub(1)])?;
+        }
+        Ok(cycles)
     }
 
     /// Every invariant of SPEC §4.5 the state can check; raises AssertionError
