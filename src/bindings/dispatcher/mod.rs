@@ -47,11 +47,13 @@ use crate::scheduling::{Policy, Scheduler};
 const LOG_TARGET: &str = "necrocode_dispatch::dispatcher_core";
 
 /// The dispatcher's state machine, with its ports, thread-safe.
+// `subclass`: NecroCode's wiring (SPEC §8) and callers' tests subclass it.
 #[pyclass(
     module = "necrocode_dispatch._core",
     name = "DispatcherCore",
     frozen,
-    weakref
+    weakref,
+    subclass
 )]
 pub struct PyDispatcherCore {
     state: Mutex<DispatcherState<Py<PyAny>>>,
@@ -251,10 +253,16 @@ impl PyDispatcherCore {
         self.state.lock().set_policy(policy);
         let config = self.port(py, |p| &p.config).into_bound(py);
         if !config.is_none() && config.hasattr("scheduling_policy")? {
-            let value = py
-                .import("necrocode_dispatch.models")?
-                .getattr("SchedulingPolicy")?
-                .call1((policy.value(),))?;
+            // The caller's own enum type is kept (NecroCode's config holds
+            // NecroCode's SchedulingPolicy); anything else gets ours.
+            let current = config.getattr("scheduling_policy")?;
+            let value = match current.get_type().call1((policy.value(),)) {
+                Ok(v) if current.hasattr("value")? => v,
+                _ => py
+                    .import("necrocode_dispatch.models")?
+                    .getattr("SchedulingPolicy")?
+                    .call1((policy.value(),))?,
+            };
             if let Err(e) = config.setattr("scheduling_policy", value) {
                 log::debug!(target: LOG_TARGET, "config.scheduling_policy not updated: {e}");
             }
