@@ -319,3 +319,36 @@ def test_necrocodes_service_entry_point_runs_on_the_core(world, tmp_path):
         output[-3000:]
     )
     assert process.returncode == 0, output[-3000:]
+
+
+def test_the_one_line_switch_builds_necrocode_components_from_any_config_form(tmp_path):
+    """`DispatcherCore()`, `DispatcherCore(config)` and `DispatcherCore(config=...)`
+    through the switched import; a config without task_registry_dir gets the
+    registry's own default under $HOME instead of NecroCode's crash."""
+    script = textwrap.dedent(
+        """
+        from pathlib import Path
+        from necrocode.dispatcher.config import DispatcherConfig
+        from necrocode_dispatch.dispatcher_core import DispatcherCore
+        import necrocode_dispatch
+
+        assert DispatcherCore is not necrocode_dispatch.DispatcherCore
+        assert issubclass(DispatcherCore, necrocode_dispatch.DispatcherCore)
+        for make in (
+            lambda: DispatcherCore(),
+            lambda: DispatcherCore(DispatcherConfig()),
+            lambda: DispatcherCore(config=DispatcherConfig()),
+        ):
+            dispatcher = make()
+            assert dispatcher.task_source.__class__.__name__ == "RegistryTaskSource"
+            assert Path(dispatcher.registry.registry_dir).is_relative_to(Path.home())
+            assert dispatcher.tick()["enqueued"] == 0
+        print("ok")
+        """
+    )
+    env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(Path(SOURCE).resolve()))
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert (tmp_path / ".necrocode" / "registry").is_dir()
