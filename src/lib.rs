@@ -2,30 +2,21 @@
 //!
 //! The modules at the top are pure Rust and know nothing of Python: they hold
 //! the state and make the decisions. `bindings` is the thin layer that exposes
-//! them to Python as `necrocode_dispatch._core`.
+//! them to Python as `necrocode_dispatch._core`, and mirrors this layout.
+//!
+//! - `retry`: retry bookkeeping — backoff, jitter, failure policy, budget,
+//!   the per-task records, the thread-safe manager, snapshots.
+//! - `dispatch`: the dispatcher — queue, pools, runners, scheduling, the
+//!   state machine, its outbox of reports, dependencies, snapshots.
+//! - `time`: naive local wall time and the clocks.
+//! - `metrics`: failure statistics and the Prometheus text format.
+//! - `persist`: atomic, safe file writes; `hashing`: the id maps' hasher.
 
-pub mod backoff;
-pub mod clock;
-pub mod dependencies;
-pub mod dispatcher;
-pub mod dispatcher_snapshot;
-pub mod failure_policy;
-pub mod finished;
+pub mod dispatch;
 pub mod hashing;
-pub mod jitter;
 pub mod metrics;
-pub mod outbox;
 pub mod persist;
-pub mod pools;
-pub mod prometheus;
-pub mod queue;
-pub mod retry_budget;
-pub mod retry_manager;
-pub mod retry_snapshot;
-pub mod retry_state;
-pub mod runners;
-pub mod saved_reports;
-pub mod scheduling;
-pub mod wall_time;
+pub mod retry;
+pub mod time;
 
 mod bindings;

@@ -3,28 +3,26 @@
 
 mod args;
 mod call;
-mod clock;
-mod datetime;
-mod dispatcher;
+mod dispatch;
 mod files;
 mod logging;
 mod retry;
-mod retry_options;
+mod time;
 
 use pyo3::prelude::*;
 
 #[pymodule(name = "_core")]
 mod core_module {
     #[pymodule_export]
-    use super::clock::{PyManualClock, PySystemClock};
-    #[pymodule_export]
-    use super::dispatcher::{
+    use super::dispatch::{
         _after_fork_in_child, _stop_loops_at_exit, DispatchLoop, PyDispatcherCore,
     };
     #[pymodule_export]
     use super::files::write_atomically;
     #[pymodule_export]
     use super::retry::{PyRetryInfo, PyRetryManager};
+    #[pymodule_export]
+    use super::time::clock::{PyManualClock, PySystemClock};
 
     use super::*;
 
@@ -46,7 +44,7 @@ mod core_module {
             kwargs.set_item("after_in_child", m.getattr("_after_fork_in_child")?)?;
             os.call_method("register_at_fork", (), Some(&kwargs))?;
         }
-        use super::dispatcher as d;
+        use super::dispatch as d;
         m.add("DispatcherError", py.get_type::<d::DispatcherError>())?;
         m.add(
             "TaskAssignmentError",

@@ -1,0 +1,776 @@
+//! Calling the ports: the effects the core decided, and the slot allocation
+//! and launch of an assignment. Every call here happens with no lock held.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+use pyo3::IntoPyObjectExt;
+
+use super::delivery::is_interrupt;
+use super::settings::{getattr_opt, optional_arc};
+use super::{PyDispatcherCore, LOG_TARGET};
+use crate::bindings::call::{call_method, KeywordNames};
+use crate::bindings::{args, time::datetime};
+use crate::dispatch::runners::RunnerDetails;
+use crate::dispatch::state::{
+    Effect, NewRunner, ReportedState, Reservation, StateMetadata, TaskMeta,
+};
+
+/// The outside world, injected. Each may be None (its calls are skipped).
+pub struct Ports {
+    pub config: Py<PyAny>,
+    pub task_source: Py<PyAny>,
+    pub task_registry: Py<PyAny>,
+    pub repo_pool_manager: Py<PyAny>,
+    pub runner_launcher: Py<PyAny>,
+    pub event_recorder: Py<PyAny>,
+    pub task_state_type: Py<PyAny>,
+    /// The configured pool objects, by pool index, for `launch`.
+    pub pool_objects: Vec<Py<PyAny>>,
+    /// `task_state_type` applied to each state, when it accepts them all.
+    pub states: Option<[Py<PyAny>; 4]>,
+}
+
+impl Ports {
+    fn clone_ref(&self, py: Python<'_>) -> Ports {
+        Ports {
+            config: self.config.clone_ref(py),
+            task_source: self.task_source.clone_ref(py),
+            task_registry: self.task_registry.clone_ref(py),
+            repo_pool_manager: self.repo_pool_manager.clone_ref(py),
+            runner_launcher: self.runner_launcher.clone_ref(py),
+            event_recorder: self.event_recorder.clone_ref(py),
+            task_state_type: self.task_state_type.clone_ref(py),
+            pool_objects: self.pool_objects.iter().map(|p| p.clone_ref(py)).collect(),
+            states: self
+                .states
+                .as_ref()
+                .map(|s| s.each_ref().map(|v| v.clone_ref(py))),
+        }
+    }
+}
+
+/// How one assignment ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Assigned {
+    Launched,
+    /// No slot (or the allocation raised): the task is queued again.
+    NoSlot,
+    /// The launch raised: the task took the failure path.
+    LaunchFailed,
+}
+
+/// What the slot allocation gave: the slot object for `launch` and its id.
+struct Slot {
+    object: Py<PyAny>,
+    id: Option<Arc<str>>,
+}
+
+impl PyDispatcherCore {
+    pub(super) fn port(&self, py: Python<'_>, pick: fn(&Ports) -> &Py<PyAny>) -> Py<PyAny> {
+        pick(&self.ports.read()).clone_ref(py)
+    }
+
+    /// Replaces one port. The ports are an immutable snapshot behind an
+    /// `Arc`, so an outcome in progress keeps the ones it started with.
+    pub(super) fn set_port(
+        &self,
+        pick: fn(&mut Ports) -> &mut Py<PyAny>,
+        value: &Bound<'_, PyAny>,
+    ) {
+        self.update_ports(value.py(), |ports| {
+            *pick(ports) = value.clone().unbind();
+        });
+    }
+
+    pub(super) fn update_ports(&self, py: Python<'_>, change: impl FnOnce(&mut Ports)) {
+        let old = {
+            let mut guard = self.ports.write();
+            let mut ports = guard.clone_ref(py);
+            change(&mut ports);
+            std::mem::replace(&mut *guard, Arc::new(ports))
+        };
+        drop(old); // after the lock: dropping may run Python code
+    }
+
+    /// The ports effects use: the current snapshot, taken once per outcome.
+    pub(super) fn effect_ports<'a, 'py>(
+        &self,
+        py: Python<'py>,
+        known: KnownTexts<'a, 'py>,
+    ) -> EffectPorts<'a, 'py> {
+        EffectPorts {
+            py,
+            ports: Arc::clone(&self.ports.read()),
+            texts: RefCell::new(TextMemo::default()),
+            known,
+        }
+    }
+
+    /// Carries out one reservation: allocate a slot, launch, and report back
+    /// to the core. The capacity stays reserved throughout, and is released
+    /// on every path that does not end in a tracked runner. Ctrl-C or
+    /// `SystemExit` in a port puts the task back in the queue (slot
+    /// released), then reaches the caller.
+    pub(super) fn assign(
+        &self,
+        py: Python<'_>,
+        reservation: Reservation<Py<PyAny>>,
+    ) -> PyResult<Assigned> {
+        let Reservation {
+            meta,
+            payload,
+            pool,
+            pool_name,
+        } = reservation;
+        let slot = match self.allocate_slot(py, &meta, &pool_name) {
+            Ok(Some(slot)) => slot,
+            result => {
+                let interrupt = match result {
+                    Err(e) if is_interrupt(py, &e) => Some(e),
+                    Err(e) => {
+                        log::error!(
+                            target: LOG_TARGET,
+                            "allocate_slot for task {:?} (repo {:?}) failed: {e}",
+                            meta.id,
+                            meta.repo_name
+                        );
+                        None
+                    }
+                    Ok(_) => {
+                        log::debug!(
+                            target: LOG_TARGET,
+                            "no slot free for task {:?} (repo {:?}); it stays queued",
+                            meta.id,
+                            meta.repo_name
+                        );
+                        None
+                    }
+                };
+                self.settle(py, KnownTexts::default(), |state, _, _| {
+                    state.abort_assignment(&meta.id, payload)
+                })?;
+                return match interrupt {
+                    Some(e) => Err(e),
+                    None => Ok(Assigned::NoSlot),
+                };
+            }
+        };
+        let pool_object = self
+            .ports
+            .read()
+            .pool_objects
+            .get(pool)
+            .map(|p| p.clone_ref(py));
+        let pool_object = pool_object.unwrap_or_else(|| py.None());
+        match self.launch(py, &payload, &slot, pool_object) {
+            Ok(runner) => {
+                log::info!(
+                    target: LOG_TARGET,
+                    "assigned task {:?} to pool {pool_name:?} (runner {:?}, slot {:?})",
+                    meta.id,
+                    runner.runner_id,
+                    runner.slot_id
+                );
+                self.settle(py, KnownTexts::default(), |state, book, now| {
+                    state.confirm_assignment(&meta.id, payload, runner, book, now)
+                })?;
+                Ok(Assigned::Launched)
+            }
+            Err(e) if is_interrupt(py, &e) => {
+                // Not the task's failure: it goes back to the queue, its
+                // slot is released, and the interrupt reaches the caller.
+                self.settle(py, KnownTexts::default(), |state, _, _| {
+                    let mut outcome = state.abort_assignment(&meta.id, payload);
+                    if let Some(slot_id) = slot.id.clone() {
+                        outcome.effects.push(Effect::ReleaseSlot {
+                            task_id: meta.id.clone(),
+                            slot_id,
+                        });
+                    }
+                    outcome
+                })?;
+                Err(e)
+            }
+            Err(e) => {
+                let reason = format!("launch failed: {e}");
+                log::error!(target: LOG_TARGET, "task {:?}: {reason}", meta.id);
+                self.settle(py, KnownTexts::default(), |state, book, now| {
+                    state.fail_assignment(&meta.id, payload, slot.id, &reason, book, now)
+                })?;
+                Ok(Assigned::LaunchFailed)
+            }
+        }
+    }
+
+    /// `allocate_slot(repo_name, metadata=...)`; without a repo pool manager
+    /// the runner gets no slot.
+    fn allocate_slot(
+        &self,
+        py: Python<'_>,
+        meta: &TaskMeta,
+        pool_name: &str,
+    ) -> PyResult<Option<Slot>> {
+        let manager = self.port(py, |p| &p.repo_pool_manager).into_bound(py);
+        if manager.is_none() {
+            return Ok(Some(Slot {
+                object: py.None(),
+                id: None,
+            }));
+        }
+        let metadata = PyDict::new(py);
+        metadata.set_item("task_id", meta.id.as_ref())?;
+        metadata.set_item("spec_name", meta.spec_name.as_ref())?;
+        metadata.set_item("pool_name", pool_name)?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("metadata", metadata)?;
+        let slot =
+            manager.call_method("allocate_slot", (meta.repo_name.as_ref(),), Some(&kwargs))?;
+        if slot.is_none() {
+            return Ok(None);
+        }
+        let (raw_id, id) = id_attribute(&slot, "slot_id", "slot", "the allocated slot")?;
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                // A slot the core cannot track is given back at once, so
+                // the pool does not lose it.
+                if let Some(raw) = raw_id {
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item("cleanup", true)?;
+                    if let Err(release) =
+                        manager.call_method("release_slot", (&raw,), Some(&kwargs))
+                    {
+                        log::error!(target: LOG_TARGET, "release_slot({raw}) of an unusable slot failed: {release}");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        Ok(Some(Slot {
+            object: slot.unbind(),
+            id: Some(id),
+        }))
+    }
+
+    /// `launch(task, slot, pool)`, and what the returned runner tells.
+    fn launch(
+        &self,
+        py: Python<'_>,
+        task: &Py<PyAny>,
+        slot: &Slot,
+        pool: Py<PyAny>,
+    ) -> PyResult<NewRunner> {
+        let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
+        let runner = launcher.call_method1("launch", (task, &slot.object, pool))?;
+        let (raw_id, runner_id) =
+            id_attribute(&runner, "runner_id", "runner", "the launched runner")?;
+        let runner_id = match runner_id {
+            Ok(id) => id,
+            Err(e) => {
+                // A runner the core cannot track is stopped, so it does not
+                // run on unwatched.
+                let stop = intern!(py, "stop");
+                match raw_id {
+                    Some(raw) if launcher.hasattr(stop).unwrap_or(false) => {
+                        if let Err(stop_err) = launcher.call_method1(stop, (&raw,)) {
+                            log::error!(target: LOG_TARGET, "stop({raw}) of an untrackable runner failed: {stop_err}");
+                        }
+                    }
+                    _ => log::error!(
+                        target: LOG_TARGET,
+                        "a launched runner cannot be tracked nor stopped: {e}"
+                    ),
+                }
+                return Err(e);
+            }
+        };
+        // The optional details are informational: a malformed one is dropped
+        // (and logged) rather than losing track of a runner that is running.
+        let optional = |name: &str| -> Option<Bound<'_, PyAny>> {
+            getattr_opt(&runner, name)
+                .ok()
+                .flatten()
+                .filter(|v| !v.is_none())
+        };
+        let pid = optional("pid")
+            .and_then(|p| lenient("pid", args::saturating_int("runner.pid", &p).map(Some)));
+        let container_id = lenient(
+            "container_id",
+            optional_arc("runner.container_id", optional("container_id").as_ref()),
+        );
+        let job_name = lenient(
+            "job_name",
+            optional_arc("runner.job_name", optional("job_name").as_ref()),
+        );
+        let started_at = optional("started_at").and_then(|s| {
+            lenient(
+                "started_at",
+                datetime::optional_from_py("runner.started_at", &s),
+            )
+        });
+        Ok(NewRunner {
+            runner_id,
+            slot_id: slot.id.clone(),
+            started_at,
+            details: RunnerDetails {
+                pid,
+                container_id,
+                job_name,
+            },
+        })
+    }
+}
+
+/// An id attribute of a port's result (`slot.slot_id`, `runner.runner_id`):
+/// what it holds, and the id when it is a `str`. The outer error is the
+/// attribute read raising; the inner one says why the id cannot be used.
+#[allow(clippy::type_complexity)]
+fn id_attribute<'py>(
+    object: &Bound<'py, PyAny>,
+    attribute: &str,
+    name: &str,
+    description: &str,
+) -> PyResult<(Option<Bound<'py, PyAny>>, PyResult<Arc<str>>)> {
+    let raw = getattr_opt(object, attribute)?;
+    let id = match &raw {
+        Some(value) => {
+            args::string(&format!("{name}.{attribute}"), value).map(|id| Arc::from(id.as_ref()))
+        }
+        None => Err(args::type_error(
+            description,
+            &format!("an object with a {attribute}"),
+            object,
+        )),
+    };
+    Ok((raw, id))
+}
+
+/// The task states as `task_state_type` gives them, made once: calling an
+/// enum type costs more than the rest of a report.
+pub fn task_states(state_type: &Bound<'_, PyAny>) -> Option<[Py<PyAny>; 4]> {
+    let make = |state: ReportedState| state_type.call1((state.value(),)).ok().map(Bound::unbind);
+    Some([
+        make(ReportedState::Running)?,
+        make(ReportedState::Ready)?,
+        make(ReportedState::Done)?,
+        make(ReportedState::Failed)?,
+    ])
+}
+
+fn state_index(state: ReportedState) -> usize {
+    match state {
+        ReportedState::Running => 0,
+        ReportedState::Ready => 1,
+        ReportedState::Done => 2,
+        ReportedState::Failed => 3,
+    }
+}
+
+/// The caller's `str` arguments with their text: an effect passing the same
+/// text on reuses the caller's object instead of making a new one.
+#[derive(Default)]
+pub struct KnownTexts<'a, 'py> {
+    entries: [Option<(&'a str, &'a Bound<'py, PyString>)>; 8],
+}
+
+impl<'a, 'py> KnownTexts<'a, 'py> {
+    /// The `str` objects among a call's (already type-checked) arguments.
+    pub fn of(arguments: &[Option<&'a Bound<'py, PyAny>>]) -> Self {
+        let mut known = KnownTexts::default();
+        let strings = arguments
+            .iter()
+            .flatten()
+            .filter_map(|a| a.cast::<PyString>().ok())
+            .filter_map(|s| Some((s.to_str().ok()?, s)));
+        for (entry, string) in known.entries.iter_mut().zip(strings) {
+            *entry = Some(string);
+        }
+        known
+    }
+
+    fn find(&self, text: &str) -> Option<&'a Bound<'py, PyString>> {
+        self.entries
+            .iter()
+            .map_while(|e| *e)
+            .find(|(known, _)| *known == text)
+            .map(|(_, s)| s)
+    }
+}
+
+/// The Python strings made for an outcome so far, by the `Arc` they came
+/// from. Fixed-size: an outcome carries a handful of distinct texts, and one
+/// that does not fit is simply made again.
+#[derive(Default)]
+struct TextMemo<'py> {
+    entries: [Option<(Arc<str>, Bound<'py, PyString>)>; 8],
+}
+
+/// The ports an outcome's effects call.
+pub(super) struct EffectPorts<'a, 'py> {
+    py: Python<'py>,
+    ports: Arc<Ports>,
+    texts: RefCell<TextMemo<'py>>,
+    known: KnownTexts<'a, 'py>,
+}
+
+impl<'a, 'py> EffectPorts<'a, 'py> {
+    /// A port, unless it is None.
+    fn port(&self, pick: fn(&Ports) -> &Py<PyAny>) -> Option<&Bound<'py, PyAny>> {
+        Some(pick(&self.ports).bind(self.py)).filter(|p| !p.is_none())
+    }
+
+    /// The Python string for an id or name: made once per outcome, however
+    /// many effects carry it (an outcome's effects share their `Arc`s).
+    fn text(&self, py: Python<'py>, text: &Arc<str>) -> Bound<'py, PyString> {
+        let mut memo = self.texts.borrow_mut();
+        let mut free = None;
+        for entry in memo.entries.iter_mut() {
+            match entry {
+                Some((t, s)) if Arc::ptr_eq(t, text) => return s.clone(),
+                Some(_) => {}
+                None => {
+                    free = Some(entry);
+                    break;
+                }
+            }
+        }
+        let s = match self.known.find(text) {
+            Some(known) => known.clone(),
+            None => PyString::new(py, text),
+        };
+        // Holding the Arc keeps its address from being reused meanwhile.
+        if let Some(free) = free {
+            *free = Some((Arc::clone(text), s.clone()));
+        }
+        s
+    }
+
+    fn optional_text(
+        &self,
+        py: Python<'py>,
+        text: &Option<Arc<str>>,
+    ) -> Option<Bound<'py, PyString>> {
+        text.as_ref().map(|t| self.text(py, t))
+    }
+
+    fn metadata_dict(
+        &self,
+        py: Python<'py>,
+        metadata: &StateMetadata,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        match metadata {
+            StateMetadata::Running {
+                runner_id,
+                assigned_slot,
+                pool_name,
+                started_at,
+            } => {
+                d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
+                d.set_item(
+                    intern!(py, "assigned_slot"),
+                    self.optional_text(py, assigned_slot),
+                )?;
+                d.set_item(intern!(py, "pool_name"), self.text(py, pool_name))?;
+                d.set_item(intern!(py, "started_at"), started_at.isoformat().as_str())?;
+            }
+            StateMetadata::Retry {
+                retry_count,
+                next_retry_at,
+                failure_reason,
+            } => {
+                d.set_item(intern!(py, "retry_count"), retry_count)?;
+                d.set_item(
+                    intern!(py, "next_retry_at"),
+                    next_retry_at.isoformat().as_str(),
+                )?;
+                d.set_item(intern!(py, "failure_reason"), self.text(py, failure_reason))?;
+            }
+            StateMetadata::Interrupted => d.set_item(intern!(py, "interrupted"), true)?,
+            StateMetadata::Done {
+                runner_id,
+                completed_at,
+            } => {
+                d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
+                d.set_item(
+                    intern!(py, "completed_at"),
+                    completed_at.isoformat().as_str(),
+                )?;
+            }
+            StateMetadata::Failed {
+                reason,
+                retries,
+                runner_id,
+            } => {
+                d.set_item(intern!(py, "reason"), self.text(py, reason))?;
+                d.set_item(intern!(py, "retries"), retries)?;
+                d.set_item(intern!(py, "runner_id"), self.optional_text(py, runner_id))?;
+            }
+        }
+        Ok(d)
+    }
+
+    pub(super) fn perform(
+        &self,
+        py: Python<'py>,
+        effect: &Effect<Py<PyAny>>,
+    ) -> Result<(), FailedReport> {
+        let fail = |what: &str, error: PyErr| FailedReport {
+            what: what.to_owned(),
+            error,
+        };
+        match effect {
+            // Handles are dropped when filed; none reaches the outbox.
+            Effect::Discard(_) => {}
+            Effect::ReleaseSlot { slot_id, .. } => {
+                static CLEANUP: KeywordNames = KeywordNames::new(&["cleanup"]);
+                if let Some(pool) = self.port(|p| &p.repo_pool_manager) {
+                    let result = (|| {
+                        call_method(
+                            pool,
+                            intern!(py, "release_slot"),
+                            &[self.text(py, slot_id).into_any()],
+                            &CLEANUP,
+                            &[any(py, true)?],
+                        )
+                    })();
+                    result.map_err(|e| fail(&format!("release_slot({slot_id:?})"), e))?;
+                }
+            }
+            Effect::ReportState {
+                spec_name,
+                task_id,
+                state,
+                metadata,
+            } => {
+                static NAMES: KeywordNames =
+                    KeywordNames::new(&["spec_name", "task_id", "new_state", "metadata"]);
+                let Some(registry) = self.port(|p| &p.task_registry) else {
+                    return Ok(());
+                };
+                let result = (|| -> PyResult<()> {
+                    let new_state = match &self.ports.states {
+                        Some(states) => states[state_index(*state)].bind(py).clone(),
+                        None => self
+                            .ports
+                            .task_state_type
+                            .bind(py)
+                            .call1((state.value(),))?,
+                    };
+                    let values = [
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        new_state,
+                        self.metadata_dict(py, metadata)?.into_any(),
+                    ];
+                    call_method(
+                        registry,
+                        intern!(py, "update_task_state"),
+                        &[],
+                        &NAMES,
+                        &values,
+                    )?;
+                    Ok(())
+                })();
+                result.map_err(|e| {
+                    fail(
+                        &format!("update_task_state({task_id:?} -> {})", state.value()),
+                        e,
+                    )
+                })?;
+            }
+            Effect::TaskAssigned {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                pool_name,
+                timestamp,
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "slot_id",
+                    "pool_name",
+                    "timestamp",
+                ]);
+                self.record_event(py, intern!(py, "record_task_assigned"), &NAMES, || {
+                    Ok([
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, self.optional_text(py, slot_id))?,
+                        self.text(py, pool_name).into_any(),
+                        datetime::to_py(py, *timestamp)?.into_any(),
+                    ])
+                })
+                .map_err(|e| fail("record_task_assigned", e))?
+            }
+            Effect::RunnerStarted {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                pool_name,
+                details,
+                timestamp,
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "slot_id",
+                    "pool_name",
+                    "pid",
+                    "container_id",
+                    "job_name",
+                    "timestamp",
+                ]);
+                self.record_event(py, intern!(py, "record_runner_started"), &NAMES, || {
+                    Ok([
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, self.optional_text(py, slot_id))?,
+                        self.text(py, pool_name).into_any(),
+                        any(py, details.pid)?,
+                        any(py, details.container_id.as_deref())?,
+                        any(py, details.job_name.as_deref())?,
+                        datetime::to_py(py, *timestamp)?.into_any(),
+                    ])
+                })
+                .map_err(|e| fail("record_runner_started", e))?
+            }
+            Effect::RunnerFinished {
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                success,
+                execution_time_seconds,
+                failure_reason,
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "slot_id",
+                    "success",
+                    "execution_time_seconds",
+                    "failure_reason",
+                ]);
+                self.record_event(py, intern!(py, "record_runner_finished"), &NAMES, || {
+                    Ok([
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, self.optional_text(py, slot_id))?,
+                        any(py, *success)?,
+                        any(py, *execution_time_seconds)?,
+                        any(py, self.optional_text(py, failure_reason))?,
+                    ])
+                })
+                .map_err(|e| fail("record_runner_finished", e))?
+            }
+            Effect::TaskCompleted {
+                spec_name,
+                task_id,
+                runner_id,
+                execution_time_seconds,
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "execution_time_seconds",
+                ]);
+                log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
+                self.record_event(py, intern!(py, "record_task_completed"), &NAMES, || {
+                    Ok([
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        self.text(py, runner_id).into_any(),
+                        any(py, *execution_time_seconds)?,
+                    ])
+                })
+                .map_err(|e| fail("record_task_completed", e))?
+            }
+            Effect::TaskFailed {
+                spec_name,
+                task_id,
+                runner_id,
+                failure_reason,
+                retry_count,
+            } => {
+                static NAMES: KeywordNames = KeywordNames::new(&[
+                    "spec_name",
+                    "task_id",
+                    "runner_id",
+                    "failure_reason",
+                    "retry_count",
+                ]);
+                self.record_event(py, intern!(py, "record_task_failed"), &NAMES, || {
+                    Ok([
+                        self.text(py, spec_name).into_any(),
+                        self.text(py, task_id).into_any(),
+                        any(py, self.optional_text(py, runner_id))?,
+                        self.text(py, failure_reason).into_any(),
+                        any(py, *retry_count)?,
+                    ])
+                })
+                .map_err(|e| fail("record_task_failed", e))?
+            }
+            Effect::StopRunner { runner_id, .. } => {
+                if let Some(launcher) = self.port(|p| &p.runner_launcher) {
+                    if launcher.hasattr(intern!(py, "stop")).unwrap_or(false) {
+                        launcher
+                            .call_method1(intern!(py, "stop"), (runner_id.as_ref(),))
+                            .map_err(|e| fail(&format!("stop({runner_id:?})"), e))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `event_recorder.<method>(**values)`; the values are made only when
+    /// there is a recorder.
+    fn record_event<const N: usize>(
+        &self,
+        py: Python<'py>,
+        method: &Bound<'py, PyString>,
+        names: &KeywordNames,
+        values: impl FnOnce() -> PyResult<[Bound<'py, PyAny>; N]>,
+    ) -> PyResult<()> {
+        let Some(recorder) = self.port(|p| &p.event_recorder) else {
+            return Ok(());
+        };
+        let _ = py;
+        call_method(recorder, method, &[], names, &values()?)?;
+        Ok(())
+    }
+}
+
+/// A report whose port call raised: what was called, and the error.
+pub struct FailedReport {
+    pub what: String,
+    pub error: PyErr,
+}
+
+/// Any value a port call passes on, as a Python object.
+fn any<'py, T: IntoPyObject<'py>>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
+    value.into_bound_py_any(py)
+}
+
+/// A runner's optional detail, or None (logged) when it is malformed.
+fn lenient<T>(name: &str, value: PyResult<Option<T>>) -> Option<T> {
+    value.unwrap_or_else(|e| {
+        log::warn!(target: LOG_TARGET, "ignoring the launched runner's {name}: {e}");
+        None
+    })
+}

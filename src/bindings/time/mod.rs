@@ -1,0 +1,4 @@
+//! Clocks as Python classes and datetimes to and from Python.
+
+pub mod clock;
+pub mod datetime;

@@ -1,0 +1,12 @@
+//! The dispatcher: which task runs where, and what is reported about it.
+
+pub mod dependencies;
+pub mod finished;
+pub mod outbox;
+pub mod pools;
+pub mod queue;
+pub mod runners;
+pub mod saved_reports;
+pub mod scheduling;
+pub mod snapshot;
+pub mod state;

@@ -1,0 +1,1529 @@
+//! The dispatcher state machine.
+//!
+//! [`DispatcherState`] holds every task the dispatcher knows — queued, delayed
+//! for a retry, or running — with the pools, the runners and the counts. Its
+//! methods decide and update in one step and return the side effects for the
+//! caller to perform on the outside world (registry, repo pool, event recorder)
+//! after releasing the lock. `T` is the caller's handle of a task (a Python
+//! object in the bindings); the state never inspects it, and hands it back in
+//! [`Effect::Discard`] when it lets go, so it is never dropped under the lock.
+
+use std::collections::BTreeSet;
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::dispatch::finished::RecentlyFinished;
+use crate::dispatch::outbox::{Outbox, OutboxStats};
+use crate::dispatch::pools::{PoolIndex, PoolState, Pools};
+use crate::dispatch::queue::{QueueOrder, ReadyQueue};
+use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
+use crate::dispatch::scheduling::{Candidate, Policy, Scheduler, SkillMapping};
+use crate::hashing::FastMap;
+use crate::metrics::FailureStats;
+use crate::retry::state::{RecordedFailure, RetryBook, TaskId};
+use crate::time::clock::{nanos_to_seconds, MonoNanos, Now};
+use crate::time::wall::WallTime;
+
+/// What the dispatcher needs to know of a task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskMeta {
+    pub id: TaskId,
+    pub spec_name: Arc<str>,
+    pub repo_name: Arc<str>,
+    pub priority: i64,
+    pub created_at: Option<WallTime>,
+    pub required_skill: Option<Arc<str>>,
+}
+
+/// Where a held task is. A task is in exactly one place (SPEC §4.5 #4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    Queued,
+    Delayed {
+        due: MonoNanos,
+    },
+    /// Capacity reserved in `pool`; the slot and runner are being set up.
+    /// Counts as running.
+    Assigning {
+        pool: PoolIndex,
+        early: Option<EarlyReport>,
+    },
+    Running {
+        runner_id: Arc<str>,
+    },
+}
+
+/// An outcome reported while the task's runner was still being launched (a
+/// fast runner can finish before `launch` returns). Applied once the runner
+/// is tracked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EarlyReport {
+    Completion {
+        runner_id: Arc<str>,
+        success: bool,
+        reason: Option<Arc<str>>,
+    },
+    Failure {
+        runner_id: Option<Arc<str>>,
+        reason: Arc<str>,
+    },
+}
+
+#[derive(Debug)]
+struct HeldTask<T> {
+    meta: TaskMeta,
+    payload: Option<T>,
+    place: Place,
+    order: QueueOrder,
+}
+
+/// The state reported to the task registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportedState {
+    Running,
+    Ready,
+    Done,
+    Failed,
+}
+
+impl ReportedState {
+    pub fn value(self) -> &'static str {
+        match self {
+            ReportedState::Running => "running",
+            ReportedState::Ready => "ready",
+            ReportedState::Done => "done",
+            ReportedState::Failed => "failed",
+        }
+    }
+}
+
+/// The metadata reported with a state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateMetadata {
+    Running {
+        runner_id: Arc<str>,
+        assigned_slot: Option<Arc<str>>,
+        pool_name: Arc<str>,
+        started_at: WallTime,
+    },
+    Retry {
+        retry_count: u64,
+        next_retry_at: WallTime,
+        failure_reason: Arc<str>,
+    },
+    Interrupted,
+    Done {
+        runner_id: Arc<str>,
+        completed_at: WallTime,
+    },
+    Failed {
+        reason: Arc<str>,
+        retries: u64,
+        runner_id: Option<Arc<str>>,
+    },
+}
+
+/// A side effect to perform after the lock is released, in order.
+#[derive(Debug)]
+pub enum Effect<T> {
+    ReleaseSlot {
+        task_id: TaskId,
+        slot_id: Arc<str>,
+    },
+    ReportState {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        state: ReportedState,
+        metadata: StateMetadata,
+    },
+    RunnerFinished {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        slot_id: Option<Arc<str>>,
+        success: bool,
+        execution_time_seconds: f64,
+        failure_reason: Option<Arc<str>>,
+    },
+    TaskCompleted {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        execution_time_seconds: f64,
+    },
+    TaskFailed {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Option<Arc<str>>,
+        failure_reason: Arc<str>,
+        retry_count: u64,
+    },
+    StopRunner {
+        task_id: TaskId,
+        runner_id: Arc<str>,
+    },
+    TaskAssigned {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        slot_id: Option<Arc<str>>,
+        pool_name: Arc<str>,
+        timestamp: WallTime,
+    },
+    RunnerStarted {
+        spec_name: Arc<str>,
+        task_id: TaskId,
+        runner_id: Arc<str>,
+        slot_id: Option<Arc<str>>,
+        pool_name: Arc<str>,
+        details: RunnerDetails,
+        timestamp: WallTime,
+    },
+    /// A task handle the state no longer holds.
+    Discard(T),
+}
+
+impl<T> Effect<T> {
+    /// The task whose lane the report goes to; None for a handle to drop.
+    pub fn task_id(&self) -> Option<&TaskId> {
+        match self {
+            Effect::ReleaseSlot { task_id, .. }
+            | Effect::ReportState { task_id, .. }
+            | Effect::RunnerFinished { task_id, .. }
+            | Effect::TaskCompleted { task_id, .. }
+            | Effect::TaskFailed { task_id, .. }
+            | Effect::StopRunner { task_id, .. }
+            | Effect::TaskAssigned { task_id, .. }
+            | Effect::RunnerStarted { task_id, .. } => Some(task_id),
+            Effect::Discard(_) => None,
+        }
+    }
+}
+
+/// Effects filed in the outbox: the lanes to deliver now, and the handles
+/// to drop once the lock is released.
+#[derive(Debug)]
+pub struct Filed<T> {
+    pub lanes: Vec<TaskId>,
+    pub discards: Vec<T>,
+}
+
+/// What a failure, completion or timeout did.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    /// False when the runner's outcome had already been applied: nothing changed.
+    pub applied: bool,
+    pub effects: Vec<Effect<T>>,
+    /// The retry record, when a failure was recorded.
+    pub failure: Option<RecordedFailure>,
+}
+
+impl<T> Default for Outcome<T> {
+    fn default() -> Self {
+        Outcome::ignored()
+    }
+}
+
+impl<T> Outcome<T> {
+    fn ignored() -> Self {
+        Outcome {
+            applied: false,
+            effects: Vec::new(),
+            failure: None,
+        }
+    }
+
+    fn accepted() -> Self {
+        Outcome {
+            applied: true,
+            ..Outcome::ignored()
+        }
+    }
+
+    /// Nothing applied; the handle goes back to the caller to drop.
+    fn returning(payload: T) -> Self {
+        Outcome {
+            effects: vec![Effect::Discard(payload)],
+            ..Outcome::ignored()
+        }
+    }
+}
+
+/// Capacity reserved for a queued task by a scheduling pass. The caller
+/// allocates a slot and launches a runner, then reports back with
+/// `confirm_assignment`, `abort_assignment` or `fail_assignment`.
+#[derive(Debug)]
+pub struct Reservation<T> {
+    pub meta: TaskMeta,
+    pub payload: T,
+    pub pool: PoolIndex,
+    pub pool_name: Arc<str>,
+}
+
+/// A request the state refuses; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownPool(String),
+    PoolFull(String),
+    GlobalLimitReached(u64),
+    RunnerAlreadyTracked(String),
+    TaskAlreadyHeld { task_id: String, place: String },
+    RunnerOfAnotherTask { runner_id: String, task_id: String },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::UnknownPool(p) => write!(f, "pool_name: no pool named {p:?}"),
+            Refusal::PoolFull(p) => write!(f, "pool {p:?} is at its max_concurrency"),
+            Refusal::GlobalLimitReached(n) => {
+                write!(f, "the global limit max_global_concurrency={n} is reached")
+            }
+            Refusal::RunnerAlreadyTracked(r) => {
+                write!(f, "runner_id: runner {r:?} is already tracked")
+            }
+            Refusal::TaskAlreadyHeld { task_id, place } => {
+                write!(f, "task_id: task {task_id:?} is already {place}")
+            }
+            Refusal::RunnerOfAnotherTask { runner_id, task_id } => write!(
+                f,
+                "runner_id: runner {runner_id:?} does not run task {task_id:?}"
+            ),
+        }
+    }
+}
+
+/// Counters for `get_status()["metrics"]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub tasks_enqueued: u64,
+    pub tasks_assigned: u64,
+    pub tasks_completed: u64,
+    pub tasks_failed: u64,
+    pub retries_scheduled: u64,
+    pub runner_timeouts: u64,
+    pub runners_force_stopped: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub max_global_concurrency: u64,
+    pub heartbeat_timeout: MonoNanos,
+}
+
+/// A snapshot of the whole state, for `get_status()`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusSnapshot {
+    pub queue_size: usize,
+    /// (task id, next retry at), earliest first.
+    pub delayed: Vec<(TaskId, WallTime)>,
+    pub running_tasks: usize,
+    pub global_running: u64,
+    pub max_global_concurrency: u64,
+    pub pools: Vec<PoolState>,
+    pub metrics: Metrics,
+    pub failure_stats: FailureStats,
+    /// Reports not yet delivered, and the tasks they are for (SPEC §9).
+    pub pending_reports: usize,
+    pub pending_report_tasks: usize,
+    pub delivery: OutboxStats,
+}
+
+/// A runner as the caller describes it when it starts running a task.
+#[derive(Clone, Debug)]
+pub struct NewRunner {
+    pub runner_id: Arc<str>,
+    pub slot_id: Option<Arc<str>>,
+    pub started_at: Option<WallTime>,
+    pub details: RunnerDetails,
+}
+
+#[derive(Debug)]
+pub struct DispatcherState<T> {
+    limits: Limits,
+    tasks: FastMap<TaskId, HeldTask<T>>,
+    queue: ReadyQueue,
+    delayed: BTreeSet<(MonoNanos, TaskId)>,
+    pools: Pools,
+    runners: Runners,
+    /// Tracked runners plus reservations (SPEC §4.5 #2).
+    global_running: u64,
+    metrics: Metrics,
+    failure_stats: FailureStats,
+    next_seq: u64,
+    scheduler: Scheduler,
+    /// False once stopping: scheduling passes assign nothing.
+    accepting: bool,
+    /// Set by `force_stop`: a runner launched afterwards is stopped at once.
+    forced: bool,
+    /// Reports decided and not yet delivered, one lane per task (SPEC §9).
+    outbox: Outbox<Effect<T>>,
+    /// Tasks whose terminal outcome was decided lately (SPEC §4.5 #4).
+    finished: RecentlyFinished,
+    /// Completions reported while launches were in progress, for runners
+    /// not tracked yet and without a task id: applied if a launch returns
+    /// one of these runners. Only kept while an assignment is in progress.
+    orphan_completions: Vec<EarlyReport>,
+}
+
+/// At most this many orphan completions are kept.
+const MAX_ORPHAN_COMPLETIONS: usize = 1024;
+
+impl<T> DispatcherState<T> {
+    pub fn new(limits: Limits, pools: Pools, scheduler: Scheduler) -> Self {
+        DispatcherState {
+            limits,
+            tasks: FastMap::default(),
+            queue: ReadyQueue::new(scheduler.policy.orders_by_priority()),
+            delayed: BTreeSet::new(),
+            pools,
+            runners: Runners::default(),
+            global_running: 0,
+            metrics: Metrics::default(),
+            failure_stats: FailureStats::default(),
+            next_seq: 0,
+            scheduler,
+            accepting: true,
+            forced: false,
+            outbox: Outbox::default(),
+            finished: RecentlyFinished::default(),
+            orphan_completions: Vec::new(),
+        }
+    }
+
+    /// Files each effect in its task's lane of the outbox, in order. Returns
+    /// the lanes touched and the handles to drop after the lock.
+    pub fn file(&mut self, effects: Vec<Effect<T>>) -> Filed<T> {
+        let mut filed = Filed {
+            lanes: Vec::new(),
+            discards: Vec::new(),
+        };
+        for effect in effects {
+            match effect {
+                Effect::Discard(handle) => filed.discards.push(handle),
+                effect => {
+                    let task = effect.task_id().expect("reports name a task").clone();
+                    if !filed.lanes.contains(&task) {
+                        filed.lanes.push(task.clone());
+                    }
+                    self.outbox.push(&task, effect);
+                }
+            }
+        }
+        filed
+    }
+
+    /// [`Self::file`], but when every report is for one task that has no
+    /// lane yet (the usual case) they are taken for delivery at once:
+    /// returned as `Ok`, the lane busy until [`Self::finish_reports`].
+    #[allow(clippy::type_complexity)]
+    pub fn file_and_take(
+        &mut self,
+        effects: Vec<Effect<T>>,
+    ) -> (Filed<T>, Option<std::collections::VecDeque<Effect<T>>>) {
+        // Handles are dropped by the caller, after the lock.
+        let mut discards = Vec::new();
+        let mut effects: Vec<Effect<T>> = effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Discard(handle) => {
+                    discards.push(handle);
+                    None
+                }
+                e => Some(e),
+            })
+            .collect();
+        let single = match effects.first().and_then(Effect::task_id) {
+            Some(first) if effects.iter().all(|e| e.task_id() == Some(first)) => {
+                Some(first.clone())
+            }
+            _ => None,
+        };
+        if let Some(task) = single {
+            match self.outbox.push_and_take(&task, effects.into()) {
+                Ok(taken) => {
+                    return (
+                        Filed {
+                            lanes: vec![task],
+                            discards,
+                        },
+                        Some(taken),
+                    )
+                }
+                Err(back) => effects = back.into(),
+            }
+        }
+        let mut filed = self.file(effects);
+        filed.discards.append(&mut discards);
+        (filed, None)
+    }
+
+    /// Takes `task`'s pending reports for delivery (see [`Outbox::take`]).
+    pub fn take_reports(
+        &mut self,
+        task: &str,
+        now: MonoNanos,
+        force: bool,
+    ) -> Option<std::collections::VecDeque<Effect<T>>> {
+        self.outbox.take(task, now, force)
+    }
+
+    /// Ends a delivery (see [`Outbox::finish`]).
+    pub fn finish_reports(
+        &mut self,
+        task: &str,
+        delivered: usize,
+        undelivered: std::collections::VecDeque<Effect<T>>,
+        now: MonoNanos,
+    ) -> bool {
+        self.outbox.finish(task, delivered, undelivered, now)
+    }
+
+    /// Files reports restored from a snapshot; their lanes are due at `now`,
+    /// so the next pass delivers them.
+    pub fn restore_reports(&mut self, reports: Vec<Effect<T>>, now: MonoNanos) {
+        let filed = self.file(reports);
+        for lane in &filed.lanes {
+            self.outbox.schedule(lane, now);
+        }
+        drop(filed.discards);
+    }
+
+    /// Lanes whose delivery retry is due; with `all`, every idle lane.
+    pub fn lanes_to_deliver(&self, now: MonoNanos, all: bool) -> Vec<TaskId> {
+        if all {
+            self.outbox.idle_lanes()
+        } else {
+            self.outbox.due(now)
+        }
+    }
+
+    /// When the earliest failed delivery may be retried.
+    pub fn next_delivery_retry(&self) -> Option<MonoNanos> {
+        self.outbox.next_retry()
+    }
+
+    /// Reports not yet delivered, and the tasks they are for.
+    pub fn pending_reports(&self) -> (usize, usize) {
+        (self.outbox.pending(), self.outbox.pending_tasks())
+    }
+
+    pub fn outbox(&self) -> &Outbox<Effect<T>> {
+        &self.outbox
+    }
+
+    pub fn delivery_stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
+    /// Whether `task_id` reached its terminal outcome lately and has not been
+    /// handed back by a poll since.
+    pub fn finished_lately(&self, task_id: &str) -> bool {
+        self.finished.contains(task_id)
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.scheduler.policy
+    }
+
+    /// Switches the policy; the queue reorders when the order changes.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.scheduler.policy = policy;
+        self.queue.set_by_priority(policy.orders_by_priority());
+    }
+
+    pub fn set_skill_mapping(&mut self, mapping: SkillMapping) {
+        self.scheduler.mapping = mapping;
+    }
+
+    /// `start()`: assign again, and let launched runners run.
+    pub fn resume(&mut self) {
+        self.accepting = true;
+        self.forced = false;
+    }
+
+    /// `stop()`: assign nothing more; running runners go on.
+    pub fn stop_assigning(&mut self) {
+        self.accepting = false;
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    pub fn runners(&self) -> &Runners {
+        &self.runners
+    }
+
+    pub fn global_running(&self) -> u64 {
+        self.global_running
+    }
+
+    /// Tasks held in any place (queued, delayed, being launched, running).
+    pub fn held_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn can_accept_globally(&self) -> bool {
+        self.global_running < self.limits.max_global_concurrency
+    }
+
+    pub fn place_of(&self, task_id: &str) -> Option<&Place> {
+        self.tasks.get(task_id).map(|t| &t.place)
+    }
+
+    /// When the earliest delayed retry becomes due.
+    pub fn next_due(&self) -> Option<MonoNanos> {
+        self.delayed.first().map(|(due, _)| *due)
+    }
+
+    pub fn queued_ids(&self) -> Vec<TaskId> {
+        self.queue.iter().cloned().collect()
+    }
+
+    fn new_order(&mut self, meta: &TaskMeta, now: Now) -> QueueOrder {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        QueueOrder {
+            priority: meta.priority,
+            age: meta.created_at.unwrap_or(now.wall).micros(),
+            seq,
+        }
+    }
+
+    /// A task from a poll. Queued unless already held (queued, delayed or
+    /// running), in which case the poll is ignored and the handle comes back —
+    /// except that a delayed task held without a handle keeps this one.
+    pub fn offer(&mut self, meta: TaskMeta, payload: T, now: Now) -> Result<(), T> {
+        // Its reports are still on their way: the registry's view is stale.
+        if self.outbox.holds(&meta.id) {
+            return Err(payload);
+        }
+        if let Some(held) = self.tasks.get(&meta.id) {
+            if !(matches!(held.place, Place::Delayed { .. }) && held.payload.is_none()) {
+                return Err(payload);
+            }
+            // The task as polled replaces what the placeholder knew of it.
+            let order = self.new_order(&meta, now);
+            let held = self.tasks.get_mut(&meta.id).expect("held above");
+            held.meta = meta;
+            held.order = order;
+            held.payload = Some(payload);
+            return Ok(());
+        }
+        // The registry handed a finished task back: it runs anew.
+        self.finished.remove(&meta.id);
+        let order = self.new_order(&meta, now);
+        self.queue.push(meta.id.clone(), order);
+        self.tasks.insert(
+            meta.id.clone(),
+            HeldTask {
+                meta,
+                payload: Some(payload),
+                place: Place::Queued,
+                order,
+            },
+        );
+        self.metrics.tasks_enqueued += 1;
+        Ok(())
+    }
+
+    /// The delayed tasks: (id, spec name, due), earliest first.
+    pub fn delayed_tasks(&self) -> Vec<(TaskId, Arc<str>, MonoNanos)> {
+        self.delayed
+            .iter()
+            .map(|(due, id)| {
+                let spec = self
+                    .tasks
+                    .get(id)
+                    .map_or_else(|| Arc::from("unknown"), |t| t.meta.spec_name.clone());
+                (id.clone(), spec, *due)
+            })
+            .collect()
+    }
+
+    /// Holds a task as delayed until `due` without its handle (a restored
+    /// retry): the next poll that returns it attaches the handle, and it is
+    /// queued when due. False, and no change, for a task already held.
+    pub fn hold_delayed(
+        &mut self,
+        id: TaskId,
+        spec_name: Arc<str>,
+        due: MonoNanos,
+        now: Now,
+    ) -> bool {
+        if self.tasks.contains_key(&id) {
+            return false;
+        }
+        let meta = TaskMeta {
+            id: id.clone(),
+            repo_name: spec_name.clone(),
+            spec_name,
+            priority: 0,
+            created_at: None,
+            required_skill: None,
+        };
+        let order = self.new_order(&meta, now);
+        self.delayed.insert((due, id.clone()));
+        self.tasks.insert(
+            id,
+            HeldTask {
+                meta,
+                payload: None,
+                place: Place::Delayed { due },
+                order,
+            },
+        );
+        true
+    }
+
+    /// Moves retries whose backoff has elapsed back to the ready queue. A
+    /// delayed task held without a handle is forgotten instead, so the next
+    /// poll that returns it queues it anew. Returns how many were queued.
+    pub fn promote_due(&mut self, now: MonoNanos) -> usize {
+        let due: Vec<(MonoNanos, TaskId)> = self
+            .delayed
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .cloned()
+            .collect();
+        let mut queued = 0;
+        for key in due {
+            self.delayed.remove(&key);
+            let id = key.1;
+            let has_payload = self.tasks.get(&id).is_some_and(|t| t.payload.is_some());
+            if has_payload {
+                let held = self.tasks.get_mut(&id).expect("delayed task is held");
+                held.place = Place::Queued;
+                self.queue.push(id, held.order);
+                queued += 1;
+            } else {
+                self.tasks.remove(&id);
+            }
+        }
+        queued
+    }
+
+    /// Starts tracking `runner` as running `meta`'s task in a pool: reserves
+    /// the pool's and the global capacity. Refused, changing nothing, when the
+    /// pool is unknown or full, the global limit is reached, the runner is
+    /// already tracked or the task is already held.
+    pub fn track_running(
+        &mut self,
+        meta: TaskMeta,
+        payload: Option<T>,
+        pool_name: &str,
+        runner: NewRunner,
+        now: Now,
+    ) -> Result<(), Refusal> {
+        let pool = self
+            .pools
+            .index(pool_name)
+            .ok_or_else(|| Refusal::UnknownPool(pool_name.to_owned()))?;
+        if let Some(held) = self.tasks.get(&meta.id) {
+            return Err(Refusal::TaskAlreadyHeld {
+                task_id: meta.id.to_string(),
+                place: describe_place(&held.place),
+            });
+        }
+        if self.runners.get(&runner.runner_id).is_some() {
+            return Err(Refusal::RunnerAlreadyTracked(runner.runner_id.to_string()));
+        }
+        if !self.can_accept_globally() {
+            return Err(Refusal::GlobalLimitReached(
+                self.limits.max_global_concurrency,
+            ));
+        }
+        if !self.pools.reserve(pool) {
+            return Err(Refusal::PoolFull(pool_name.to_owned()));
+        }
+        self.global_running += 1;
+        let order = self.new_order(&meta, now);
+        self.start_runner(meta, payload, order, pool, runner, now);
+        Ok(())
+    }
+
+    fn start_runner(
+        &mut self,
+        meta: TaskMeta,
+        payload: Option<T>,
+        order: QueueOrder,
+        pool: PoolIndex,
+        runner: NewRunner,
+        now: Now,
+    ) {
+        self.runners.insert(TrackedRunner {
+            runner_id: runner.runner_id.clone(),
+            task_id: meta.id.clone(),
+            spec_name: meta.spec_name.clone(),
+            slot_id: runner.slot_id,
+            pool,
+            started_mono: now.mono,
+            started_at: runner.started_at.unwrap_or(now.wall),
+            last_heartbeat: now.mono,
+            last_heartbeat_at: now.wall,
+            details: runner.details,
+        });
+        self.tasks.insert(
+            meta.id.clone(),
+            HeldTask {
+                meta,
+                payload,
+                place: Place::Running {
+                    runner_id: runner.runner_id,
+                },
+                order,
+            },
+        );
+        self.metrics.tasks_assigned += 1;
+    }
+
+    /// Takes a task out of whatever place it is in.
+    fn take_task(&mut self, task_id: &str) -> Option<HeldTask<T>> {
+        let held = self.tasks.remove(task_id)?;
+        match &held.place {
+            Place::Queued => {
+                self.queue.remove(task_id);
+            }
+            Place::Delayed { due } => {
+                self.delayed.remove(&(*due, held.meta.id.clone()));
+            }
+            Place::Assigning { .. } | Place::Running { .. } => {}
+        }
+        Some(held)
+    }
+
+    /// Gives back the capacity a runner held; counts never go below zero.
+    fn release_runner(&mut self, runner: &TrackedRunner, effects: &mut Vec<Effect<T>>) {
+        self.pools.release(runner.pool);
+        self.global_running = self.global_running.saturating_sub(1);
+        if let Some(slot_id) = &runner.slot_id {
+            effects.push(Effect::ReleaseSlot {
+                task_id: runner.task_id.clone(),
+                slot_id: slot_id.clone(),
+            });
+        }
+    }
+
+    /// `handle_task_failure`: the failure of `task_id`, run by `runner_id` if
+    /// given (else by whichever runner runs it, if any).
+    pub fn fail_task(
+        &mut self,
+        task_id: &str,
+        spec_name: Option<&str>,
+        reason: &str,
+        runner_id: Option<&str>,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Result<Outcome<T>, Refusal> {
+        let runner = match runner_id {
+            // One lookup: take the runner, and put it back in the rare case
+            // that it runs another task.
+            Some(rid) => match self.runners.take(rid) {
+                None => {
+                    let early = EarlyReport::Failure {
+                        runner_id: Some(Arc::from(rid)),
+                        reason: Arc::from(reason),
+                    };
+                    return Ok(self.note_early(task_id, early));
+                }
+                Some(r) if &*r.task_id != task_id => {
+                    self.runners.insert(r);
+                    return Err(Refusal::RunnerOfAnotherTask {
+                        runner_id: rid.to_owned(),
+                        task_id: task_id.to_owned(),
+                    });
+                }
+                Some(r) => Some(r),
+            },
+            None => match self.tasks.get(task_id).map(|t| &t.place) {
+                // A stale report for a task that finished: nothing changes.
+                None if self.finished.contains(task_id) => return Ok(Outcome::ignored()),
+                Some(Place::Running { runner_id }) => {
+                    let rid = runner_id.clone();
+                    self.runners.take(&rid)
+                }
+                Some(Place::Assigning { .. }) => {
+                    let early = EarlyReport::Failure {
+                        runner_id: None,
+                        reason: Arc::from(reason),
+                    };
+                    return Ok(self.note_early(task_id, early));
+                }
+                _ => None,
+            },
+        };
+        let mut effects = Vec::with_capacity(4);
+        let failure =
+            self.apply_failure(task_id, spec_name, reason, runner, book, now, &mut effects);
+        Ok(Outcome {
+            applied: true,
+            effects,
+            failure: Some(failure),
+        })
+    }
+
+    /// The failure path shared by failures, failed completions and timeouts.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_failure(
+        &mut self,
+        task_id: &str,
+        spec_name: Option<&str>,
+        reason: &str,
+        runner: Option<TrackedRunner>,
+        book: &mut RetryBook,
+        now: Now,
+        effects: &mut Vec<Effect<T>>,
+    ) -> RecordedFailure {
+        if let Some(r) = &runner {
+            self.release_runner(r, effects);
+        }
+        // The task leaves the queue or the delayed set but keeps its entry:
+        // below the limit it is only re-placed, not removed and re-inserted.
+        let held = match self.tasks.get(task_id) {
+            Some(h) => {
+                match &h.place {
+                    Place::Queued => {
+                        self.queue.remove(task_id);
+                    }
+                    Place::Delayed { due } => {
+                        self.delayed.remove(&(*due, h.meta.id.clone()));
+                    }
+                    Place::Assigning { .. } | Place::Running { .. } => {}
+                }
+                Some((h.meta.spec_name.clone(), h.meta.id.clone()))
+            }
+            None => None,
+        };
+        let (spec, id): (Arc<str>, TaskId) = match held {
+            Some(known) => known,
+            None => (
+                runner
+                    .as_ref()
+                    .map(|r| r.spec_name.clone())
+                    .or_else(|| spec_name.map(Arc::from))
+                    .unwrap_or_else(|| Arc::from("unknown")),
+                Arc::from(task_id),
+            ),
+        };
+        let reason: Arc<str> = Arc::from(reason);
+        let recorded = book.record_failure(&id, Some(&reason), now);
+        let runner_id = runner.map(|r| r.runner_id);
+        if recorded.limit_reached {
+            self.failure_stats.permanent_failures.add(&reason);
+            let reason = recorded.final_reason(&reason);
+            effects.push(Effect::TaskFailed {
+                spec_name: spec.clone(),
+                task_id: id.clone(),
+                runner_id: runner_id.clone(),
+                failure_reason: reason.clone(),
+                retry_count: recorded.info.retry_count,
+            });
+            effects.push(Effect::ReportState {
+                spec_name: spec,
+                task_id: id.clone(),
+                state: ReportedState::Failed,
+                metadata: StateMetadata::Failed {
+                    reason,
+                    retries: recorded.info.retry_count,
+                    runner_id,
+                },
+            });
+            book.clear(&id);
+            self.finished.insert(&id);
+            if let Some(payload) = self.tasks.remove(task_id).and_then(|h| h.payload) {
+                effects.push(Effect::Discard(payload));
+            }
+            self.metrics.tasks_failed += 1;
+        } else {
+            self.failure_stats.retries.add(&reason);
+            self.failure_stats.delays.observe(recorded.delay_seconds);
+            let due = recorded.due;
+            self.delayed.insert((due, id.clone()));
+            match self.tasks.get_mut(task_id) {
+                Some(h) => h.place = Place::Delayed { due },
+                None => {
+                    let meta = TaskMeta {
+                        id: id.clone(),
+                        spec_name: spec.clone(),
+                        repo_name: spec.clone(),
+                        priority: 0,
+                        created_at: None,
+                        required_skill: None,
+                    };
+                    let order = self.new_order(&meta, now);
+                    self.tasks.insert(
+                        id.clone(),
+                        HeldTask {
+                            meta,
+                            payload: None,
+                            place: Place::Delayed { due },
+                            order,
+                        },
+                    );
+                }
+            }
+            effects.push(Effect::ReportState {
+                spec_name: spec,
+                task_id: id,
+                state: ReportedState::Ready,
+                metadata: StateMetadata::Retry {
+                    retry_count: recorded.info.retry_count,
+                    next_retry_at: recorded.info.next_retry_at.unwrap_or(now.wall),
+                    failure_reason: reason,
+                },
+            });
+            self.metrics.retries_scheduled += 1;
+        }
+        recorded
+    }
+
+    /// `handle_runner_completion`: the first report for a runner wins; later
+    /// ones are ignored. A report for `task_id` while its runner is still
+    /// being launched is kept and applied once the runner is tracked.
+    pub fn complete(
+        &mut self,
+        runner_id: &str,
+        task_id: Option<&str>,
+        success: bool,
+        failure_reason: Option<&str>,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Outcome<T> {
+        let Some(runner) = self.runners.take(runner_id) else {
+            let early = EarlyReport::Completion {
+                runner_id: Arc::from(runner_id),
+                success,
+                reason: failure_reason.map(Arc::from),
+            };
+            return match task_id {
+                Some(task_id) => self.note_early(task_id, early),
+                None => self.note_orphan(early),
+            };
+        };
+        let execution_time = nanos_to_seconds(now.mono.saturating_sub(runner.started_mono));
+        // A completion makes up to six effects; one allocation for all.
+        let mut effects = Vec::with_capacity(6);
+        let reason = failure_reason.map(Arc::from);
+        effects.push(Effect::RunnerFinished {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            runner_id: runner.runner_id.clone(),
+            slot_id: runner.slot_id.clone(),
+            success,
+            execution_time_seconds: execution_time,
+            failure_reason: if success { None } else { reason.clone() },
+        });
+        if !success {
+            let task_id = runner.task_id.clone();
+            let reason = reason.unwrap_or_else(|| Arc::from("unknown"));
+            let failure = self.apply_failure(
+                &task_id,
+                None,
+                &reason,
+                Some(runner),
+                book,
+                now,
+                &mut effects,
+            );
+            return Outcome {
+                applied: true,
+                effects,
+                failure: Some(failure),
+            };
+        }
+        effects.push(Effect::TaskCompleted {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            runner_id: runner.runner_id.clone(),
+            execution_time_seconds: execution_time,
+        });
+        self.release_runner(&runner, &mut effects);
+        effects.push(Effect::ReportState {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            state: ReportedState::Done,
+            metadata: StateMetadata::Done {
+                runner_id: runner.runner_id.clone(),
+                completed_at: now.wall,
+            },
+        });
+        if let Some(payload) = self.take_task(&runner.task_id).and_then(|h| h.payload) {
+            effects.push(Effect::Discard(payload));
+        }
+        book.record_success(&runner.task_id);
+        self.finished.insert(&runner.task_id);
+        self.metrics.tasks_completed += 1;
+        Outcome {
+            applied: true,
+            effects,
+            failure: None,
+        }
+    }
+
+    /// One scheduling pass: picks queued tasks and pools by the policy and
+    /// reserves their capacity (pool and global) before any port is called.
+    /// Nothing is picked once stopping.
+    pub fn schedule(&mut self) -> Vec<Reservation<T>> {
+        let budget = self
+            .limits
+            .max_global_concurrency
+            .saturating_sub(self.global_running);
+        if !self.accepting || budget == 0 || self.queue.is_empty() {
+            return Vec::new();
+        }
+        let tasks = &self.tasks;
+        let candidates = self.queue.iter().filter_map(|id| {
+            tasks.get(id).map(|held| Candidate {
+                id: &held.meta.id,
+                spec: &held.meta.spec_name,
+                skill: held.meta.required_skill.as_deref(),
+            })
+        });
+        let picks = self.scheduler.plan(candidates, &self.pools, budget);
+        let mut reservations = Vec::with_capacity(picks.len());
+        for (id, pool) in picks {
+            let Some(held) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            // Queued tasks always have a handle (they came from a poll).
+            let Some(payload) = held.payload.take() else {
+                continue;
+            };
+            if !self.pools.reserve(pool) {
+                held.payload = Some(payload);
+                continue;
+            }
+            self.queue.remove(&id);
+            held.place = Place::Assigning { pool, early: None };
+            self.global_running += 1;
+            reservations.push(Reservation {
+                meta: held.meta.clone(),
+                payload,
+                pool,
+                pool_name: self.pools.get(pool).name.clone(),
+            });
+        }
+        reservations
+    }
+
+    /// The pool a task's reservation holds, if it is being assigned.
+    fn reserved_pool(&self, task_id: &str) -> Option<PoolIndex> {
+        match self.tasks.get(task_id).map(|t| &t.place) {
+            Some(Place::Assigning { pool, .. }) => Some(*pool),
+            _ => None,
+        }
+    }
+
+    fn release_reservation(&mut self, pool: PoolIndex) {
+        self.pools.release(pool);
+        self.global_running = self.global_running.saturating_sub(1);
+    }
+
+    /// Keeps the first outcome reported for a task whose runner is being
+    /// launched; anything else is ignored.
+    fn note_early(&mut self, task_id: &str, report: EarlyReport) -> Outcome<T> {
+        match self.tasks.get_mut(task_id).map(|t| &mut t.place) {
+            Some(Place::Assigning { early, .. }) if early.is_none() => {
+                *early = Some(report);
+                Outcome::accepted()
+            }
+            _ => Outcome::ignored(),
+        }
+    }
+
+    /// A completion for a runner not tracked, without a task id: while a
+    /// launch is in progress it may be for the runner being launched, so it
+    /// is kept for `confirm_assignment`; otherwise it is stale.
+    fn note_orphan(&mut self, report: EarlyReport) -> Outcome<T> {
+        let assigning = self.global_running > self.runners.len() as u64;
+        if !assigning || self.orphan_completions.len() >= MAX_ORPHAN_COMPLETIONS {
+            return Outcome::ignored();
+        }
+        self.orphan_completions.push(report);
+        Outcome::accepted()
+    }
+
+    /// The orphan completion for `runner_id`, if one came; orphans are
+    /// dropped once no launch is in progress.
+    fn take_orphan(&mut self, runner_id: &str) -> Option<EarlyReport> {
+        let found = self
+            .orphan_completions
+            .iter()
+            .position(|r| matches!(r, EarlyReport::Completion { runner_id: rid, .. } if &**rid == runner_id))
+            .map(|i| self.orphan_completions.swap_remove(i));
+        found
+    }
+
+    fn prune_orphans(&mut self) {
+        if self.global_running <= self.runners.len() as u64 {
+            self.orphan_completions.clear();
+        }
+    }
+
+    /// No slot for a reservation: the capacity is given back and the task
+    /// returns to its place in the queue; nothing is counted.
+    pub fn abort_assignment(&mut self, task_id: &str, payload: T) -> Outcome<T> {
+        let Some(pool) = self.reserved_pool(task_id) else {
+            return Outcome::returning(payload);
+        };
+        self.release_reservation(pool);
+        self.prune_orphans();
+        let Some(held) = self.tasks.get_mut(task_id) else {
+            return Outcome::returning(payload);
+        };
+        held.payload = Some(payload);
+        held.place = Place::Queued;
+        self.queue.push(held.meta.id.clone(), held.order);
+        Outcome::accepted()
+    }
+
+    /// The launch failed: the capacity and the slot (if any) are released
+    /// and the task takes the failure path with `reason`.
+    pub fn fail_assignment(
+        &mut self,
+        task_id: &str,
+        payload: T,
+        slot_id: Option<Arc<str>>,
+        reason: &str,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Outcome<T> {
+        let Some(pool) = self.reserved_pool(task_id) else {
+            return Outcome::returning(payload);
+        };
+        self.release_reservation(pool);
+        self.prune_orphans();
+        let mut effects = Vec::new();
+        if let Some(slot_id) = slot_id {
+            effects.push(Effect::ReleaseSlot {
+                task_id: Arc::from(task_id),
+                slot_id,
+            });
+        }
+        if let Some(held) = self.tasks.get_mut(task_id) {
+            held.payload = Some(payload);
+        }
+        let failure = self.apply_failure(task_id, None, reason, None, book, now, &mut effects);
+        Outcome {
+            applied: true,
+            effects,
+            failure: Some(failure),
+        }
+    }
+
+    /// The runner is launched: it is tracked, RUNNING is reported and the
+    /// events recorded. An outcome reported meanwhile is applied now; after
+    /// a forced stop the runner is stopped at once.
+    pub fn confirm_assignment(
+        &mut self,
+        task_id: &str,
+        payload: T,
+        runner: NewRunner,
+        book: &mut RetryBook,
+        now: Now,
+    ) -> Outcome<T> {
+        let Some(pool) = self.reserved_pool(task_id) else {
+            return Outcome::returning(payload);
+        };
+        if self.runners.get(&runner.runner_id).is_some() {
+            let reason = format!(
+                "launch failed: runner id {:?} is already tracked",
+                runner.runner_id
+            );
+            return self.fail_assignment(task_id, payload, runner.slot_id, &reason, book, now);
+        }
+        let Some(held) = self.tasks.remove(task_id) else {
+            return Outcome::returning(payload);
+        };
+        let early = match held.place {
+            Place::Assigning { early, .. } => early,
+            _ => None,
+        };
+        let early = early.or_else(|| self.take_orphan(&runner.runner_id));
+        let (spec_name, id) = (held.meta.spec_name.clone(), held.meta.id.clone());
+        let pool_name = self.pools.get(pool).name.clone();
+        let runner_id = runner.runner_id.clone();
+        let started_at = runner.started_at.unwrap_or(now.wall);
+        let mut effects = vec![
+            Effect::ReportState {
+                spec_name: spec_name.clone(),
+                task_id: id.clone(),
+                state: ReportedState::Running,
+                metadata: StateMetadata::Running {
+                    runner_id: runner_id.clone(),
+                    assigned_slot: runner.slot_id.clone(),
+                    pool_name: pool_name.clone(),
+                    started_at,
+                },
+            },
+            Effect::TaskAssigned {
+                spec_name: spec_name.clone(),
+                task_id: id.clone(),
+                runner_id: runner_id.clone(),
+                slot_id: runner.slot_id.clone(),
+                pool_name: pool_name.clone(),
+                timestamp: now.wall,
+            },
+            Effect::RunnerStarted {
+                spec_name,
+                task_id: id.clone(),
+                runner_id: runner_id.clone(),
+                slot_id: runner.slot_id.clone(),
+                pool_name,
+                details: runner.details.clone(),
+                timestamp: now.wall,
+            },
+        ];
+        self.start_runner(held.meta, Some(payload), held.order, pool, runner, now);
+        let mut failure = None;
+        if self.forced {
+            self.interrupt(&runner_id, now, &mut effects);
+        } else if let Some(report) = early {
+            let later = match report {
+                EarlyReport::Completion {
+                    runner_id: rid,
+                    success,
+                    reason,
+                } if rid == runner_id => {
+                    self.complete(&rid, None, success, reason.as_deref(), book, now)
+                }
+                EarlyReport::Failure {
+                    runner_id: rid,
+                    reason,
+                } if rid.as_ref().is_none_or(|r| *r == runner_id) => self
+                    .fail_task(&id, None, &reason, Some(&runner_id), book, now)
+                    .unwrap_or_else(|_| Outcome::ignored()),
+                // Reported for some other runner: not this one's outcome.
+                _ => Outcome::ignored(),
+            };
+            effects.extend(later.effects);
+            failure = later.failure;
+        }
+        self.prune_orphans();
+        Outcome {
+            applied: true,
+            effects,
+            failure,
+        }
+    }
+
+    /// Forces one runner to stop: the launcher stops it, its capacity and
+    /// slot are released, its task is reported READY (`interrupted`) and
+    /// queued again for when the dispatcher restarts. Not a failure: the
+    /// retry count is unchanged.
+    fn interrupt(&mut self, runner_id: &str, now: Now, effects: &mut Vec<Effect<T>>) {
+        let Some(runner) = self.runners.take(runner_id) else {
+            return;
+        };
+        effects.push(Effect::StopRunner {
+            task_id: runner.task_id.clone(),
+            runner_id: runner.runner_id.clone(),
+        });
+        effects.push(Effect::RunnerFinished {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            runner_id: runner.runner_id.clone(),
+            slot_id: runner.slot_id.clone(),
+            success: false,
+            execution_time_seconds: nanos_to_seconds(now.mono.saturating_sub(runner.started_mono)),
+            failure_reason: Some(Arc::from("interrupted")),
+        });
+        self.release_runner(&runner, effects);
+        effects.push(Effect::ReportState {
+            spec_name: runner.spec_name.clone(),
+            task_id: runner.task_id.clone(),
+            state: ReportedState::Ready,
+            metadata: StateMetadata::Interrupted,
+        });
+        match self.tasks.get_mut(&runner.task_id) {
+            Some(held) if held.payload.is_some() => {
+                held.place = Place::Queued;
+                self.queue.push(held.meta.id.clone(), held.order);
+            }
+            _ => {
+                self.tasks.remove(&runner.task_id);
+            }
+        }
+        self.metrics.runners_force_stopped += 1;
+    }
+
+    /// `stop()` after the grace period: every runner still tracked is forced
+    /// to stop, and any launched later is stopped as soon as it is tracked.
+    pub fn force_stop(&mut self, now: Now) -> Outcome<T> {
+        self.accepting = false;
+        self.forced = true;
+        let mut ids = self.runners.ids();
+        ids.sort();
+        let mut effects = Vec::new();
+        for id in &ids {
+            self.interrupt(id, now, &mut effects);
+        }
+        Outcome {
+            applied: !ids.is_empty(),
+            effects,
+            failure: None,
+        }
+    }
+
+    pub fn heartbeat(&mut self, runner_id: &str, now: Now) -> bool {
+        self.runners.heartbeat(runner_id, now.mono, now.wall)
+    }
+
+    /// One runner's timeout: the failure path with reason `timeout`.
+    pub fn time_out(&mut self, runner_id: &str, book: &mut RetryBook, now: Now) -> Outcome<T> {
+        let Some(runner) = self.runners.take(runner_id) else {
+            return Outcome::ignored();
+        };
+        self.metrics.runner_timeouts += 1;
+        let task_id = runner.task_id.clone();
+        let mut effects = Vec::new();
+        let failure = self.apply_failure(
+            &task_id,
+            None,
+            "timeout",
+            Some(runner),
+            book,
+            now,
+            &mut effects,
+        );
+        Outcome {
+            applied: true,
+            effects,
+            failure: Some(failure),
+        }
+    }
+
+    /// Every runner silent for longer than the heartbeat timeout, timed out.
+    pub fn check_heartbeats(&mut self, book: &mut RetryBook, now: Now) -> Vec<Outcome<T>> {
+        let silent = self
+            .runners
+            .silent_since(now.mono, self.limits.heartbeat_timeout);
+        silent
+            .iter()
+            .map(|id| self.time_out(id, book, now))
+            .collect()
+    }
+
+    /// Changes a held task's priority (reordering the queue if it is queued).
+    pub fn set_priority(&mut self, task_id: &str, priority: i64) -> bool {
+        let Some(held) = self.tasks.get_mut(task_id) else {
+            return false;
+        };
+        held.meta.priority = priority;
+        held.order.priority = priority;
+        if held.place == Place::Queued {
+            self.queue.set_priority(task_id, priority);
+        }
+        true
+    }
+
+    pub fn set_pool_enabled(&mut self, name: &str, enabled: bool) -> Result<(), Refusal> {
+        let index = self
+            .pools
+            .index(name)
+            .ok_or_else(|| Refusal::UnknownPool(name.to_owned()))?;
+        self.pools.set_enabled(index, enabled);
+        Ok(())
+    }
+
+    pub fn status(&self, book: &RetryBook) -> StatusSnapshot {
+        let delayed = self
+            .delayed
+            .iter()
+            .map(|(_, id)| {
+                let next = book
+                    .info(id)
+                    .and_then(|i| i.next_retry_at)
+                    .unwrap_or(WallTime::MAX);
+                (id.clone(), next)
+            })
+            .collect();
+        StatusSnapshot {
+            queue_size: self.queue.len(),
+            delayed,
+            running_tasks: self.runners.len(),
+            global_running: self.global_running,
+            max_global_concurrency: self.limits.max_global_concurrency,
+            pools: self.pools.iter().map(|(_, p)| p.clone()).collect(),
+            metrics: self.metrics,
+            failure_stats: self.failure_stats.clone(),
+            pending_reports: self.outbox.pending(),
+            pending_report_tasks: self.outbox.pending_tasks(),
+            delivery: self.outbox.stats(),
+        }
+    }
+
+    /// Checks every invariant of SPEC §4.5 that the state alone can see;
+    /// `Err` names the first one broken. Used by tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut per_pool = vec![0u64; self.pools.len()];
+        let mut reserved = 0u64;
+        for t in self.tasks.values() {
+            if let Place::Assigning { pool, .. } = t.place {
+                per_pool[pool] += 1;
+                reserved += 1;
+            }
+        }
+        for r in self.runners.iter() {
+            per_pool[r.pool] += 1;
+            match self.tasks.get(&r.task_id).map(|t| &t.place) {
+                Some(Place::Running { runner_id }) if *runner_id == r.runner_id => {}
+                other => return Err(format!("runner {} but task place {other:?}", r.runner_id)),
+            }
+        }
+        for (i, pool) in self.pools.iter() {
+            if pool.running != per_pool[i] {
+                return Err(format!(
+                    "pool {} count {} != {}",
+                    pool.name, pool.running, per_pool[i]
+                ));
+            }
+            if pool.running > pool.max_concurrency {
+                return Err(format!("pool {} over its limit", pool.name));
+            }
+        }
+        if self.global_running != self.runners.len() as u64 + reserved {
+            return Err(format!(
+                "global count {} != runners {} + reservations {reserved}",
+                self.global_running,
+                self.runners.len()
+            ));
+        }
+        let queued = self
+            .tasks
+            .values()
+            .filter(|t| t.place == Place::Queued)
+            .count();
+        let delayed = self
+            .tasks
+            .values()
+            .filter(|t| matches!(t.place, Place::Delayed { .. }))
+            .count();
+        if queued != self.queue.len() || delayed != self.delayed.len() {
+            return Err("queue or delayed index out of step with task places".to_owned());
+        }
+        Ok(())
+    }
+}
+
+fn describe_place(place: &Place) -> String {
+    match place {
+        Place::Queued => "queued".to_owned(),
+        Place::Delayed { .. } => "waiting for a retry".to_owned(),
+        Place::Assigning { .. } => "being assigned".to_owned(),
+        Place::Running { runner_id } => format!("running on runner {runner_id:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,139 @@
+//! What the dispatcher counts beyond the original's metrics: retries and
+//! permanent failures by reason, and the backoff delays it scheduled.
+
+pub mod prometheus;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Upper bounds (seconds) of the delay histogram's buckets; one more bucket,
+/// `+Inf`, takes the rest.
+pub const DELAY_BUCKETS: [f64; 11] = [
+    0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// Distinct reason labels kept; beyond that, counts go to [`OTHER`].
+pub const MAX_REASONS: usize = 50;
+pub const OTHER: &str = "other";
+
+/// A reason's label: its class, the part before the first `:` ("exit code 1:
+/// flaky test" counts as "exit code 1"), so that free text in reasons does not
+/// make a label per failure. At most 100 characters.
+pub fn reason_label(reason: &str) -> &str {
+    let class = reason.split(':').next().unwrap_or("").trim();
+    let class = if class.is_empty() { "unknown" } else { class };
+    match class.char_indices().nth(100) {
+        Some((end, _)) => &class[..end],
+        None => class,
+    }
+}
+
+/// Counts by reason label.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReasonCounts(BTreeMap<Arc<str>, u64>);
+
+impl ReasonCounts {
+    pub fn add(&mut self, reason: &str) {
+        let label = reason_label(reason);
+        if let Some(n) = self.0.get_mut(label) {
+            *n += 1;
+            return;
+        }
+        let label = if self.0.len() >= MAX_REASONS {
+            OTHER
+        } else {
+            label
+        };
+        *self.0.entry(Arc::from(label)).or_insert(0) += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.0.iter().map(|(k, &v)| (&**k, v))
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// A histogram of delays, in Prometheus's form (cumulative when read).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DelayHistogram {
+    /// Per bucket, not cumulative; the last is `+Inf`.
+    counts: [u64; DELAY_BUCKETS.len() + 1],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl DelayHistogram {
+    pub fn observe(&mut self, seconds: f64) {
+        let bucket = DELAY_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DELAY_BUCKETS.len());
+        self.counts[bucket] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    /// `(upper bound, observations <= it)`, the last bound infinite.
+    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+        let bounds = DELAY_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let mut total = 0;
+        bounds
+            .zip(self.counts)
+            .map(|(bound, n)| {
+                total += n;
+                (bound, total)
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FailureStats {
+    pub retries: ReasonCounts,
+    pub permanent_failures: ReasonCounts,
+    pub delays: DelayHistogram,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_reason_classes() {
+        assert_eq!(reason_label("exit code 1: flaky"), "exit code 1");
+        assert_eq!(reason_label("timeout after 2 s"), "timeout after 2 s");
+        assert_eq!(reason_label(": odd"), "unknown");
+        assert_eq!(reason_label(&"x".repeat(300)).len(), 100);
+    }
+
+    #[test]
+    fn distinct_labels_are_capped() {
+        let mut counts = ReasonCounts::default();
+        for i in 0..MAX_REASONS + 10 {
+            counts.add(&format!("reason {i}"));
+        }
+        counts.add("reason 0: again");
+        assert_eq!(counts.iter().count(), MAX_REASONS + 1);
+        assert_eq!(counts.iter().find(|(k, _)| *k == OTHER).unwrap().1, 10);
+        assert_eq!(counts.iter().find(|(k, _)| *k == "reason 0").unwrap().1, 2);
+        assert_eq!(counts.total(), MAX_REASONS as u64 + 11);
+    }
+
+    #[test]
+    fn the_histogram_is_cumulative() {
+        let mut h = DelayHistogram::default();
+        for d in [0.05, 1.0, 1.5, 1000.0] {
+            h.observe(d);
+        }
+        let c = h.cumulative();
+        assert_eq!(c[0], (0.1, 1));
+        assert_eq!(c[2], (1.0, 2));
+        assert_eq!(c[3], (2.0, 3));
+        assert_eq!(*c.last().unwrap(), (f64::INFINITY, 4));
+        assert_eq!(h.count, 4);
+        assert_eq!(h.sum, 1002.55);
+    }
+}
