@@ -81,8 +81,10 @@ class _Record:
 
 class InMemoryTaskRegistry:
     """Task states with their history. As a task source, a poll returns the
-    READY tasks. ``listener(task_id, state, metadata)`` is called after each
-    change, outside the registry's lock."""
+    READY tasks (kept as a set, not found by a scan), and a dispatcher that
+    gives it a waker (``set_waker``) is woken when a task becomes READY.
+    ``listener(task_id, state, metadata)`` is called after each change,
+    outside the registry's lock."""
 
     def __init__(
         self,
@@ -91,19 +93,32 @@ class InMemoryTaskRegistry:
     ):
         self._lock = threading.Lock()
         self._records: dict[str, _Record] = {}
+        self._ready: dict[str, Task] = {}
         self.listener = listener
+        self._waker: Callable[[], None] | None = None
         for task in tasks:
             self.add(task)
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """``waker()`` is called when a task becomes READY (a dispatcher's
+        loop then passes at once instead of at its next poll)."""
+        self._waker = waker
+
+    def _wake(self) -> None:
+        if self._waker is not None:
+            self._waker()
 
     def add(self, task: Task) -> None:
         with self._lock:
             if task.id in self._records:
                 raise ValueError(f"task id {task.id!r} is already registered")
             self._records[task.id] = _Record(task)
+            self._ready[task.id] = task
+        self._wake()
 
     def poll_ready_tasks(self) -> list[Task]:
         with self._lock:
-            return [r.task for r in self._records.values() if r.state is TaskState.READY]
+            return list(self._ready.values())
 
     def update_task_state(self, spec_name, task_id, new_state, metadata=None):
         state = TaskState(getattr(new_state, "value", new_state))
@@ -114,6 +129,12 @@ class InMemoryTaskRegistry:
                 raise KeyError(f"task_id: no task {task_id!r} in the registry")
             record.state = state
             record.history.append(change)
+            if state is TaskState.READY:
+                self._ready[task_id] = record.task
+            else:
+                self._ready.pop(task_id, None)
+        if state is TaskState.READY:
+            self._wake()
         if self.listener is not None:
             self.listener(task_id, state, change.metadata)
 
@@ -169,6 +190,10 @@ class InMemoryTaskRegistry:
                 if record is not None:
                     record.state = state
                     record.history = history
+                    if state is TaskState.READY:
+                        self._ready[task_id] = record.task
+                    else:
+                        self._ready.pop(task_id, None)
 
     def all_finished(self) -> bool:
         """Every task DONE or FAILED."""

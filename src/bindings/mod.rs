@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 mod core_module {
     #[pymodule_export]
     use super::dispatch::{
-        _after_fork_in_child, _stop_loops_at_exit, DispatchLoop, PyDispatcherCore,
+        _after_fork_in_child, _stop_loops_at_exit, DispatchLoop, PyDispatcherCore, Waker,
     };
     #[pymodule_export]
     use super::files::write_atomically;

@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyWeakrefMethods, PyWeakrefReference};
 
 use super::ports::KnownTexts;
-use super::run_loop::{LoopControl, Wake};
+use super::run_loop::{LoopControl, Seen, Wake};
 use super::{PyDispatcherCore, LOG_TARGET};
 use crate::dispatch::state::Effect;
 
@@ -44,6 +44,9 @@ impl DispatchLoop {
     fn __call__(&self, py: Python<'_>) {
         let mut next_poll: Option<Instant> = None;
         let mut next_deadlock_check: Option<Instant> = None;
+        // The work count as of the last pass: work asked for since (even
+        // during that pass) brings another pass.
+        let mut work_seen = self.control.seen().work;
         loop {
             let Ok(Some(dispatcher)) = self.dispatcher.bind(py).upgrade_as::<PyDispatcherCore>()
             else {
@@ -55,6 +58,7 @@ impl DispatchLoop {
             }
             let now = Instant::now();
             if next_poll.is_none_or(|at| at <= now) {
+                work_seen = self.control.seen().work;
                 if let Err(e) = this.tick_once(py) {
                     log::error!(target: LOG_TARGET, "the dispatch loop ends: {e}");
                     this.running.store(false, Ordering::SeqCst);
@@ -74,7 +78,10 @@ impl DispatchLoop {
                         Instant::now().checked_add(Duration::from_secs_f64(every));
                 }
             }
-            let seen = self.control.nudges();
+            let seen = Seen {
+                nudges: self.control.seen().nudges,
+                work: work_seen,
+            };
             let now = Instant::now();
             let poll_in = next_poll.map_or(Duration::MAX, |t| t.saturating_duration_since(now));
             let retry_in = this.until_next_retry();
@@ -92,13 +99,52 @@ impl DispatchLoop {
                 Wake::Ended => return,
                 // A retry or redelivery may be due: pass now.
                 Wake::TimedOut if retry_in <= poll_in => next_poll = None,
+                Wake::Work => next_poll = None,
                 Wake::TimedOut | Wake::Nudged => {}
             }
         }
     }
 }
 
+/// Given to a task source that has `set_waker(callback)`: calling it asks the
+/// loop for a pass now (the source has new tasks). It holds the loop's
+/// control only, not the dispatcher.
+#[pyclass(module = "necrocode_dispatch._core", name = "_Waker", frozen)]
+pub struct Waker {
+    control: std::sync::Arc<LoopControl>,
+}
+
+#[pymethods]
+impl Waker {
+    fn __call__(&self) {
+        self.control.wake_for_work();
+    }
+}
+
 impl PyDispatcherCore {
+    /// After an outcome that freed capacity: the loop passes now instead of
+    /// waiting out its poll interval.
+    pub(super) fn wake_for_capacity(&self) {
+        if self.running() {
+            self.run_loop().wake_for_work();
+        }
+    }
+
+    /// Hands the task source a waker, if it takes one.
+    fn give_waker(&self, py: Python<'_>, control: &std::sync::Arc<LoopControl>) -> PyResult<()> {
+        let source = self.port(py, |p| &p.task_source).into_bound(py);
+        if !source.is_none() && source.hasattr("set_waker")? {
+            let waker = Bound::new(
+                py,
+                Waker {
+                    control: control.clone(),
+                },
+            )?;
+            source.call_method1("set_waker", (waker,))?;
+        }
+        Ok(())
+    }
+
     /// `config.poll_interval`, checked when the config was set; a config
     /// changed since to something invalid polls every 5 s (logged).
     fn poll_interval(&self, py: Python<'_>) -> Duration {
@@ -127,6 +173,7 @@ impl PyDispatcherCore {
             return Ok(());
         }
         remember_started(slf)?;
+        this.give_waker(py, &control)?;
         this.state.lock().resume();
         let generation = control.begin();
         this.running.store(true, Ordering::SeqCst);

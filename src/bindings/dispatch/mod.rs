@@ -24,7 +24,7 @@ pub use errors::{
     DeadlockDetectedError, DispatcherError, PoolNotFoundError, RunnerLaunchError,
     SlotAllocationError, TaskAssignmentError,
 };
-pub use lifecycle::{_after_fork_in_child, _stop_loops_at_exit, DispatchLoop};
+pub use lifecycle::{_after_fork_in_child, _stop_loops_at_exit, DispatchLoop, Waker};
 use ports::{Assigned, KnownTexts, Ports};
 use run_loop::LoopControl;
 use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta};
@@ -214,7 +214,12 @@ impl PyDispatcherCore {
     }
 
     fn sweep_heartbeats(&self, py: Python<'_>) -> PyResult<usize> {
-        self.settle_all(py, |state, book, now| state.check_heartbeats(book, now))
+        let timed_out =
+            self.settle_all(py, |state, book, now| state.check_heartbeats(book, now))?;
+        if timed_out > 0 {
+            self.wake_for_capacity();
+        }
+        Ok(timed_out)
     }
 
     /// Waits until no runner runs, or `deadline` passes; true when none runs.
@@ -584,7 +589,12 @@ impl PyDispatcherCore {
         })?;
         match refused {
             Some(refusal) => Err(refusal_to_py(refusal)),
-            None => Ok(applied),
+            None => {
+                if applied {
+                    self.wake_for_capacity();
+                }
+                Ok(applied)
+            }
         }
     }
 
@@ -630,7 +640,7 @@ impl PyDispatcherCore {
             pool_name,
             failure_reason,
         ]);
-        self.settle(py, known, |state, book, now| {
+        let applied = self.settle(py, known, |state, book, now| {
             state.complete(
                 &runner_text,
                 task_text.as_deref(),
@@ -639,7 +649,11 @@ impl PyDispatcherCore {
                 book,
                 now,
             )
-        })
+        })?;
+        if applied {
+            self.wake_for_capacity();
+        }
+        Ok(applied)
     }
 
     /// Records a heartbeat; False for a runner that is not tracked.
@@ -666,9 +680,13 @@ impl PyDispatcherCore {
     ) -> PyResult<bool> {
         let _ = runner_info;
         let runner_id = args::string("runner_id", runner_id)?;
-        self.settle(py, KnownTexts::default(), |state, book, now| {
+        let applied = self.settle(py, KnownTexts::default(), |state, book, now| {
             state.time_out(&runner_id, book, now)
-        })
+        })?;
+        if applied {
+            self.wake_for_capacity();
+        }
+        Ok(applied)
     }
 
     /// One pass of the loop: poll the source, queue new tasks, move retries

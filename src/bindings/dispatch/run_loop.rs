@@ -24,6 +24,9 @@ struct Control {
     /// asleep is not lost: the loop compares it with what it saw before
     /// computing how long to sleep.
     nudges: u64,
+    /// Bumped when there may be work for a pass now: capacity freed (a
+    /// runner finished) or a task source has new tasks.
+    work: u64,
     /// Bumped by every decision while `stop()` waits for runners.
     changes: u64,
     thread: Option<Py<PyAny>>,
@@ -84,9 +87,21 @@ impl LoopControl {
         self.wake.notify_all();
     }
 
-    /// The nudge count, to pass to `sleep_until`.
-    pub fn nudges(&self) -> u64 {
-        self.lock().nudges
+    /// Asks the loop for a pass now (it is not lost if the loop is busy: the
+    /// loop compares the count it saw before its pass).
+    pub fn wake_for_work(&self) {
+        let mut c = self.lock();
+        c.work = c.work.wrapping_add(1);
+        self.wake.notify_all();
+    }
+
+    /// The nudge and work counts, to pass to `sleep_until`.
+    pub fn seen(&self) -> Seen {
+        let c = self.lock();
+        Seen {
+            nudges: c.nudges,
+            work: c.work,
+        }
     }
 
     pub fn is_current(&self, generation: u64) -> bool {
@@ -95,13 +110,16 @@ impl LoopControl {
 
     /// Sleeps until `deadline`, the run's end or a nudge after the count
     /// `seen`. Call with the GIL released.
-    pub fn sleep_until(&self, generation: u64, seen: u64, deadline: Instant) -> Wake {
+    pub fn sleep_until(&self, generation: u64, seen: Seen, deadline: Instant) -> Wake {
         let mut c = self.lock();
         loop {
             if c.generation != generation {
                 return Wake::Ended;
             }
-            if c.nudges != seen {
+            if c.work != seen.work {
+                return Wake::Work;
+            }
+            if c.nudges != seen.nudges {
                 return Wake::Nudged;
             }
             let now = Instant::now();
@@ -206,6 +224,13 @@ impl Serial {
     }
 }
 
+/// The counts a loop saw, for `sleep_until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub nudges: u64,
+    pub work: u64,
+}
+
 /// Why a loop's sleep ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wake {
@@ -214,4 +239,6 @@ pub enum Wake {
     TimedOut,
     /// Something changed (a retry was scheduled, `running` was set).
     Nudged,
+    /// There may be work for a pass now.
+    Work,
 }
