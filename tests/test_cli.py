@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from necrocode_dispatch.local import JsonlEventRecorder
+from necrocode_dispatch.run_state import RunState, StateFileError
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local runner needs POSIX")
 
@@ -368,9 +369,10 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
 
 
 def read_state(path: Path) -> dict | None:
+    """The state file as a resumed run would read it (None while unreadable)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return RunState(path, "").load()
+    except (StateFileError, IndexError):
         return None
 
 

@@ -104,7 +104,7 @@ def run_job(args: argparse.Namespace) -> int:
     def on_change(task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
         progress.on_change(task_id, state, metadata)
         if run_state is not None:
-            run_state.save(registry, dispatcher, launcher)
+            run_state.record(task_id, state, metadata, registry, dispatcher, launcher)
 
     registry = InMemoryTaskRegistry(job.tasks, listener=on_change)
     launcher = SubprocessLauncher(
@@ -142,6 +142,8 @@ def run_job(args: argparse.Namespace) -> int:
     launcher.dispatcher = dispatcher
 
     interrupted = _run_until_finished(dispatcher, registry, launcher)
+    if run_state is not None:
+        run_state.close(registry, dispatcher, launcher)
     recorder.close()
     progress.finish()
 
