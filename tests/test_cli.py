@@ -622,7 +622,8 @@ def test_a_resumed_run_kills_what_the_dead_run_left_before_starting(tmp_path):
         (old,) = pids_in(marks)
         guards = [pid for pid in children_of(first.pid) if b"SIG_IGN" in cmdline(pid)]
         assert len(guards) == 1
-        for pid in [first.pid, *guards]:
+        # The guard first: once the CLI is gone, the guard would kill the groups.
+        for pid in [*guards, first.pid]:
             os.kill(pid, signal.SIGKILL)
         first.wait()
         assert not process_is_gone(old, within=0.5), "left running by the dead run"

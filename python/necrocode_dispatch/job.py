@@ -52,7 +52,8 @@ def load_job(path: str | Path) -> Job:
     except OSError as e:
         raise JobError(f"cannot read the job file: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        # libyaml's loader when PyYAML was built with it: about 8x faster.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

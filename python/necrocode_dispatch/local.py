@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -370,6 +371,106 @@ class _Process:
     keep_background: bool = False
     stopped: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    started: float = field(default_factory=time.monotonic)
+    #: Set when the runner is killed at its timeout: the reason reported.
+    timed_out: str | None = None
+    #: After SIGTERM at a timeout: when SIGKILL follows.
+    kill_at: float | None = None
+
+
+class _Reaper:
+    """One thread for every runner: it waits on their pidfds, sends the
+    heartbeats, kills at timeouts and reports each exit (instead of a
+    thread per runner). Linux only (``os.pidfd_open``)."""
+
+    def __init__(self, launcher: SubprocessLauncher):
+        self.launcher = launcher
+        self._lock = threading.Lock()
+        self._pending: list[_Process] = []
+        self._live: dict[int, _Process] = {}  # pidfd -> process
+        self._wake_read, self._wake_write = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def available() -> bool:
+        if not hasattr(os, "pidfd_open") or not hasattr(select, "poll"):
+            return False
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except OSError:
+            return False
+        return True
+
+    def add(self, process: _Process) -> None:
+        with self._lock:
+            self._pending.append(process)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+                self._thread.start()
+        os.write(self._wake_write, b"x")
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._pending and not self._live
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        interval = self.launcher.heartbeat_interval
+        next_beat = time.monotonic() + interval
+        while True:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for process in pending:
+                try:
+                    fd = os.pidfd_open(process.popen.pid)
+                except OSError:  # gone already: report it now
+                    self.launcher._finish(process, process.popen.wait())
+                    continue
+                self._live[fd] = process
+                poller.register(fd, select.POLLIN)
+            now = time.monotonic()
+            wake_at = next_beat
+            for process in self._live.values():
+                if process.kill_at is not None:
+                    wake_at = min(wake_at, process.kill_at)
+                elif process.timeout is not None and process.timed_out is None:
+                    wake_at = min(wake_at, process.started + process.timeout)
+            for fd, _ in poller.poll(max(0.0, wake_at - now) * 1000):
+                if fd == self._wake_read:
+                    os.read(self._wake_read, 4096)
+                    continue
+                process = self._live.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                self.launcher._finish(process, process.popen.wait())
+            now = time.monotonic()
+            for process in self._live.values():
+                if process.stopped.is_set():
+                    continue
+                if process.kill_at is not None and now >= process.kill_at:
+                    _signal_group(process.popen.pid, signal.SIGKILL)
+                    process.kill_at = None
+                elif (
+                    process.timeout is not None
+                    and process.timed_out is None
+                    and now >= process.started + process.timeout
+                ):
+                    process.timed_out = f"timeout after {process.timeout:g} s"
+                    _signal_group(process.popen.pid, signal.SIGTERM)
+                    process.kill_at = now + self.launcher.kill_grace
+            if now >= next_beat:
+                for process in list(self._live.values()):
+                    if not process.stopped.is_set() and process.timed_out is None:
+                        self.launcher.dispatcher.update_heartbeat(process.runner.runner_id)
+                next_beat = now + interval
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError:
+        pass
 
 
 class SubprocessLauncher:
@@ -410,6 +511,8 @@ class SubprocessLauncher:
         #: resumed run can tell its leftovers from anything else.
         self.run_id = run_id or uuid.uuid4().hex
         self._guard = OrphanGuard() if orphan_guard and os.name == "posix" else None
+        # One thread watches every runner where pidfds exist; else a thread each.
+        self._reaper = _Reaper(self) if _Reaper.available() else None
 
     def launch(self, task: Any, slot: Any, pool: Any) -> LocalRunner:
         if self.dispatcher is None:
@@ -462,12 +565,15 @@ class SubprocessLauncher:
             float(timeout) if timeout else None,
             keep_background=bool(_field(task, "keep_background")),
         )
-        process.thread = threading.Thread(
-            target=self._watch, args=(process,), name=f"watch-{runner_id}", daemon=True
-        )
         with self._lock:
             self._processes[runner_id] = process
-        process.thread.start()
+        if self._reaper is not None:
+            self._reaper.add(process)
+        else:
+            process.thread = threading.Thread(
+                target=self._watch, args=(process,), name=f"watch-{runner_id}", daemon=True
+            )
+            process.thread.start()
         return runner
 
     def stop(self, runner_id: str) -> None:
@@ -489,6 +595,11 @@ class SubprocessLauncher:
         for process in processes:
             if process.thread is not None:
                 process.thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self._reaper is not None and not self._reaper.idle():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
 
     def process_groups(self) -> list[int]:
         """The process groups of the runners still running."""
@@ -543,6 +654,14 @@ class SubprocessLauncher:
                 code = process.popen.wait()
                 break
             self.dispatcher.update_heartbeat(runner.runner_id)
+        process.timed_out = reason
+        self._finish(process, code)
+
+    def _finish(self, process: _Process, code: int) -> None:
+        """A runner's shell exited with ``code``: what it left running is
+        killed, then the outcome is reported (unless it was stopped)."""
+        runner = process.runner
+        reason = process.timed_out
         if not process.keep_background:
             # The shell is gone; what it left in its group ends with it,
             # before the outcome (and so the slot's cleanup) is reported.
