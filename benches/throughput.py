@@ -80,9 +80,8 @@ def main() -> None:
                 target = {"cli": ">= 0.8x", "cli --state": "<= 1.3x the cli's time"}.get(name, "")
                 if name == "cli --state":
                     target += f" ({seconds / plain:.2f}x)"
-                print(
-                    f"{n:>7,}  {name:<22} {seconds:>8.2f} {n / seconds:>9.0f} {ratio:>8.2f}x  {target}"
-                )
+                rate = n / seconds
+                print(f"{n:>7,}  {name:<22} {seconds:>8.2f} {rate:>9.0f} {ratio:>8.2f}x  {target}")
 
 
 if __name__ == "__main__":
