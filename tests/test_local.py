@@ -119,3 +119,14 @@ def test_commands_run_through_the_dispatcher_in_process(tmp_path):
     assert slots.busy() == []
     assert sum(slots.released.values()) == 3
     dispatcher._check_invariants()
+
+
+def test_an_incremental_registry_polls_only_what_became_ready_since():
+    registry = InMemoryTaskRegistry([Task(id="a"), Task(id="b")], incremental=True)
+    assert [t.id for t in registry.poll_ready_tasks()] == ["a", "b"]
+    assert registry.poll_ready_tasks() == []
+    registry.update_task_state("spec", "a", TaskState.RUNNING, {})
+    registry.update_task_state("spec", "a", TaskState.READY, {"retry_count": 1})
+    registry.add(Task(id="c"))
+    assert [t.id for t in registry.poll_ready_tasks()] == ["a", "c"]
+    assert sorted(t.id for t in InMemoryTaskRegistry([Task(id="x")]).poll_ready_tasks()) == ["x"]

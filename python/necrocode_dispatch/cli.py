@@ -106,7 +106,9 @@ def run_job(args: argparse.Namespace) -> int:
         if run_state is not None:
             run_state.record(task_id, state, metadata, registry, dispatcher, launcher)
 
-    registry = InMemoryTaskRegistry(job.tasks, listener=on_change)
+    # The dispatcher holds what a poll gives it: each poll need only bring
+    # the tasks that became READY since the last.
+    registry = InMemoryTaskRegistry(job.tasks, listener=on_change, incremental=True)
     launcher = SubprocessLauncher(
         workdir / "logs", heartbeat_interval=min(1.0, job.config.heartbeat_timeout / 3)
     )

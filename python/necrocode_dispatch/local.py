@@ -84,6 +84,9 @@ class InMemoryTaskRegistry:
     """Task states with their history. As a task source, a poll returns the
     READY tasks (kept as a set, not found by a scan), and a dispatcher that
     gives it a waker (``set_waker``) is woken when a task becomes READY.
+    With ``incremental=True`` a poll returns only the tasks that became READY
+    since the previous poll (O(new tasks) per poll): for a dispatcher, which
+    holds what it was given until it reports on it.
     ``listener(task_id, state, metadata)`` is called after each change,
     outside the registry's lock."""
 
@@ -91,10 +94,15 @@ class InMemoryTaskRegistry:
         self,
         tasks: Any = (),
         listener: Callable[[str, TaskState, dict[str, Any]], None] | None = None,
+        *,
+        incremental: bool = False,
     ):
         self._lock = threading.Lock()
         self._records: dict[str, _Record] = {}
         self._ready: dict[str, Task] = {}
+        self.incremental = incremental
+        #: READY tasks not handed out by a poll yet (incremental polls).
+        self._fresh: dict[str, Task] = {}
         self.listener = listener
         self._waker: Callable[[], None] | None = None
         for task in tasks:
@@ -115,11 +123,15 @@ class InMemoryTaskRegistry:
                 raise ValueError(f"task id {task.id!r} is already registered")
             self._records[task.id] = _Record(task)
             self._ready[task.id] = task
+            self._fresh[task.id] = task
         self._wake()
 
     def poll_ready_tasks(self) -> list[Task]:
         with self._lock:
-            return list(self._ready.values())
+            if not self.incremental:
+                return list(self._ready.values())
+            fresh, self._fresh = self._fresh, {}
+            return list(fresh.values())
 
     def update_task_state(self, spec_name, task_id, new_state, metadata=None):
         state = TaskState(getattr(new_state, "value", new_state))
@@ -132,8 +144,10 @@ class InMemoryTaskRegistry:
             record.history.append(change)
             if state is TaskState.READY:
                 self._ready[task_id] = record.task
+                self._fresh[task_id] = record.task
             else:
                 self._ready.pop(task_id, None)
+                self._fresh.pop(task_id, None)
         if state is TaskState.READY:
             self._wake()
         if self.listener is not None:
@@ -193,8 +207,10 @@ class InMemoryTaskRegistry:
                     record.history = history
                     if state is TaskState.READY:
                         self._ready[task_id] = record.task
+                        self._fresh[task_id] = record.task
                     else:
                         self._ready.pop(task_id, None)
+                        self._fresh.pop(task_id, None)
 
     def all_finished(self) -> bool:
         """Every task DONE or FAILED."""

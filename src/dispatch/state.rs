@@ -600,6 +600,19 @@ impl<T> DispatcherState<T> {
         }
     }
 
+    /// Whether [`Self::offer`] would ignore a polled task with this id (it is
+    /// held, or its reports are on their way), so the caller can skip
+    /// reading the rest of it.
+    pub fn ignores_offer(&self, id: &str) -> bool {
+        if self.outbox.holds(id) {
+            return true;
+        }
+        match self.tasks.get(id) {
+            Some(held) => !(matches!(held.place, Place::Delayed { .. }) && held.payload.is_none()),
+            None => false,
+        }
+    }
+
     /// A task from a poll. Queued unless already held (queued, delayed or
     /// running), in which case the poll is ignored and the handle comes back —
     /// except that a delayed task held without a handle keeps this one.

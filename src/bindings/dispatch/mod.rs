@@ -138,20 +138,27 @@ impl PyDispatcherCore {
 
     /// `task_source.poll_ready_tasks()`. A source that raises, or returns
     /// something odd, is logged; the pass goes on with what it did return.
-    fn poll(&self, py: Python<'_>) -> PyResult<Vec<(crate::dispatch::state::TaskMeta, Py<PyAny>)>> {
+    /// `task_source.poll_ready_tasks()`: the tasks not held yet, and how many
+    /// were skipped as held. Each task's id is read first and held ones are
+    /// skipped before anything else is read (a source that hands back every
+    /// queued task on every poll costs little). A source that raises, or
+    /// returns something odd, is logged; the pass goes on with what it did
+    /// return.
+    #[allow(clippy::type_complexity)]
+    fn poll(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<(Vec<(crate::dispatch::state::TaskMeta, Py<PyAny>)>, usize)> {
         let source = self.port(py, |p| &p.task_source).into_bound(py);
         let mut polled = Vec::new();
         if source.is_none() {
-            return Ok(polled);
+            return Ok((polled, 0));
         }
+        let mut returned = Vec::new();
         let result = (|| -> PyResult<()> {
             let tasks = source.call_method0("poll_ready_tasks")?;
             for task in tasks.try_iter()? {
-                let task = task?;
-                match task_meta(&task) {
-                    Ok(meta) => polled.push((meta, task.unbind())),
-                    Err(e) => log::error!(target: LOG_TARGET, "ignoring a polled task: {e}"),
-                }
+                returned.push(task?);
             }
             Ok(())
         })();
@@ -161,7 +168,34 @@ impl PyDispatcherCore {
             }
             log::error!(target: LOG_TARGET, "poll_ready_tasks failed: {e}");
         }
-        Ok(polled)
+        let ids: Vec<Option<Bound<'_, PyAny>>> = returned
+            .iter()
+            .map(|task| settings::getattr_opt(task, "id").ok().flatten())
+            .collect();
+        let held: Vec<bool> = {
+            let state = self.state.lock();
+            ids.iter()
+                .map(|id| {
+                    id.as_ref()
+                        .and_then(|id| id.cast::<pyo3::types::PyString>().ok())
+                        .and_then(|id| id.to_str().ok().map(|id| state.ignores_offer(id)))
+                        .unwrap_or(false)
+                })
+                .collect()
+        };
+        drop(ids);
+        let mut skipped = 0;
+        for (task, held) in returned.into_iter().zip(held) {
+            if held {
+                skipped += 1;
+                continue;
+            }
+            match task_meta(&task) {
+                Ok(meta) => polled.push((meta, task.unbind())),
+                Err(e) => log::error!(target: LOG_TARGET, "ignoring a polled task: {e}"),
+            }
+        }
+        Ok((polled, skipped))
     }
 
     /// One pass of the loop (SPEC §4.3).
@@ -169,7 +203,7 @@ impl PyDispatcherCore {
         // Reports whose delivery failed earlier go first: a task's next
         // report must not overtake them.
         self.deliver_pending(py, false)?;
-        let polled = self.poll(py)?;
+        let (polled, skipped) = self.poll(py)?;
         let can_launch = !self.port(py, |p| &p.runner_launcher).is_none(py);
         let mut counts = TickCounts::default();
         let (ignored, reservations) = self.decide(|state, _, now| {
@@ -188,7 +222,7 @@ impl PyDispatcherCore {
             };
             (ignored, reservations)
         });
-        counts.ignored = ignored.len();
+        counts.ignored = ignored.len() + skipped;
         drop(ignored);
         let mut reservations = reservations.into_iter();
         while let Some(reservation) = reservations.next() {
