@@ -240,6 +240,7 @@ def test_status_structure_is_json():
         "pending_reports",
         "pending_report_tasks",
         "deadlock_info",
+        "delayed_count",
     }
     assert status["scheduling_policy"] == "priority"
     assert status["running_tasks"] == status["global_running_count"] == 1
@@ -356,3 +357,15 @@ def test_bad_input_is_rejected_without_change():
         dispatcher.retry_manager = "not a manager"
     assert dispatcher.get_status() == before
     assert dispatcher.update_task_priority("spec-a", "t1", -5) is True  # negatives are fine
+
+
+def test_status_without_per_task_lists_keeps_the_counts():
+    dispatcher, _ = make_dispatcher()
+    for i in range(3):
+        dispatcher.handle_task_failure(f"t{i}", "spec-a", "x")
+    full = dispatcher.get_status()
+    light = dispatcher.get_status(include_tasks=False)
+    assert len(full["delayed"]) == full["delayed_count"] == light["delayed_count"] == 3
+    assert light["delayed"] == [] and light["retry_info"] == {}
+    assert set(light) == set(full)
+    assert "necrocode_dispatch_delayed_tasks 3" in dispatcher.export_prometheus()

@@ -316,8 +316,9 @@ pub struct Limits {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusSnapshot {
     pub queue_size: usize,
-    /// (task id, next retry at), earliest first.
+    /// (task id, next retry at), earliest first; empty unless asked for.
     pub delayed: Vec<(TaskId, WallTime)>,
+    pub delayed_count: usize,
     pub running_tasks: usize,
     pub global_running: u64,
     pub max_global_concurrency: u64,
@@ -1449,10 +1450,13 @@ impl<T> DispatcherState<T> {
         Ok(())
     }
 
-    pub fn status(&self, book: &RetryBook) -> StatusSnapshot {
+    /// The counts and pools, O(pools); with `per_task`, also each delayed
+    /// task's next retry time, O(delayed).
+    pub fn status(&self, book: &RetryBook, per_task: bool) -> StatusSnapshot {
         let delayed = self
             .delayed
             .iter()
+            .take(if per_task { usize::MAX } else { 0 })
             .map(|(_, id)| {
                 let next = book
                     .info(id)
@@ -1464,6 +1468,7 @@ impl<T> DispatcherState<T> {
         StatusSnapshot {
             queue_size: self.queue.len(),
             delayed,
+            delayed_count: self.delayed.len(),
             running_tasks: self.runners.len(),
             global_running: self.global_running,
             max_global_concurrency: self.limits.max_global_concurrency,

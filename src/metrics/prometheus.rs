@@ -68,7 +68,7 @@ pub fn render(status: &StatusSnapshot, budget: Option<BudgetStatus>) -> String {
         "delayed_tasks",
         gauge,
         "Tasks waiting for their retry backoff.",
-        status.delayed.len() as f64,
+        status.delayed_count as f64,
     );
     out.single(
         "running_tasks",

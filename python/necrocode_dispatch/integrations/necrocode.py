@@ -415,11 +415,11 @@ class NecroCodeDispatcherCore(_Core):
         logger.info("received signal %d, stopping", signum)
         self.stop(timeout=self.config.graceful_shutdown_timeout)
 
-    def get_status(self) -> dict[str, Any]:
+    def get_status(self, include_tasks: bool = True) -> dict[str, Any]:
         """NecroCode's shape: ``pool_statuses`` as ``PoolStatus`` objects,
         ``deadlock_info`` and ``event_recorder`` statistics, beside the core's
-        own keys."""
-        status = super().get_status()
+        own keys (``include_tasks=False``: see the core's ``get_status``)."""
+        status = super().get_status(include_tasks)
         status["pool_statuses"] = [
             PoolStatus(
                 pool_name=p["pool_name"],

@@ -763,14 +763,27 @@ impl PyDispatcherCore {
         }))
     }
 
-    fn get_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    /// The dispatcher's state as a JSON-ready dict. With
+    /// `include_tasks=False` the per-task parts (`delayed` and `retry_info`)
+    /// are left empty, so the call costs O(pools), not O(tasks held);
+    /// `delayed_count` always says how many wait for a retry.
+    #[pyo3(signature = (include_tasks = true))]
+    fn get_status<'py>(
+        &self,
+        py: Python<'py>,
+        include_tasks: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let retry = self.retry_core();
         let (snapshot, retry_info, policy, budget) = {
             let state = self.state.lock();
             let book = retry.lock();
             (
-                state.status(&book),
-                book.all_info(),
+                state.status(&book, include_tasks),
+                if include_tasks {
+                    book.all_info()
+                } else {
+                    Vec::new()
+                },
                 state.policy(),
                 book.budget_status(),
             )
@@ -787,6 +800,7 @@ impl PyDispatcherCore {
             delayed.append(d)?;
         }
         out.set_item("delayed", delayed)?;
+        out.set_item("delayed_count", snapshot.delayed_count)?;
         out.set_item("running_tasks", snapshot.running_tasks)?;
         // SPEC §9: reports decided and not yet delivered to the ports.
         out.set_item("pending_reports", snapshot.pending_reports)?;
@@ -864,7 +878,7 @@ impl PyDispatcherCore {
         let (status, budget) = {
             let state = self.state.lock();
             let book = retry.lock();
-            (state.status(&book), book.budget_status())
+            (state.status(&book, false), book.budget_status())
         };
         crate::metrics::prometheus::render(&status, budget)
     }

@@ -321,7 +321,7 @@ fn abort_puts_the_task_back_in_its_place_and_counts_nothing() {
     assert_eq!(s.queued_ids(), [Arc::<str>::from("b")]);
     assert_eq!(s.global_running(), 1);
     assert_eq!(
-        s.status(&RetryBook::new(BackoffPolicy::default()))
+        s.status(&RetryBook::new(BackoffPolicy::default()), true)
             .metrics
             .tasks_assigned,
         0
