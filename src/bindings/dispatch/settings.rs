@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyAttributeError, PyKeyError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
@@ -24,11 +24,43 @@ pub fn getattr_opt<'py>(
     if let Ok(dict) = obj.cast::<PyDict>() {
         return dict.get_item(name);
     }
-    match obj.getattr(name) {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.is_instance_of::<PyAttributeError>(obj.py()) => Ok(None),
-        Err(e) => Err(e),
+    let name = pyo3::types::PyString::new(obj.py(), name);
+    lookup_optional(obj, &name)
+}
+
+/// An attribute that may be missing, without raising and clearing an
+/// AttributeError for it: creating one cost more than the rest of reading a
+/// runner (CPython's own lookup for this, by version).
+pub fn lookup_optional<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = obj.py();
+    let mut found: *mut pyo3::ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: both pointers are live objects and the GIL is held; on 1 the
+    // result is a new reference we take over, on 0 nothing was found, on -1
+    // an exception (not AttributeError) is set.
+    let status = unsafe { optional_attr(obj.as_ptr(), name.as_ptr(), &mut found) };
+    match status {
+        1 => Ok(Some(unsafe { Bound::from_owned_ptr(py, found) })),
+        0 => Ok(None),
+        _ => Err(PyErr::fetch(py)),
     }
+}
+
+#[cfg(Py_3_13)]
+use pyo3::ffi::PyObject_GetOptionalAttr as optional_attr;
+
+// CPython 3.7-3.12 export this (the private name of what 3.13 made public);
+// a generic attribute lookup then skips creating the AttributeError.
+#[cfg(not(Py_3_13))]
+extern "C" {
+    #[link_name = "_PyObject_LookupAttr"]
+    fn optional_attr(
+        obj: *mut pyo3::ffi::PyObject,
+        name: *mut pyo3::ffi::PyObject,
+        result: *mut *mut pyo3::ffi::PyObject,
+    ) -> std::os::raw::c_int;
 }
 
 /// An enum member's `.value`, or the object itself.
