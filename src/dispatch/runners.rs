@@ -1,8 +1,10 @@
 //! Runners the dispatcher tracks: which task each one runs, where, since when,
 //! and when it was last heard from.
 
-use crate::hashing::FastMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
+
+use crate::hashing::FastMap;
 
 use crate::dispatch::pools::PoolIndex;
 use crate::retry::state::TaskId;
@@ -34,6 +36,9 @@ pub struct TrackedRunner {
 #[derive(Debug, Default)]
 pub struct Runners {
     by_id: FastMap<Arc<str>, TrackedRunner>,
+    /// (last heartbeat, runner), oldest first: a heartbeat check reads only
+    /// the runners it times out, O(expired + log n), not every runner.
+    by_heartbeat: BTreeSet<(MonoNanos, Arc<str>)>,
 }
 
 impl Runners {
@@ -42,6 +47,8 @@ impl Runners {
         if self.by_id.contains_key(&runner.runner_id) {
             return false;
         }
+        self.by_heartbeat
+            .insert((runner.last_heartbeat, runner.runner_id.clone()));
         self.by_id.insert(runner.runner_id.clone(), runner);
         true
     }
@@ -49,7 +56,10 @@ impl Runners {
     /// Stops tracking a runner and hands back what was known of it. Whoever
     /// gets `Some` here owns the runner's outcome; everyone after gets `None`.
     pub fn take(&mut self, runner_id: &str) -> Option<TrackedRunner> {
-        self.by_id.remove(runner_id)
+        let runner = self.by_id.remove(runner_id)?;
+        self.by_heartbeat
+            .remove(&(runner.last_heartbeat, runner.runner_id.clone()));
+        Some(runner)
     }
 
     pub fn get(&self, runner_id: &str) -> Option<&TrackedRunner> {
@@ -59,7 +69,12 @@ impl Runners {
     pub fn heartbeat(&mut self, runner_id: &str, mono: MonoNanos, wall: WallTime) -> bool {
         match self.by_id.get_mut(runner_id) {
             Some(r) => {
-                r.last_heartbeat = r.last_heartbeat.max(mono);
+                if mono > r.last_heartbeat {
+                    self.by_heartbeat
+                        .remove(&(r.last_heartbeat, r.runner_id.clone()));
+                    r.last_heartbeat = mono;
+                    self.by_heartbeat.insert((mono, r.runner_id.clone()));
+                }
                 r.last_heartbeat_at = wall;
                 true
             }
@@ -67,16 +82,14 @@ impl Runners {
         }
     }
 
-    /// Runners silent for longer than `timeout` at `now`.
+    /// Runners silent for longer than `timeout` at `now`, longest silent
+    /// first.
     pub fn silent_since(&self, now: MonoNanos, timeout: MonoNanos) -> Vec<Arc<str>> {
-        let mut ids: Vec<(MonoNanos, Arc<str>)> = self
-            .by_id
-            .values()
-            .filter(|r| now.saturating_sub(r.last_heartbeat) > timeout)
-            .map(|r| (r.last_heartbeat, r.runner_id.clone()))
-            .collect();
-        ids.sort();
-        ids.into_iter().map(|(_, id)| id).collect()
+        self.by_heartbeat
+            .iter()
+            .take_while(|(last, _)| now.saturating_sub(*last) > timeout)
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -134,5 +147,15 @@ mod tests {
         assert!(runners.heartbeat("old", 90, WallTime::MIN));
         assert!(runners.silent_since(100, 60).is_empty());
         assert!(!runners.heartbeat("gone", 90, WallTime::MIN));
+        // An older heartbeat reported late changes nothing.
+        assert!(runners.heartbeat("old", 10, WallTime::MIN));
+        assert!(runners.silent_since(100, 60).is_empty());
+        assert_eq!(
+            runners.silent_since(200, 60),
+            vec![Arc::from("new"), Arc::from("old")]
+        );
+        runners.take("new");
+        assert_eq!(runners.silent_since(200, 60), vec![Arc::from("old")]);
+        assert_eq!(runners.by_heartbeat.len(), runners.len());
     }
 }
