@@ -208,6 +208,10 @@ fn fair_share<'a>(
     queue: impl Iterator<Item = Candidate<'a>>,
     mut last: Option<Arc<str>>,
 ) -> Option<Arc<str>> {
+    if pass.exhausted() {
+        // Nothing can be placed: do not group the queue for nothing.
+        return last;
+    }
     let mut by_spec: BTreeMap<&'a Arc<str>, VecDeque<Candidate<'a>>> = BTreeMap::new();
     for task in queue {
         by_spec.entry(task.spec).or_default().push_back(task);
