@@ -140,18 +140,22 @@ class InMemoryTaskRegistry:
             record = self._records.get(task_id)
             if record is None:
                 raise KeyError(f"task_id: no task {task_id!r} in the registry")
-            record.state = state
+            self._set_state(task_id, record, state)
             record.history.append(change)
-            if state is TaskState.READY:
-                self._ready[task_id] = record.task
-                self._fresh[task_id] = record.task
-            else:
-                self._ready.pop(task_id, None)
-                self._fresh.pop(task_id, None)
         if state is TaskState.READY:
             self._wake()
         if self.listener is not None:
             self.listener(task_id, state, change.metadata)
+
+    def _set_state(self, task_id: str, record: _Record, state: TaskState) -> None:
+        """A record's new state, and the READY sets with it (lock held)."""
+        record.state = state
+        if state is TaskState.READY:
+            self._ready[task_id] = record.task
+            self._fresh[task_id] = record.task
+        else:
+            self._ready.pop(task_id, None)
+            self._fresh.pop(task_id, None)
 
     def get_state(self, task_id: str) -> TaskState:
         with self._lock:
@@ -203,14 +207,8 @@ class InMemoryTaskRegistry:
             for task_id, (state, history) in restored.items():
                 record = self._records.get(task_id)
                 if record is not None:
-                    record.state = state
+                    self._set_state(task_id, record, state)
                     record.history = history
-                    if state is TaskState.READY:
-                        self._ready[task_id] = record.task
-                        self._fresh[task_id] = record.task
-                    else:
-                        self._ready.pop(task_id, None)
-                        self._fresh.pop(task_id, None)
 
     def all_finished(self) -> bool:
         """Every task DONE or FAILED."""
