@@ -32,7 +32,7 @@ use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta
 use crate::bindings::args;
 use crate::bindings::files;
 use crate::bindings::retry::options as retry_options;
-use crate::bindings::retry::{self, PyRetryInfo, PyRetryManager};
+use crate::bindings::retry::{self, PyRetryManager};
 use crate::bindings::time::{clock, datetime};
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::scheduling::{Policy, Scheduler};
@@ -45,6 +45,42 @@ use crate::retry::state::RetryBook;
 use crate::time::clock::{Clock, Now};
 
 const LOG_TARGET: &str = "necrocode_dispatch::dispatcher_core";
+
+/// `{task_id: RetryInfo.to_dict()}` for every record, built directly: the id
+/// string serves as key and value, a reason shared by many records (the book
+/// stores each once) is made once, and datetimes are formatted without an
+/// intermediate `String` — this dict is most of what `get_status()` costs.
+fn retry_info_dict<'py>(
+    py: Python<'py>,
+    infos: Vec<crate::retry::state::RetrySnapshot>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use pyo3::intern;
+    use pyo3::types::PyString;
+    let out = PyDict::new(py);
+    let mut last_reason: Option<(Arc<str>, Bound<'py, PyString>)> = None;
+    let time = |t: Option<crate::time::wall::WallTime>| {
+        t.map(|t| PyString::new(py, t.isoformat().as_str()))
+    };
+    for info in infos {
+        let id = PyString::new(py, &info.task_id);
+        let reason = info.failure_reason.map(|reason| match &last_reason {
+            Some((text, made)) if Arc::ptr_eq(text, &reason) => made.clone(),
+            _ => {
+                let made = PyString::new(py, &reason);
+                last_reason = Some((reason, made.clone()));
+                made
+            }
+        });
+        let d = PyDict::new(py);
+        d.set_item(intern!(py, "task_id"), &id)?;
+        d.set_item(intern!(py, "retry_count"), info.retry_count)?;
+        d.set_item(intern!(py, "last_retry_at"), time(info.last_retry_at))?;
+        d.set_item(intern!(py, "next_retry_at"), time(info.next_retry_at))?;
+        d.set_item(intern!(py, "failure_reason"), reason)?;
+        out.set_item(id, d)?;
+    }
+    Ok(out)
+}
 
 /// The dispatcher's state machine, with its ports, thread-safe.
 // `subclass`: NecroCode's wiring (SPEC §8) and callers' tests subclass it.
@@ -795,8 +831,11 @@ impl PyDispatcherCore {
         let delayed = PyList::empty(py);
         for (id, next) in &snapshot.delayed {
             let d = PyDict::new(py);
-            d.set_item("task_id", id.as_ref())?;
-            d.set_item("next_retry_at", next.to_string())?;
+            d.set_item(pyo3::intern!(py, "task_id"), id.as_ref())?;
+            d.set_item(
+                pyo3::intern!(py, "next_retry_at"),
+                next.isoformat().as_str(),
+            )?;
             delayed.append(d)?;
         }
         out.set_item("delayed", delayed)?;
@@ -836,12 +875,7 @@ impl PyDispatcherCore {
             snapshot.delivery.failed_attempts,
         )?;
         out.set_item("metrics", metrics)?;
-        let infos = PyDict::new(py);
-        for info in retry_info {
-            let key = info.task_id.clone();
-            infos.set_item(key.as_ref(), PyRetryInfo::from(info).to_dict(py)?)?;
-        }
-        out.set_item("retry_info", infos)?;
+        out.set_item("retry_info", retry_info_dict(py, retry_info)?)?;
         out.set_item("retry_budget", retry_options::budget_to_py(py, budget)?)?;
         let stats = &snapshot.failure_stats;
         let by_reason = |counts: &crate::metrics::ReasonCounts| -> PyResult<Bound<'py, PyDict>> {
