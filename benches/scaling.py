@@ -83,6 +83,19 @@ def tick_with_queued(policy, n):
     return per_call(d.tick, 50)
 
 
+def tick_with_own_pools_full(policy, n):
+    """Every task needs pool p0 (full); p1 has room but no task may use it."""
+    d = dispatcher(policy, pools=2, per_pool=1)
+    config = d.config
+    config.skill_mapping = {"gpu": ["p0"], "default": ["p1"]}
+    d.config = config  # re-read: the mapping changes, the pools stay
+    d.task_source = Source(
+        [Task(id=f"t{i}", required_skill="gpu", metadata={"spec_name": "s"}) for i in range(n)]
+    )
+    d.tick()
+    return per_call(d.tick, 20)
+
+
 def tick_with_running(n):
     d = dispatcher(SchedulingPolicy.PRIORITY, per_pool=n)
     d.task_source = Source([Task(id=f"t{i}") for i in range(n)])
@@ -105,6 +118,9 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     for policy in SchedulingPolicy:
         rows[f"tick, {policy.value}, pools full"] = [tick_with_queued(policy, n) for n in sizes]
+    rows["tick, skill-based, own pool full"] = [
+        tick_with_own_pools_full(SchedulingPolicy.SKILL_BASED, n) for n in sizes
+    ]
     rows["tick, running runners"] = [tick_with_running(n) for n in sizes]
     status, light, prometheus = [], [], []
     for n in sizes:
