@@ -393,3 +393,24 @@ def test_pending_reports_are_in_the_snapshot_and_delivered_first_after_a_restore
     assert restored_registry.history["a"][0][1]["runner_id"] == runner
     assert fresh_ports.launcher.launches == []
     assert fresh.get_status()["pending_reports"] == 0
+
+
+def test_a_restored_running_report_is_dropped_and_the_task_runs_again():
+    """A RUNNING whose delivery was pending names a runner of the dead process:
+    delivering it after a restart would leave the task RUNNING with nothing
+    running it. Its events still land (before the first poll), and the task
+    comes back through the source."""
+    registry = FlakyRegistry([make_task("a")], refuse=lambda t, s: s is TaskState.RUNNING)
+    dispatcher, _ = build()
+    dispatcher.task_source = dispatcher.task_registry = registry
+    dispatcher.tick()
+    saved = dispatcher.snapshot()
+    assert [r.get("state") for r in saved["pending_reports"]] == ["running", None, None]
+    restored_registry = Registry([make_task("a")])  # READY again after the restart
+    fresh, fresh_ports = build()
+    fresh.task_source = fresh.task_registry = restored_registry
+    fresh.restore(saved)
+    fresh.tick()
+    assert [launch.task_id for launch in fresh_ports.launcher.launches] == ["a"]
+    assert states(restored_registry, "a") == [TaskState.RUNNING]
+    assert fresh.get_status()["pending_reports"] == 0

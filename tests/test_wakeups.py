@@ -43,10 +43,9 @@ def test_a_finished_runner_brings_the_next_task_at_once():
     try:
         assert wait_for(lambda: len(ports.launcher.launches) == 1)
         first = ports.launcher.launches[0]
-        began = time.monotonic()
         dispatcher.handle_runner_completion(first.runner_id, task_id=first.task_id, success=True)
-        assert wait_for(lambda: len(ports.launcher.launches) == 2, within=2.0)
-        assert time.monotonic() - began < 2.0
+        # Far sooner than the 30 s poll: only the wakeup can bring it.
+        assert wait_for(lambda: len(ports.launcher.launches) == 2, within=10.0)
     finally:
         dispatcher.stop(timeout=0)
 
@@ -76,7 +75,7 @@ def test_a_source_with_a_waker_brings_its_new_tasks_at_once():
     try:
         time.sleep(0.05)  # the first pass found nothing; the loop sleeps
         registry.add(make_task("new"))
-        assert wait_for(lambda: launched == ["new"], within=2.0)
+        assert wait_for(lambda: launched == ["new"], within=10.0)
     finally:
         dispatcher.stop(timeout=0)
 

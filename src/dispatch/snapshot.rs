@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::dispatch::saved_reports::{self, SavedReport};
-use crate::dispatch::state::DispatcherState;
+use crate::dispatch::state::{DispatcherState, Effect, ReportedState};
 use crate::retry::snapshot::{self as retry_snapshot, RetryState, SnapshotError};
 use crate::retry::state::RetryBook;
 use crate::time::clock::Now;
@@ -141,6 +141,22 @@ pub fn restore<T>(
             saved_reports::load(r).map_err(|e| SnapshotError(format!("pending_reports[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // A RUNNING report names a runner of the process that saved it: none
+    // survives a restart, and delivering it would leave the task RUNNING in
+    // the registry with nothing running it. The task comes back through the
+    // source instead; the other reports (events, READY, DONE, FAILED) stand.
+    let reports: Vec<Effect<T>> = reports
+        .into_iter()
+        .filter(|r| {
+            !matches!(
+                r,
+                Effect::ReportState {
+                    state: ReportedState::Running,
+                    ..
+                }
+            )
+        })
+        .collect();
     retry_snapshot::restore(book, &snapshot.retry, now)
         .map_err(|e| SnapshotError(format!("retry: {e}")))?;
     for (id, spec, due) in delayed {
