@@ -441,7 +441,8 @@ class _Reaper:
                 except OSError:  # gone already: report it now
                     self.launcher._finish(process, process.popen.wait())
                     continue
-                self._live[fd] = process
+                with self._lock:
+                    self._live[fd] = process
                 poller.register(fd, select.POLLIN)
             now = time.monotonic()
             wake_at = next_beat
@@ -454,10 +455,14 @@ class _Reaper:
                 if fd == self._wake_read:
                     os.read(self._wake_read, 4096)
                     continue
-                process = self._live.pop(fd)
+                process = self._live[fd]
                 poller.unregister(fd)
-                os.close(fd)
                 self.launcher._finish(process, process.popen.wait())
+                # Only now idle(): close() must not return while an outcome
+                # is still being reported.
+                with self._lock:
+                    del self._live[fd]
+                os.close(fd)
             now = time.monotonic()
             for process in self._live.values():
                 if process.stopped.is_set():

@@ -208,17 +208,23 @@ impl PyDispatcherCore {
             .iter()
             .map(|task| settings::getattr_opt(task, "id").ok().flatten())
             .collect();
+        // The ids' text is read before the lock: nothing of Python under it.
+        let texts: Vec<Option<&str>> = ids
+            .iter()
+            .map(|id| {
+                id.as_ref()
+                    .and_then(|id| id.cast::<pyo3::types::PyString>().ok())
+                    .and_then(|id| id.to_str().ok())
+            })
+            .collect();
         let held: Vec<bool> = {
             let state = self.state.lock();
-            ids.iter()
-                .map(|id| {
-                    id.as_ref()
-                        .and_then(|id| id.cast::<pyo3::types::PyString>().ok())
-                        .and_then(|id| id.to_str().ok().map(|id| state.ignores_offer(id)))
-                        .unwrap_or(false)
-                })
+            texts
+                .iter()
+                .map(|id| id.is_some_and(|id| state.ignores_offer(id)))
                 .collect()
         };
+        drop(texts);
         drop(ids);
         let mut skipped = 0;
         for (task, held) in returned.into_iter().zip(held) {
