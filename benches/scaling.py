@@ -1,6 +1,7 @@
 """How the dispatcher's per-pass costs grow with what it holds (SPEC §6,
 "Scale"; issue 14): one `tick()` against N queued tasks for each policy with
-every pool full, one `tick()` against N running runners (none expired), and
+every pool full and with the tasks' own pool full while another has room,
+one `tick()` against N running runners (none expired), and
 `get_status()` with and without its per-task lists and `export_prometheus()`
 against N delayed retries. Prints each row's time per call and its growth
 exponent (the slope of log(time) over log(N); <= 0.1 is "O(work), not
@@ -90,7 +91,15 @@ def tick_with_own_pools_full(policy, n):
     config.skill_mapping = {"gpu": ["p0"], "default": ["p1"]}
     d.config = config  # re-read: the mapping changes, the pools stay
     d.task_source = Source(
-        [Task(id=f"t{i}", required_skill="gpu", metadata={"spec_name": "s"}) for i in range(n)]
+        [
+            Task(
+                id=f"t{i}",
+                required_skill="gpu",
+                priority=i % 7,
+                metadata={"spec_name": f"s{i % 50}"},
+            )
+            for i in range(n)
+        ]
     )
     d.tick()
     return per_call(d.tick, 20)
@@ -118,9 +127,10 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     for policy in SchedulingPolicy:
         rows[f"tick, {policy.value}, pools full"] = [tick_with_queued(policy, n) for n in sizes]
-    rows["tick, skill-based, own pool full"] = [
-        tick_with_own_pools_full(SchedulingPolicy.SKILL_BASED, n) for n in sizes
-    ]
+    for policy in SchedulingPolicy:
+        rows[f"tick, {policy.value}, own pool full"] = [
+            tick_with_own_pools_full(policy, n) for n in sizes
+        ]
     rows["tick, running runners"] = [tick_with_running(n) for n in sizes]
     status, light, prometheus = [], [], []
     for n in sizes:

@@ -3,10 +3,11 @@
 //! A pass works on a copy of the pools' loads and the global budget, so it
 //! can never plan past a limit; the dispatcher then reserves what was planned.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::dispatch::pools::{PoolIndex, Pools};
+use crate::dispatch::queue::{ReadyQueue, Route, RouteIndex};
 use crate::retry::state::TaskId;
 
 /// How queued tasks are ordered and taken.
@@ -74,14 +75,6 @@ impl SkillMapping {
     }
 }
 
-/// A queued task as scheduling sees it, in queue order.
-#[derive(Clone, Copy, Debug)]
-pub struct Candidate<'a> {
-    pub id: &'a TaskId,
-    pub spec: &'a Arc<str>,
-    pub skill: Option<&'a str>,
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Load {
     running: u64,
@@ -108,9 +101,24 @@ impl Pass<'_> {
         self.budget == 0 || !self.loads.iter().any(Load::has_room)
     }
 
-    /// The least loaded pool with room among the task's pools: lowest
-    /// utilisation, then fewest running, then configuration order.
-    fn choose(&self, skill: Option<&str>) -> Option<PoolIndex> {
+    /// Calls `f` with each pool a route may use.
+    fn route_pools(&self, route: &Route, f: impl FnMut(PoolIndex)) {
+        match route {
+            Some(key) => self
+                .mapping
+                .pools_by_skill
+                .get(key)
+                .into_iter()
+                .flatten()
+                .copied()
+                .for_each(f),
+            None => (0..self.loads.len()).for_each(f),
+        }
+    }
+
+    /// The least loaded pool with room on the route: lowest utilisation,
+    /// then fewest running, then configuration order.
+    fn choose(&self, route: &Route) -> Option<PoolIndex> {
         let better = |a: PoolIndex, b: PoolIndex| {
             let (la, lb) = (&self.loads[a], &self.loads[b]);
             let ua = u128::from(la.running) * u128::from(lb.max);
@@ -118,30 +126,26 @@ impl Pass<'_> {
             (ua, la.running, a) < (ub, lb.running, b)
         };
         let mut best: Option<PoolIndex> = None;
-        let mut consider = |i: PoolIndex| {
+        self.route_pools(route, |i| {
             if self.loads.get(i).is_some_and(Load::has_room) && best.is_none_or(|b| better(i, b)) {
                 best = Some(i);
             }
-        };
-        match self.mapping.pools_for(skill) {
-            Some(pools) => pools.iter().copied().for_each(&mut consider),
-            None => (0..self.loads.len()).for_each(&mut consider),
-        }
+        });
         best
     }
 
-    /// Plans `task` into a pool; false when none of its pools has room.
-    fn place(&mut self, task: &Candidate<'_>) -> bool {
-        if self.budget == 0 {
-            return false;
-        }
-        let Some(pool) = self.choose(task.skill) else {
-            return false;
-        };
+    fn has_room(&self, route: &Route) -> bool {
+        self.choose(route).is_some()
+    }
+
+    /// Plans `id` into the route's best pool, which has room.
+    fn place(&mut self, id: TaskId, route: &Route) {
+        let pool = self
+            .choose(route)
+            .expect("placed only on a route with room");
         self.loads[pool].running += 1;
         self.budget -= 1;
-        self.picks.push((task.id.clone(), pool));
-        true
+        self.picks.push((id, pool));
     }
 }
 
@@ -163,12 +167,26 @@ impl Scheduler {
         }
     }
 
-    /// Plans one pass: `(task id, pool)` pairs, at most `budget` of them, no
-    /// pool past its `max_concurrency`. A task none of whose pools has room
-    /// is skipped and does not block the tasks behind it.
-    pub fn plan<'a>(
+    /// The route of a task with this skill: its skill's mapping key, else
+    /// `default`'s, else any pool.
+    pub fn route_of(&self, skill: Option<&str>) -> Route {
+        let key = |k: &str| {
+            self.mapping
+                .pools_by_skill
+                .get_key_value(k)
+                .map(|(k, _)| k.clone())
+        };
+        skill.and_then(key).or_else(|| key("default"))
+    }
+
+    /// Plans one pass and takes the planned tasks out of `queue`: `(task id,
+    /// pool)` pairs, at most `budget` of them, no pool past its
+    /// `max_concurrency`. A task none of whose pools has room stays queued
+    /// and does not block the tasks behind it; its route is not looked at
+    /// again in the pass, so the pass costs O(picks x routes x log n).
+    pub fn plan(
         &mut self,
-        queue: impl Iterator<Item = Candidate<'a>>,
+        queue: &mut ReadyQueue,
         pools: &Pools,
         budget: u64,
     ) -> Vec<(TaskId, PoolIndex)> {
@@ -185,56 +203,68 @@ impl Scheduler {
             mapping: &self.mapping,
             picks: Vec::new(),
         };
-        if self.policy == Policy::FairShare {
+        if queue.by_spec() {
             self.last_spec = fair_share(&mut pass, queue, self.last_spec.take());
         } else {
-            for task in queue {
-                if pass.exhausted() {
-                    break;
-                }
-                pass.place(&task);
-            }
+            in_queue_order(&mut pass, queue);
         }
         pass.picks
     }
 }
 
+/// Routes that hold tasks and whose pools have room (pools only fill up
+/// during a pass, so a route once full stays out of it).
+fn open_routes(pass: &Pass<'_>, queue: &ReadyQueue) -> Vec<(RouteIndex, Route)> {
+    queue
+        .routes()
+        .filter(|(_, route)| pass.has_room(route))
+        .map(|(i, route)| (i, route.clone()))
+        .collect()
+}
+
+/// Queue order: repeatedly the first task among the open routes' heads.
+fn in_queue_order(pass: &mut Pass<'_>, queue: &mut ReadyQueue) {
+    let mut open = open_routes(pass, queue);
+    while !pass.exhausted() {
+        open.retain(|(i, route)| queue.head(*i).is_some() && pass.has_room(route));
+        let Some((i, route)) = open.iter().min_by_key(|(i, _)| queue.head(*i)) else {
+            break;
+        };
+        let id = queue.pop_head(*i).expect("an open route has a head");
+        pass.place(id, route);
+    }
+}
+
 /// Round-robin across spec names (in name order, starting after the one
-/// served last), each spec's tasks in queue order. Returns the spec served
-/// last. Pools only fill up during a pass, so a task that does not fit now
-/// will not fit later in the same pass and is dropped from consideration.
-fn fair_share<'a>(
+/// served last), each spec's tasks in queue order; a spec with no task that
+/// fits is passed over. Returns the spec served last.
+fn fair_share(
     pass: &mut Pass<'_>,
-    queue: impl Iterator<Item = Candidate<'a>>,
+    queue: &mut ReadyQueue,
     mut last: Option<Arc<str>>,
 ) -> Option<Arc<str>> {
-    if pass.exhausted() {
-        // Nothing can be placed: do not group the queue for nothing.
-        return last;
-    }
-    let mut by_spec: BTreeMap<&'a Arc<str>, VecDeque<Candidate<'a>>> = BTreeMap::new();
-    for task in queue {
-        by_spec.entry(task.spec).or_default().push_back(task);
-    }
-    let mut specs: Vec<&Arc<str>> = by_spec.keys().copied().collect();
-    if let Some(prev) = &last {
-        let start = specs.partition_point(|s| **s <= *prev);
-        specs.rotate_left(start);
-    }
-    while !specs.is_empty() && !pass.exhausted() {
-        specs.retain(|spec| {
-            if pass.exhausted() {
-                return true;
-            }
-            let tasks = by_spec.get_mut(spec).expect("every listed spec has tasks");
-            while let Some(task) = tasks.pop_front() {
-                if pass.place(&task) {
-                    last = Some((*spec).clone());
-                    break;
-                }
-            }
-            !tasks.is_empty()
-        });
+    let mut open = open_routes(pass, queue);
+    while !pass.exhausted() {
+        open.retain(|(_, route)| pass.has_room(route));
+        // The spec that comes next after `last` on any open route.
+        let Some(spec) = open
+            .iter()
+            .filter_map(|(i, _)| queue.next_spec(*i, last.as_ref()))
+            .min()
+            .map(|(_, spec)| spec.clone())
+        else {
+            break;
+        };
+        // Its first task among the open routes.
+        let (i, route) = open
+            .iter()
+            .filter_map(|(i, route)| queue.spec_head(*i, &spec).map(|rank| (rank, *i, route)))
+            .min_by_key(|(rank, _, _)| *rank)
+            .map(|(_, i, route)| (i, route.clone()))
+            .expect("the spec was found on an open route");
+        let id = queue.pop_spec_head(i, &spec).expect("the spec has a head");
+        pass.place(id, &route);
+        last = Some(spec);
     }
     last
 }
@@ -243,6 +273,7 @@ fn fair_share<'a>(
 mod tests {
     use super::*;
     use crate::dispatch::pools::PoolState;
+    use crate::dispatch::queue::{QueueKey, QueueOrder};
 
     fn pools(spec: &[(&str, u64, u64)]) -> Pools {
         Pools::new(spec.iter().map(|&(name, max, running)| PoolState {
@@ -251,25 +282,26 @@ mod tests {
         }))
     }
 
-    struct Queue(Vec<(TaskId, Arc<str>, Option<String>)>);
-
-    impl Queue {
-        fn new(tasks: &[(&str, &str, Option<&str>)]) -> Self {
-            Queue(
-                tasks
-                    .iter()
-                    .map(|&(id, spec, skill)| (id.into(), spec.into(), skill.map(str::to_owned)))
-                    .collect(),
-            )
+    /// A queue as the dispatcher would build it for `s`, in the given order.
+    fn queue(s: &Scheduler, tasks: &[(&str, &str, Option<&str>)]) -> ReadyQueue {
+        let mut q = ReadyQueue::new(s.policy.orders_by_priority(), s.policy == Policy::FairShare);
+        for (seq, &(id, spec, skill)) in tasks.iter().enumerate() {
+            let order = QueueOrder {
+                priority: 0,
+                age: 0,
+                seq: seq as u64,
+            };
+            let route = s.route_of(skill);
+            q.push(
+                id.into(),
+                QueueKey {
+                    order,
+                    route: &route,
+                    spec: &spec.into(),
+                },
+            );
         }
-
-        fn candidates(&self) -> impl Iterator<Item = Candidate<'_>> {
-            self.0.iter().map(|(id, spec, skill)| Candidate {
-                id,
-                spec,
-                skill: skill.as_deref(),
-            })
-        }
+        q
     }
 
     fn names(picks: &[(TaskId, PoolIndex)], pools: &Pools) -> Vec<String> {
@@ -295,24 +327,29 @@ mod tests {
         let cpu = pools.index("cpu").unwrap();
         let mapping = SkillMapping::new([("ml".into(), vec![gpu]), ("web".into(), vec![cpu])]);
         let mut s = Scheduler::new(Policy::Priority, mapping);
-        let q = Queue::new(&[("t1", "s", Some("ml")), ("t2", "s", Some("web"))]);
-        let picks = s.plan(q.candidates(), &pools, 10);
+        let mut q = queue(&s, &[("t1", "s", Some("ml")), ("t2", "s", Some("web"))]);
+        let picks = s.plan(&mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["t2@cpu"]);
     }
 
     #[test]
     fn a_pass_never_exceeds_a_pool_or_the_budget() {
         let pools = pools(&[("a", 3, 1)]);
-        let q = Queue::new(&[
+        let mut s = Scheduler::new(Policy::Fifo, SkillMapping::default());
+        let tasks = [
             ("t1", "s", None),
             ("t2", "s", None),
             ("t3", "s", None),
             ("t4", "s", None),
-        ]);
-        let mut s = Scheduler::new(Policy::Fifo, SkillMapping::default());
-        assert_eq!(s.plan(q.candidates(), &pools, 10).len(), 2);
-        assert_eq!(s.plan(q.candidates(), &pools, 1).len(), 1);
-        assert!(s.plan(q.candidates(), &pools, 0).is_empty());
+        ];
+        assert_eq!(s.plan(&mut queue(&s, &tasks), &pools, 10).len(), 2);
+        assert_eq!(s.plan(&mut queue(&s, &tasks), &pools, 1).len(), 1);
+        assert!(s.plan(&mut queue(&s, &tasks), &pools, 0).is_empty());
+        // What was not planned stays queued, in order.
+        let mut q = queue(&s, &tasks);
+        s.plan(&mut q, &pools, 10);
+        let left: Vec<String> = q.ids_in_order().iter().map(|id| id.to_string()).collect();
+        assert_eq!(left, ["t3", "t4"]);
     }
 
     #[test]
@@ -323,8 +360,8 @@ mod tests {
         let big = pools.index("big").unwrap();
         let mapping = SkillMapping::new([("default".into(), vec![small, big])]);
         let mut s = Scheduler::new(Policy::SkillBased, mapping);
-        let q = Queue::new(&[("t1", "s", Some("unmapped")), ("t2", "s", None)]);
-        let picks = s.plan(q.candidates(), &pools, 10);
+        let mut q = queue(&s, &[("t1", "s", Some("unmapped")), ("t2", "s", None)]);
+        let picks = s.plan(&mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["t1@big", "t2@big"]);
     }
 
@@ -333,16 +370,19 @@ mod tests {
         let mut p = pools(&[("off", 5, 0), ("on", 1, 0)]);
         p.set_enabled(p.index("off").unwrap(), false);
         let mut s = Scheduler::new(Policy::Priority, SkillMapping::default());
-        let q = Queue::new(&[("t1", "s", Some("x")), ("t2", "s", None)]);
-        assert_eq!(names(&s.plan(q.candidates(), &p, 10), &p), ["t1@on"]);
+        let mut q = queue(&s, &[("t1", "s", Some("x")), ("t2", "s", None)]);
+        assert_eq!(names(&s.plan(&mut q, &p, 10), &p), ["t1@on"]);
     }
 
     #[test]
     fn equal_load_keeps_configuration_order() {
         let pools = pools(&[("first", 4, 0), ("second", 4, 0)]);
         let mut s = Scheduler::new(Policy::Priority, SkillMapping::default());
-        let q = Queue::new(&[("t1", "s", None), ("t2", "s", None), ("t3", "s", None)]);
-        let picks = s.plan(q.candidates(), &pools, 10);
+        let mut q = queue(
+            &s,
+            &[("t1", "s", None), ("t2", "s", None), ("t3", "s", None)],
+        );
+        let picks = s.plan(&mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["t1@first", "t2@second", "t3@first"]);
     }
 
@@ -350,19 +390,22 @@ mod tests {
     fn fair_share_alternates_between_specs_across_passes() {
         let pools = pools(&[("a", 100, 0)]);
         let mut s = Scheduler::new(Policy::FairShare, SkillMapping::default());
-        let q = Queue::new(&[
-            ("a1", "alpha", None),
-            ("a2", "alpha", None),
-            ("a3", "alpha", None),
-            ("b1", "beta", None),
-            ("b2", "beta", None),
-            ("c1", "gamma", None),
-        ]);
-        let picks = s.plan(q.candidates(), &pools, 4);
+        let mut q = queue(
+            &s,
+            &[
+                ("a1", "alpha", None),
+                ("a2", "alpha", None),
+                ("a3", "alpha", None),
+                ("b1", "beta", None),
+                ("b2", "beta", None),
+                ("c1", "gamma", None),
+            ],
+        );
+        let picks = s.plan(&mut q, &pools, 4);
         assert_eq!(names(&picks, &pools), ["a1@a", "b1@a", "c1@a", "a2@a"]);
         // The next pass starts after "alpha", the spec served last.
-        let q = Queue::new(&[("a3", "alpha", None), ("b2", "beta", None)]);
-        let picks = s.plan(q.candidates(), &pools, 1);
+        let mut q = queue(&s, &[("a3", "alpha", None), ("b2", "beta", None)]);
+        let picks = s.plan(&mut q, &pools, 1);
         assert_eq!(names(&picks, &pools), ["b2@a"]);
     }
 
@@ -372,12 +415,198 @@ mod tests {
         let gpu = pools.index("gpu").unwrap();
         let mapping = SkillMapping::new([("ml".into(), vec![gpu])]);
         let mut s = Scheduler::new(Policy::FairShare, mapping);
-        let q = Queue::new(&[
-            ("a1", "alpha", Some("ml")),
-            ("b1", "beta", None),
-            ("b2", "beta", None),
-        ]);
-        let picks = s.plan(q.candidates(), &pools, 10);
+        let mut q = queue(
+            &s,
+            &[
+                ("a1", "alpha", Some("ml")),
+                ("b1", "beta", None),
+                ("b2", "beta", None),
+            ],
+        );
+        let picks = s.plan(&mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["b1@cpu", "b2@cpu"]);
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+    use crate::dispatch::pools::PoolState;
+    use crate::dispatch::queue::{QueueKey, QueueOrder};
+
+    #[test]
+    fn routes_resolve_through_the_mapping() {
+        let mapping = SkillMapping::new([("ml".into(), vec![0]), ("default".into(), vec![1])]);
+        let s = Scheduler::new(Policy::SkillBased, mapping);
+        assert_eq!(s.route_of(Some("ml")).as_deref(), Some("ml"));
+        assert_eq!(s.route_of(Some("web")).as_deref(), Some("default"));
+        assert_eq!(s.route_of(None).as_deref(), Some("default"));
+        let plain = Scheduler::new(Policy::SkillBased, SkillMapping::default());
+        assert_eq!(plain.route_of(Some("ml")), None);
+    }
+
+    #[test]
+    fn a_full_route_is_passed_over_whatever_its_length() {
+        // 1,000 "ml" tasks ahead of one "web" task, the ml pool full: the
+        // pass places the web task and leaves every ml task queued.
+        let pools = Pools::new([
+            PoolState {
+                running: 1,
+                ..PoolState::new("gpu", "local-process", 1)
+            },
+            PoolState::new("cpu", "local-process", 4),
+        ]);
+        let mapping = SkillMapping::new([("ml".into(), vec![0]), ("web".into(), vec![1])]);
+        let mut s = Scheduler::new(Policy::SkillBased, mapping);
+        let mut q = ReadyQueue::new(true, false);
+        let spec: Arc<str> = "s".into();
+        for seq in 0..1_001u64 {
+            let (id, skill) = if seq < 1_000 {
+                (format!("ml{seq}"), "ml")
+            } else {
+                ("web".to_owned(), "web")
+            };
+            let route = s.route_of(Some(skill));
+            let order = QueueOrder {
+                priority: 0,
+                age: 0,
+                seq,
+            };
+            q.push(
+                id.as_str().into(),
+                QueueKey {
+                    order,
+                    route: &route,
+                    spec: &spec,
+                },
+            );
+        }
+        let picks = s.plan(&mut q, &pools, 10);
+        assert_eq!(picks, [("web".into(), 1)]);
+        assert_eq!(q.len(), 1_000);
+    }
+
+    /// The plan as the specification states it, by walking the whole queue
+    /// (what the dispatcher did before routes): the oracle for the test below.
+    fn naive_plan(
+        s: &Scheduler,
+        tasks: &[(String, Arc<str>, Option<&str>)],
+        pools: &Pools,
+        budget: u64,
+        last: Option<&Arc<str>>,
+    ) -> Vec<(TaskId, PoolIndex)> {
+        let mut pass = Pass {
+            loads: pools
+                .iter()
+                .map(|(_, p)| Load {
+                    running: p.running,
+                    max: p.max_concurrency,
+                    enabled: p.enabled,
+                })
+                .collect(),
+            budget,
+            mapping: &s.mapping,
+            picks: Vec::new(),
+        };
+        let try_place = |pass: &mut Pass<'_>, id: &str, skill: Option<&str>| {
+            let route = s.route_of(skill);
+            let ok = pass.budget > 0 && pass.has_room(&route);
+            if ok {
+                pass.place(id.into(), &route);
+            }
+            ok
+        };
+        if s.policy != Policy::FairShare {
+            for (id, _, skill) in tasks {
+                try_place(&mut pass, id, *skill);
+            }
+            return pass.picks;
+        }
+        let mut by_spec: std::collections::BTreeMap<&Arc<str>, std::collections::VecDeque<_>> =
+            Default::default();
+        for (id, spec, skill) in tasks {
+            by_spec.entry(spec).or_default().push_back((id, *skill));
+        }
+        let mut specs: Vec<&Arc<str>> = by_spec.keys().copied().collect();
+        if let Some(prev) = last {
+            let start = specs.partition_point(|sp| **sp <= *prev);
+            specs.rotate_left(start);
+        }
+        while !specs.is_empty() && !pass.exhausted() {
+            specs.retain(|spec| {
+                let queue = by_spec.get_mut(spec).unwrap();
+                while let Some((id, skill)) = queue.pop_front() {
+                    if try_place(&mut pass, id, skill) {
+                        break;
+                    }
+                }
+                !queue.is_empty()
+            });
+        }
+        pass.picks
+    }
+
+    #[test]
+    fn routes_plan_exactly_what_walking_the_queue_plans() {
+        // A small xorshift generator: deterministic cases without a dependency.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let skills = [None, Some("ml"), Some("web"), Some("other")];
+        for case in 0..2_000 {
+            let mut pools = Pools::new((0..3).map(|i| PoolState {
+                running: next(3),
+                ..PoolState::new(&format!("p{i}"), "local-process", 1 + next(3))
+            }));
+            if next(4) == 0 {
+                pools.set_enabled(next(3) as usize, false);
+            }
+            let mut entries: Vec<(Arc<str>, Vec<PoolIndex>)> = Vec::new();
+            for key in ["ml", "web", "default"] {
+                if next(2) == 0 {
+                    let set = (0..3).filter(|_| next(2) == 0).collect();
+                    entries.push((key.into(), set));
+                }
+            }
+            let policy = Policy::ALL[case % 4];
+            let mut s = Scheduler::new(policy, SkillMapping::new(entries));
+            let last: Option<Arc<str>> = (next(2) == 0).then(|| format!("s{}", next(4)).into());
+            s.last_spec = last.clone();
+            let tasks: Vec<(String, Arc<str>, Option<&str>)> = (0..next(12))
+                .map(|i| {
+                    (
+                        format!("t{i}"),
+                        format!("s{}", next(4)).into(),
+                        skills[next(4) as usize],
+                    )
+                })
+                .collect();
+            let mut q = ReadyQueue::new(policy.orders_by_priority(), policy == Policy::FairShare);
+            for (seq, (id, spec, skill)) in tasks.iter().enumerate() {
+                let route = s.route_of(*skill);
+                let order = QueueOrder {
+                    priority: 0,
+                    age: 0,
+                    seq: seq as u64,
+                };
+                q.push(
+                    id.as_str().into(),
+                    QueueKey {
+                        order,
+                        route: &route,
+                        spec,
+                    },
+                );
+            }
+            let budget = next(6);
+            let expected = naive_plan(&s, &tasks, &pools, budget, last.as_ref());
+            let picks = s.plan(&mut q, &pools, budget);
+            assert_eq!(picks, expected, "case {case}: {policy:?}, tasks {tasks:?}");
+            assert_eq!(q.len(), tasks.len() - picks.len());
+        }
     }
 }

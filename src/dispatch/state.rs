@@ -16,9 +16,9 @@ use std::sync::Arc;
 use crate::dispatch::finished::RecentlyFinished;
 use crate::dispatch::outbox::{Outbox, OutboxStats};
 use crate::dispatch::pools::{PoolIndex, PoolState, Pools};
-use crate::dispatch::queue::{QueueOrder, ReadyQueue};
+use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
 use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
-use crate::dispatch::scheduling::{Candidate, Policy, Scheduler, SkillMapping};
+use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
 use crate::hashing::FastMap;
 use crate::metrics::FailureStats;
 use crate::retry::state::{RecordedFailure, RetryBook, TaskId};
@@ -376,7 +376,10 @@ impl<T> DispatcherState<T> {
         DispatcherState {
             limits,
             tasks: FastMap::default(),
-            queue: ReadyQueue::new(scheduler.policy.orders_by_priority()),
+            queue: ReadyQueue::new(
+                scheduler.policy.orders_by_priority(),
+                scheduler.policy == Policy::FairShare,
+            ),
             delayed: BTreeSet::new(),
             pools,
             runners: Runners::default(),
@@ -531,11 +534,26 @@ impl<T> DispatcherState<T> {
     /// Switches the policy; the queue reorders when the order changes.
     pub fn set_policy(&mut self, policy: Policy) {
         self.scheduler.policy = policy;
-        self.queue.set_by_priority(policy.orders_by_priority());
+        self.requeue();
     }
 
+    /// Sets the skill mapping; queued tasks are routed anew when it changed.
     pub fn set_skill_mapping(&mut self, mapping: SkillMapping) {
-        self.scheduler.mapping = mapping;
+        if self.scheduler.mapping != mapping {
+            self.scheduler.mapping = mapping;
+            self.requeue();
+        }
+    }
+
+    /// Rebuilds the queue for the current policy and mapping; O(n log n),
+    /// and nothing when neither the order nor the routes change.
+    fn requeue(&mut self) {
+        let by_priority = self.scheduler.policy.orders_by_priority();
+        let by_spec = self.scheduler.policy == Policy::FairShare;
+        self.queue.reset(by_priority, by_spec);
+        for held in self.tasks.values().filter(|t| t.place == Place::Queued) {
+            enqueue(&mut self.queue, &self.scheduler, held);
+        }
     }
 
     /// `start()`: assign again, and let launched runners run.
@@ -588,7 +606,7 @@ impl<T> DispatcherState<T> {
     }
 
     pub fn queued_ids(&self) -> Vec<TaskId> {
-        self.queue.iter().cloned().collect()
+        self.queue.ids_in_order()
     }
 
     fn new_order(&mut self, meta: &TaskMeta, now: Now) -> QueueOrder {
@@ -637,16 +655,14 @@ impl<T> DispatcherState<T> {
         // The registry handed a finished task back: it runs anew.
         self.finished.remove(&meta.id);
         let order = self.new_order(&meta, now);
-        self.queue.push(meta.id.clone(), order);
-        self.tasks.insert(
-            meta.id.clone(),
-            HeldTask {
-                meta,
-                payload: Some(payload),
-                place: Place::Queued,
-                order,
-            },
-        );
+        let held = HeldTask {
+            meta,
+            payload: Some(payload),
+            place: Place::Queued,
+            order,
+        };
+        enqueue(&mut self.queue, &self.scheduler, &held);
+        self.tasks.insert(held.meta.id.clone(), held);
         self.metrics.tasks_enqueued += 1;
         Ok(())
     }
@@ -718,7 +734,7 @@ impl<T> DispatcherState<T> {
             if has_payload {
                 let held = self.tasks.get_mut(&id).expect("delayed task is held");
                 held.place = Place::Queued;
-                self.queue.push(id, held.order);
+                enqueue(&mut self.queue, &self.scheduler, held);
                 queued += 1;
             } else {
                 self.tasks.remove(&id);
@@ -805,9 +821,7 @@ impl<T> DispatcherState<T> {
     fn take_task(&mut self, task_id: &str) -> Option<HeldTask<T>> {
         let held = self.tasks.remove(task_id)?;
         match &held.place {
-            Place::Queued => {
-                self.queue.remove(task_id);
-            }
+            Place::Queued => dequeue(&mut self.queue, &self.scheduler, &held),
             Place::Delayed { due } => {
                 self.delayed.remove(&(*due, held.meta.id.clone()));
             }
@@ -906,9 +920,7 @@ impl<T> DispatcherState<T> {
         let held = match self.tasks.get(task_id) {
             Some(h) => {
                 match &h.place {
-                    Place::Queued => {
-                        self.queue.remove(task_id);
-                    }
+                    Place::Queued => dequeue(&mut self.queue, &self.scheduler, h),
                     Place::Delayed { due } => {
                         self.delayed.remove(&(*due, h.meta.id.clone()));
                     }
@@ -1095,29 +1107,20 @@ impl<T> DispatcherState<T> {
         if !self.accepting || budget == 0 || self.queue.is_empty() {
             return Vec::new();
         }
-        let tasks = &self.tasks;
-        let candidates = self.queue.iter().filter_map(|id| {
-            tasks.get(id).map(|held| Candidate {
-                id: &held.meta.id,
-                spec: &held.meta.spec_name,
-                skill: held.meta.required_skill.as_deref(),
-            })
-        });
-        let picks = self.scheduler.plan(candidates, &self.pools, budget);
+        let picks = self.scheduler.plan(&mut self.queue, &self.pools, budget);
         let mut reservations = Vec::with_capacity(picks.len());
         for (id, pool) in picks {
             let Some(held) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            // Queued tasks always have a handle (they came from a poll).
-            let Some(payload) = held.payload.take() else {
+            // Queued tasks always have a handle (they came from a poll), and
+            // the plan kept to the pools' room: neither check fails, but a
+            // task that cannot be reserved goes back to the queue.
+            let reserved = held.payload.is_some() && self.pools.reserve(pool);
+            let Some(payload) = held.payload.take().filter(|_| reserved) else {
+                enqueue(&mut self.queue, &self.scheduler, held);
                 continue;
             };
-            if !self.pools.reserve(pool) {
-                held.payload = Some(payload);
-                continue;
-            }
-            self.queue.remove(&id);
             held.place = Place::Assigning { pool, early: None };
             self.global_running += 1;
             reservations.push(Reservation {
@@ -1197,7 +1200,7 @@ impl<T> DispatcherState<T> {
         };
         held.payload = Some(payload);
         held.place = Place::Queued;
-        self.queue.push(held.meta.id.clone(), held.order);
+        enqueue(&mut self.queue, &self.scheduler, held);
         Outcome::accepted()
     }
 
@@ -1362,7 +1365,7 @@ impl<T> DispatcherState<T> {
         match self.tasks.get_mut(&runner.task_id) {
             Some(held) if held.payload.is_some() => {
                 held.place = Place::Queued;
-                self.queue.push(held.meta.id.clone(), held.order);
+                enqueue(&mut self.queue, &self.scheduler, held);
             }
             _ => {
                 self.tasks.remove(&runner.task_id);
@@ -1433,10 +1436,14 @@ impl<T> DispatcherState<T> {
         let Some(held) = self.tasks.get_mut(task_id) else {
             return false;
         };
+        let queued = held.place == Place::Queued;
+        if queued {
+            dequeue(&mut self.queue, &self.scheduler, held);
+        }
         held.meta.priority = priority;
         held.order.priority = priority;
-        if held.place == Place::Queued {
-            self.queue.set_priority(task_id, priority);
+        if queued {
+            enqueue(&mut self.queue, &self.scheduler, held);
         }
         true
     }
@@ -1531,6 +1538,26 @@ impl<T> DispatcherState<T> {
             return Err("queue or delayed index out of step with task places".to_owned());
         }
         Ok(())
+    }
+}
+
+/// Puts a queued task in the ready queue, on its route.
+fn enqueue<T>(queue: &mut ReadyQueue, scheduler: &Scheduler, held: &HeldTask<T>) {
+    let route = scheduler.route_of(held.meta.required_skill.as_deref());
+    queue.push(held.meta.id.clone(), queue_key(held, &route));
+}
+
+/// Takes a queued task out of the ready queue.
+fn dequeue<T>(queue: &mut ReadyQueue, scheduler: &Scheduler, held: &HeldTask<T>) {
+    let route = scheduler.route_of(held.meta.required_skill.as_deref());
+    queue.remove(&held.meta.id, queue_key(held, &route));
+}
+
+fn queue_key<'a, T>(held: &'a HeldTask<T>, route: &'a Route) -> QueueKey<'a> {
+    QueueKey {
+        order: held.order,
+        route,
+        spec: &held.meta.spec_name,
     }
 }
 
