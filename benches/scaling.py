@@ -16,8 +16,12 @@ No timing is asserted.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import subprocess
+import sys
 import time
+import tracemalloc
 from types import SimpleNamespace
 
 from necrocode_dispatch import (
@@ -119,6 +123,84 @@ def with_delayed(n):
     return d
 
 
+# ---- memory per task held (SPEC §6 "Scale"; issue 14, acceptance 4) -----------------
+
+#: Run in a fresh process: the Rust side's memory is not Python's, so it is the
+#: growth of the resident set while the dispatcher takes the tasks (made before).
+_RUST_HELD = """
+import os, sys
+from types import SimpleNamespace
+sys.path.insert(0, os.path.dirname(sys.argv[3]))
+from scaling import Launcher, Source, dispatcher
+from necrocode_dispatch import SchedulingPolicy, Task
+kind, n = sys.argv[1], int(sys.argv[2])
+tasks = [Task(id=f"task-{i:07d}", metadata={"spec_name": "spec"}) for i in range(n)]
+runners = [SimpleNamespace(runner_id=f"runner-{i:07d}") for i in range(n)]
+d = dispatcher(SchedulingPolicy.PRIORITY, per_pool=n if kind == "running" else 0)
+d.runner_launcher = Launcher()
+d.runner_launcher.runners = iter(runners)
+d.runner_launcher.launch = lambda task, slot, pool: next(d.runner_launcher.runners)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+if kind == "delayed":
+    for t in tasks:
+        d.handle_task_failure(t.id, "spec", "exit 1")
+else:
+    d.task_source = Source(tasks)
+    d.tick()
+print((rss() - before) / n)
+"""
+
+
+def reference_held(kind: str, n: int) -> float:
+    """Bytes per task the reference dispatcher holds (its Python objects)."""
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import reference
+
+    ports = SimpleNamespace(
+        update_task_state=lambda *a, **k: None,
+        record_event=lambda *a, **k: None,
+        release_slot=lambda *a, **k: None,
+    )
+    tasks = [Task(id=f"task-{i:07d}", metadata={"spec_name": "spec"}) for i in range(n)]
+    runner_ids = [f"runner-{i:07d}" for i in range(n)]
+    ref = reference.Dispatcher(
+        {"pool": n},
+        max_global_concurrency=n,
+        task_registry=ports,
+        repo_pool_manager=ports,
+        runner_launcher=ports,
+        event_recorder=ports,
+    )
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    if kind == "queued":
+        for t in tasks:
+            ref.enqueue(t)
+    else:
+        for t, r in zip(tasks, runner_ids, strict=True):
+            ref.track_running(t, r, "pool", None)
+        if kind == "delayed":
+            for t, r in zip(tasks, runner_ids, strict=True):
+                ref.handle_task_failure(t.id, "spec", "exit 1", runner_id=r)
+    held = (tracemalloc.get_traced_memory()[0] - before) / n
+    tracemalloc.stop()
+    return held
+
+
+def rust_held(kind: str, n: int) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _RUST_HELD, kind, str(n), __file__],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="N up to 10^4")
@@ -148,6 +230,14 @@ def main() -> None:
         cells = "".join(f"{t * 1e6:>12.1f}µs" for t in times)
         slope = math.log(times[-1] / times[0]) / math.log(sizes[-1] / sizes[0])
         print(f"{name:<40}{cells}  {slope:8.2f}")
+    n = sizes[-1]
+    print(
+        f"\n{'memory per task held':<40}{'N':>14}{'reference':>12}{'rust':>12}{'ratio':>9}  target"
+    )
+    for kind in ("queued", "running", "delayed"):
+        ref, rust = reference_held(kind, n), rust_held(kind, n)
+        ok = "ok" if rust <= 0.5 * ref else "MISSED"
+        print(f"{kind:<40}{n:>14,}{ref:>10.0f} B{rust:>10.0f} B{rust / ref:>8.2f}x  <= 0.5x {ok}")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,39 @@ TOUCH = "tasks:\n  - {id: a, command: 'touch MARKER'}\n"
             "dispatcher: {retry: {jitter: sometimes}}\n" + TOUCH,
             "config.retry_jitter must be one of 'none', 'full', 'equal', 'decorrelated'",
         ),
+        (
+            "agent_pools: {cpu: {max_concurrency: 0}}\n" + TOUCH,
+            "agent_pools: every pool is disabled or has max_concurrency 0",
+        ),
+        (
+            "agent_pools: {cpu: {max_concurrency: 2}, gpu: {max_concurrency: 1, enabled: false}}\n"
+            "skill_mapping: {ml: [gpu]}\n"
+            "tasks:\n  - {id: a, command: 'touch MARKER'}\n"
+            "  - {id: b, command: 'true', required_skill: ml}\n",
+            "tasks[1] ('b'): no pool can run it: skill_mapping.ml names 'gpu'",
+        ),
+        ("dispatcher: {poll_interval: 0}\n" + TOUCH, "dispatcher.poll_interval: must be > 0"),
+        (
+            "dispatcher: {heartbeat_timeout: 0}\n" + TOUCH,
+            "dispatcher.heartbeat_timeout: must be > 0",
+        ),
+        (
+            "tasks:\n  - {id: a, command: 'touch MARKER', priority: 1180591620717411303424}\n",
+            "tasks[0] ('a').priority: must be at most 2**63 - 1",
+        ),
+        (
+            'tasks:\n  - {id: "a\\nb", command: "touch MARKER"}\n',
+            "must not contain control characters (such as a newline)",
+        ),
+        (
+            "tasks:\n  - {id: a, command: 'touch MARKER; " + "x" * 140_000 + "'}\n",
+            "tasks[0] ('a').command: 140,",
+        ),
+        (
+            "tasks:\n  - {id: a, command: 'touch MARKER', depends_on: [b]}\n"
+            "  - {id: b, command: 'true', depends_on: [a]}\n",
+            "a dependency cycle can never run: a -> b -> a",
+        ),
     ],
     ids=[
         "missing-command",
@@ -201,6 +234,14 @@ TOUCH = "tasks:\n  - {id: a, command: 'touch MARKER'}\n"
         "bad-retry",
         "docker",
         "bad-jitter",
+        "zero-capacity",
+        "skill-only-disabled",
+        "poll-interval-0",
+        "heartbeat-timeout-0",
+        "priority-2**70",
+        "newline-in-id",
+        "command-too-long",
+        "cycle",
     ],
 )
 def test_a_bad_job_file_exits_2_and_runs_nothing(tmp_path, text, message):

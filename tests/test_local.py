@@ -29,7 +29,7 @@ def test_slot_pool_hands_out_numbered_slots_and_cleans_them(tmp_path):
     pool = LocalSlotPool(tmp_path, slots_per_repo=2)
     first = pool.allocate_slot("org/repo", metadata={"task_id": "t1"})
     second = pool.allocate_slot("org/repo")
-    assert (first.slot_id, second.slot_id) == ("org_repo-1", "org_repo-2")
+    assert (first.slot_id, second.slot_id) == ("org%2Frepo-1", "org%2Frepo-2")
     assert first.path.is_dir() and first.path != second.path
     assert pool.allocate_slot("org/repo") is None
     assert pool.allocate_slot("other").slot_id == "other-1"
@@ -38,8 +38,8 @@ def test_slot_pool_hands_out_numbered_slots_and_cleans_them(tmp_path):
     (first.path / "file").write_text("y")
     pool.release_slot(first.slot_id)
     assert list(first.path.iterdir()) == []
-    assert pool.allocate_slot("org/repo").slot_id == "org_repo-1"
-    assert pool.released == {"org_repo-1": 1}
+    assert pool.allocate_slot("org/repo").slot_id == "org%2Frepo-1"
+    assert pool.released == {"org%2Frepo-1": 1}
 
 
 def test_registry_keeps_the_history_and_polls_ready_tasks():

@@ -171,6 +171,8 @@ class DispatcherCore:
         slot_id: str | None = None,
         pool_name: str | None = None,
         failure_reason: str | None = None,
+        *,
+        timed_out: bool = False,
     ) -> bool: ...
     def update_heartbeat(self, runner_id: str) -> bool: ...
     def check_heartbeats(self) -> int: ...
@@ -206,3 +208,10 @@ class DispatcherCore:
 def write_atomically(path: str | os.PathLike[str], text: str) -> None:
     """Replaces the file at ``path`` with ``text``: a crash leaves the old
     contents or the new, never a mix."""
+
+def check_dependencies(
+    graph: dict[str, Iterable[str]],
+) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """``(unknown, cycles)`` of ``{task_id: [ids it depends on]}``:
+    ``(task_id, missing_id)`` pairs in order, and each cycle as a path back to
+    its start (``["a", "b", "c", "a"]``). Linear in tasks + dependencies."""

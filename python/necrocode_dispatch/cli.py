@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 import tempfile
@@ -73,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         help="resume from FILE if it exists, and keep it up to date: a run stopped "
         "at any moment continues where it was",
     )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="with --state: start over, ignoring (and replacing) what FILE holds",
+    )
+    run.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the temporary work directory even when every task is done",
+    )
     run.add_argument("--quiet", action="store_true", help="no live progress")
     run.add_argument("-v", "--verbose", action="store_true", help="log the dispatcher's decisions")
     args = parser.parse_args(argv)
@@ -80,7 +91,57 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.ERROR,
         format=f"{PROG}: %(levelname)s %(name)s: %(message)s",
     )
-    return run_job(args)
+    try:
+        return run_job(args)
+    except KeyboardInterrupt:
+        # Before the run's own handlers are in place (e.g. loading a large
+        # job file): nothing ran.
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+class BadInput(Exception):
+    """A job, path or state file that cannot run; nothing ran."""
+
+
+def _work_directory(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The work directory, and whether it is a temporary one made here."""
+    if not args.workdir:
+        return Path(tempfile.mkdtemp(prefix=f"{PROG}-")), True
+    workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise BadInput(f"--workdir {workdir}: not a directory")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"--workdir {workdir}: {e.strerror or e}") from None
+    return workdir, False
+
+
+def _event_log(path: Path) -> JsonlEventRecorder:
+    if path.is_dir():
+        raise BadInput(f"--events {path}: is a directory")
+    try:
+        return JsonlEventRecorder(path)
+    except OSError as e:
+        raise BadInput(f"--events {path}: {e.strerror or e}") from None
+
+
+def _run_state(args: argparse.Namespace, job: Any) -> tuple[RunState | None, dict | None]:
+    """The state file (checked writable, bound to this job) and what it holds."""
+    if not args.state:
+        return None, None
+    run_state = RunState(args.state, str(args.jobfile), job.fingerprint())
+    try:
+        run_state.check_writable()
+        if args.fresh:
+            return run_state, None
+        saved = run_state.load()
+        if saved is not None:
+            run_state.check_job(saved)
+    except StateFileError as e:
+        raise BadInput(str(e)) from None
+    return run_state, saved
 
 
 def run_job(args: argparse.Namespace) -> int:
@@ -89,20 +150,33 @@ def run_job(args: argparse.Namespace) -> int:
     except JobError as e:
         print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
         return EXIT_BAD_JOB
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"{PROG}-"))
-    events_path = Path(args.events) if args.events else workdir / "events.jsonl"
-    run_state = RunState(args.state, str(args.jobfile)) if args.state else None
+    made: list[Path] = []
     try:
-        saved = run_state.load() if run_state else None
-    except StateFileError as e:
+        run_state, saved = _run_state(args, job)
+        workdir, temporary = _work_directory(args)
+        if temporary:
+            made.append(workdir)
+        events_path = Path(args.events) if args.events else workdir / "events.jsonl"
+        recorder = _event_log(events_path)
+    except BadInput as e:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_BAD_JOB
     progress = Progress(
         sys.stderr, [t.id for t in job.tasks], job.config.retry_max_attempts, args.quiet
     )
 
+    specs = {t.id: t.metadata["spec_name"] for t in job.tasks}
+
     def on_change(task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
         progress.on_change(task_id, state, metadata)
+        if metadata.get("skipped"):
+            recorder.record_task_skipped(
+                spec_name=specs[task_id],
+                task_id=task_id,
+                failed_dependency=metadata.get("failed_dependency"),
+            )
         if run_state is not None:
             run_state.record(task_id, state, metadata, registry, dispatcher, launcher)
 
@@ -110,7 +184,11 @@ def run_job(args: argparse.Namespace) -> int:
     # the tasks that became READY since the last.
     registry = InMemoryTaskRegistry(job.tasks, listener=on_change, incremental=True)
     launcher = SubprocessLauncher(
-        workdir / "logs", heartbeat_interval=min(1.0, job.config.heartbeat_timeout / 3)
+        workdir / "logs",
+        heartbeat_interval=min(1.0, job.config.heartbeat_timeout / 3),
+        # One attempt number everywhere (environment, log names, progress,
+        # table): the runs the registry saw start, resumed runs included.
+        attempt_of=lambda task_id: registry.runs_started(task_id) + 1,
     )
     try:
         dispatcher = DispatcherCore(
@@ -121,6 +199,7 @@ def run_job(args: argparse.Namespace) -> int:
             runner_launcher=launcher,
         )
     except (ValueError, TypeError, DispatcherError) as e:
+        recorder.close()
         print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
         return EXIT_BAD_JOB
     if run_state is not None:
@@ -135,11 +214,18 @@ def run_job(args: argparse.Namespace) -> int:
                 registry.restore(saved["tasks"])
                 dispatcher.restore(saved["dispatcher"])
             except (ValueError, TypeError, KeyError) as e:
+                recorder.close()
                 print(f"{PROG}: {run_state.path}: cannot resume: {e}", file=sys.stderr)
                 return EXIT_BAD_JOB
             progress.resume(registry, run_state.path)
         run_state.save(registry, dispatcher, launcher)
-    recorder = JsonlEventRecorder(events_path)
+        if run_state.save_error is not None:
+            recorder.close()
+            print(
+                f"{PROG}: {run_state.path}: cannot be written: {run_state.save_error}",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_JOB
     dispatcher.event_recorder = recorder
     launcher.dispatcher = dispatcher
 
@@ -150,17 +236,21 @@ def run_job(args: argparse.Namespace) -> int:
     progress.finish()
 
     rows = summarize(registry)
-    failed = any(r.outcome == "failed" for r in rows)
+    failed = any(r.outcome in ("failed", "skipped") for r in rows)
     if interrupted is not None:
         code = interrupted.exit_code
     else:
         code = EXIT_FAILED if failed else EXIT_DONE
+    # A temporary work directory goes when there is nothing to look at in it.
+    removed = temporary and code == EXIT_DONE and not args.keep_workdir
+    if removed:
+        shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         report = {
             "exit_code": code,
             "interrupted": interrupted is not None,
-            "events": str(events_path),
-            "workdir": str(workdir),
+            "events": None if removed and not args.events else str(events_path),
+            "workdir": None if removed else str(workdir),
             "tasks": [r.to_dict() for r in rows],
             "status": dispatcher.get_status(),
         }
@@ -168,7 +258,15 @@ def run_job(args: argparse.Namespace) -> int:
         print()
     else:
         print_table(rows, sys.stdout)
-        print(f"\nevent log: {events_path}\ncommand logs: {workdir / 'logs'}")
+        if removed:
+            print(
+                "\nevery task done: the temporary work directory was removed "
+                "(--keep-workdir keeps it)"
+            )
+            if args.events:
+                print(f"event log: {events_path}")
+        else:
+            print(f"\nevent log: {events_path}\ncommand logs: {workdir / 'logs'}")
         if run_state is not None:
             print(f"state: {run_state.path}")
         if interrupted is not None:
@@ -237,11 +335,12 @@ def summarize(registry: InMemoryTaskRegistry) -> list[Row]:
                 last_failure = reason
         last = history[-1] if history else None
         if last is None:
-            outcome = "not started"
+            blocked = registry.get_state(task_id) is TaskState.BLOCKED
+            outcome = "waiting for dependencies" if blocked else "not started"
         elif last.state is TaskState.DONE:
             outcome = "done"
         elif last.state is TaskState.FAILED:
-            outcome = "failed"
+            outcome = "skipped" if last.metadata.get("skipped") else "failed"
         elif last.metadata.get("interrupted"):
             outcome = "interrupted"
         elif last.state is TaskState.READY:
@@ -298,7 +397,8 @@ class Progress:
                 self.attempts[task_id] = sum(c.state is TaskState.RUNNING for c in history)
                 state = registry.get_state(task_id)
                 if state in (TaskState.DONE, TaskState.FAILED):
-                    self.labels[task_id] = state.value
+                    skipped = bool(history) and history[-1].metadata.get("skipped")
+                    self.labels[task_id] = "skipped" if skipped else state.value
             if not self.quiet:
                 done = sum(label == "done" for label in self.labels.values())
                 failed = sum(label == "failed" for label in self.labels.values())
@@ -308,7 +408,7 @@ class Progress:
     def on_change(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
         with self.lock:
             line = self._describe(task_id, state, metadata)
-            if self.quiet:
+            if self.quiet or line is None:
                 return
             if self.tty:
                 self.stream.write("\r\x1b[K")
@@ -317,8 +417,14 @@ class Progress:
                 self.stream.write(self._bar())
             self.stream.flush()
 
-    def _describe(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> str:
+    def _describe(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> str | None:
         name = task_id.ljust(self.width)
+        if metadata.get("dependencies_met"):
+            self.labels[task_id] = "queued"
+            return None
+        if metadata.get("skipped"):
+            self.labels[task_id] = "skipped"
+            return f"{name}  skipped    dependency {metadata.get('failed_dependency')!r} failed"
         if state is TaskState.RUNNING:
             self.attempts[task_id] = self.attempts.get(task_id, 0) + 1
             self.labels[task_id] = "running"
@@ -351,11 +457,11 @@ class Progress:
         counts: dict[str, int] = {}
         for label in self.labels.values():
             counts[label] = counts.get(label, 0) + 1
-        finished = counts.get("done", 0) + counts.get("failed", 0)
+        finished = counts.get("done", 0) + counts.get("failed", 0) + counts.get("skipped", 0)
         filled = self.BAR * finished // max(1, self.total)
         parts = " · ".join(
             f"{label} {counts[label]}"
-            for label in ("done", "failed", "running", "retry-wait")
+            for label in ("done", "failed", "skipped", "running", "retry-wait")
             if counts.get(label)
         )
         return f"[{'#' * filled}{'.' * (self.BAR - filled)}] {finished}/{self.total}  {parts}"

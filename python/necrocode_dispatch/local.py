@@ -15,10 +15,10 @@ POSIX only (process groups). Nothing here is imported by ``import necrocode_disp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import re
 import select
 import shutil
 import signal
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -52,8 +53,18 @@ __all__ = [
 
 
 def _safe_name(name: str) -> str:
-    """``name`` usable as one path component."""
-    return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "_"
+    """``name`` as one path component, distinct for distinct names and still
+    readable: percent-encoded (``x/y`` -> ``x%2Fy``, while ``x_y`` stays
+    ``x_y``; a leading dot too, so ``.hidden`` is ``%2Ehidden``). A name
+    longer than 120 characters encoded is cut, and marked ``%%`` with a
+    hash of the whole (``%%`` never appears in an encoded name)."""
+    encoded = urllib.parse.quote(name, safe="", errors="surrogatepass") or "%"
+    if encoded.startswith("."):
+        encoded = "%2E" + encoded[1:]
+    if len(encoded) <= 120:
+        return encoded
+    digest = hashlib.blake2s(name.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{encoded[:100]}%%{digest}"
 
 
 def _field(task: Any, name: str, default: Any = None) -> Any:
@@ -87,6 +98,14 @@ class InMemoryTaskRegistry:
     With ``incremental=True`` a poll returns only the tasks that became READY
     since the previous poll (O(new tasks) per poll): for a dispatcher, which
     holds what it was given until it reports on it.
+
+    A task with ``dependencies`` starts BLOCKED and becomes READY when every
+    task it depends on is DONE (metadata ``dependencies_met``); when one of
+    them fails for good it is FAILED without running, with metadata
+    ``skipped`` and ``failed_dependency`` naming the task that failed, and so
+    are the tasks that depend on it. A dependency on an id not registered
+    (yet) keeps the task BLOCKED.
+
     ``listener(task_id, state, metadata)`` is called after each change,
     outside the registry's lock."""
 
@@ -103,10 +122,16 @@ class InMemoryTaskRegistry:
         self.incremental = incremental
         #: READY tasks not handed out by a poll yet (incremental polls).
         self._fresh: dict[str, Task] = {}
+        #: task id -> ids of the tasks that depend on it.
+        self._dependents: dict[str, list[str]] = {}
+        #: BLOCKED task id -> how many of its dependencies are not DONE.
+        self._unmet: dict[str, int] = {}
         self.listener = listener
         self._waker: Callable[[], None] | None = None
-        for task in tasks:
-            self.add(task)
+        with self._lock:
+            # No task is FAILED yet: adding these changes no other task.
+            for task in tasks:
+                self._add(task, nothing_finished=True)
 
     def set_waker(self, waker: Callable[[], None] | None) -> None:
         """``waker()`` is called when a task becomes READY (a dispatcher's
@@ -119,12 +144,44 @@ class InMemoryTaskRegistry:
 
     def add(self, task: Task) -> None:
         with self._lock:
-            if task.id in self._records:
-                raise ValueError(f"task id {task.id!r} is already registered")
-            self._records[task.id] = _Record(task)
-            self._ready[task.id] = task
-            self._fresh[task.id] = task
-        self._wake()
+            ready, changes = self._add(task)
+        self._announce(changes)
+        if ready:
+            self._wake()
+
+    def _add(
+        self, task: Task, nothing_finished: bool = False
+    ) -> tuple[bool, list[tuple[str, StateChange]]]:
+        """Registers a task (lock held): whether it is READY, and the changes
+        it causes (tasks skipped when it depends on a failed one).
+        ``nothing_finished``: no task is DONE or FAILED (the constructor)."""
+        if task.id in self._records:
+            raise ValueError(f"task id {task.id!r} is already registered")
+        record = _Record(task)
+        self._records[task.id] = record
+        deps = _dependencies(task)
+        if not deps:
+            self._set_state(task.id, record, TaskState.READY)
+            return True, []
+        for dep in deps:
+            self._dependents.setdefault(dep, []).append(task.id)
+        if nothing_finished:
+            unmet = len(deps)
+        else:
+            unmet = sum(1 for dep in deps if self._state_of(dep) is not TaskState.DONE)
+        if not unmet:
+            self._set_state(task.id, record, TaskState.READY)
+            return True, []
+        self._unmet[task.id] = unmet
+        record.state = TaskState.BLOCKED
+        if nothing_finished:
+            return False, []
+        failed = next((d for d in deps if self._state_of(d) is TaskState.FAILED), None)
+        return False, self._skip_dependents_of(failed) if failed is not None else []
+
+    def _state_of(self, task_id: str) -> TaskState | None:
+        record = self._records.get(task_id)
+        return record.state if record is not None else None
 
     def poll_ready_tasks(self) -> list[Task]:
         with self._lock:
@@ -140,12 +197,81 @@ class InMemoryTaskRegistry:
             record = self._records.get(task_id)
             if record is None:
                 raise KeyError(f"task_id: no task {task_id!r} in the registry")
+            before = record.state
             self._set_state(task_id, record, state)
             record.history.append(change)
-        if state is TaskState.READY:
+            # Reports arrive at least once (SPEC §9): only the change into
+            # DONE or FAILED moves the tasks that depend on this one.
+            follow: list[tuple[str, StateChange]] = []
+            if state is TaskState.DONE and before is not TaskState.DONE:
+                follow = self._release_dependents_of(task_id)
+            elif state is TaskState.FAILED and before is not TaskState.FAILED:
+                follow = self._skip_dependents_of(task_id)
+        if state is TaskState.READY or any(c.state is TaskState.READY for _, c in follow):
             self._wake()
         if self.listener is not None:
             self.listener(task_id, state, change.metadata)
+        self._announce(follow)
+
+    def _release_dependents_of(self, task_id: str) -> list[tuple[str, StateChange]]:
+        """``task_id`` is DONE: its dependents with nothing else to wait for
+        become READY (lock held). Returns the changes made."""
+        changes = []
+        for dependent in self._dependents.get(task_id, ()):
+            left = self._unmet.get(dependent)
+            if left is None:
+                continue
+            if left > 1:
+                self._unmet[dependent] = left - 1
+                continue
+            del self._unmet[dependent]
+            record = self._records[dependent]
+            if record.state is TaskState.BLOCKED:
+                changes.append(
+                    (
+                        dependent,
+                        self._change(
+                            dependent,
+                            record,
+                            TaskState.READY,
+                            {
+                                "dependencies_met": True,
+                            },
+                        ),
+                    )
+                )
+        return changes
+
+    def _skip_dependents_of(self, failed: str) -> list[tuple[str, StateChange]]:
+        """``failed`` failed for good: every task that depends on it, directly
+        or not, and has not run is FAILED as skipped (lock held)."""
+        changes = []
+        pending = list(self._dependents.get(failed, ()))
+        while pending:
+            dependent = pending.pop()
+            record = self._records.get(dependent)
+            if record is None or record.state is not TaskState.BLOCKED:
+                continue
+            self._unmet.pop(dependent, None)
+            metadata = {
+                "skipped": True,
+                "failed_dependency": failed,
+                "reason": f"skipped: dependency {failed!r} failed",
+            }
+            changes.append((dependent, self._change(dependent, record, TaskState.FAILED, metadata)))
+            pending.extend(self._dependents.get(dependent, ()))
+        return changes
+
+    def _change(self, task_id, record, state, metadata) -> StateChange:
+        change = StateChange(state, metadata, datetime.now())
+        self._set_state(task_id, record, state)
+        record.history.append(change)
+        return change
+
+    def _announce(self, changes: list[tuple[str, StateChange]]) -> None:
+        if self.listener is not None:
+            for task_id, change in changes:
+                self.listener(task_id, change.state, change.metadata)
 
     def _set_state(self, task_id: str, record: _Record, state: TaskState) -> None:
         """A record's new state, and the READY sets with it (lock held)."""
@@ -164,6 +290,12 @@ class InMemoryTaskRegistry:
     def get_history(self, task_id: str) -> list[StateChange]:
         with self._lock:
             return list(self._records[task_id].history)
+
+    def runs_started(self, task_id: str) -> int:
+        """How many times the task was reported RUNNING (each attempt that
+        started, including one cut short by a restart)."""
+        with self._lock:
+            return sum(c.state is TaskState.RUNNING for c in self._records[task_id].history)
 
     def task_ids(self) -> list[str]:
         with self._lock:
@@ -190,7 +322,8 @@ class InMemoryTaskRegistry:
     def restore(self, saved: dict[str, Any]) -> None:
         """Takes back the states and histories of a ``snapshot()`` for the
         tasks registered here (others are ignored). A task that was running
-        when saved is READY again: its runner went with the process."""
+        when saved is READY again: its runner went with the process. Which
+        tasks wait for dependencies is worked out anew from the states."""
         restored = {}
         for task_id, entry in saved.items():
             state = TaskState(entry["state"])
@@ -209,13 +342,42 @@ class InMemoryTaskRegistry:
                 if record is not None:
                     self._set_state(task_id, record, state)
                     record.history = history
+            changes = self._settle_dependencies()
+        self._announce(changes)
+
+    def _settle_dependencies(self) -> list[tuple[str, StateChange]]:
+        """Recounts what each unfinished task with dependencies waits for,
+        after states were set from outside (lock held)."""
+        self._unmet.clear()
+        finished = (TaskState.DONE, TaskState.FAILED)
+        failed = []
+        for task_id, record in self._records.items():
+            deps = _dependencies(record.task)
+            if not deps or record.state in finished:
+                continue
+            unmet = sum(1 for dep in deps if self._state_of(dep) is not TaskState.DONE)
+            if unmet:
+                self._unmet[task_id] = unmet
+                self._set_state(task_id, record, TaskState.BLOCKED)
+                failed.extend(d for d in deps if self._state_of(d) is TaskState.FAILED)
+            elif record.state is TaskState.BLOCKED:
+                self._set_state(task_id, record, TaskState.READY)
+        changes = []
+        for dep in dict.fromkeys(failed):
+            changes.extend(self._skip_dependents_of(dep))
+        return changes
 
     def all_finished(self) -> bool:
-        """Every task DONE or FAILED."""
+        """Every task DONE or FAILED (skipped tasks are FAILED)."""
         with self._lock:
             return all(
                 r.state in (TaskState.DONE, TaskState.FAILED) for r in self._records.values()
             )
+
+
+def _dependencies(task: Any) -> list[str]:
+    """A task's dependency ids, each once."""
+    return list(dict.fromkeys(getattr(task, "dependencies", None) or ()))
 
 
 @dataclass(frozen=True)
@@ -499,10 +661,12 @@ class SubprocessLauncher:
     at the task's ``timeout``, and reports the outcome to the dispatcher.
 
     The command sees ``NECROCODE_TASK_ID``, ``NECROCODE_ATTEMPT`` (1 for the
-    first run), ``NECROCODE_SLOT_DIR`` and ``NECROCODE_RUN_ID``; its output goes
-    to ``log_dir``. When the command's shell exits, whatever it left running in
-    its process group is killed before the outcome is reported (so before its
-    slot is cleaned), unless the task sets ``keep_background``. With
+    first run), ``NECROCODE_SLOT_DIR`` and ``NECROCODE_RUN_ID``; its stdout goes
+    to ``log_dir/ID.N.log`` and its stderr to ``log_dir/ID.N.err`` (N: the
+    attempt); a failure's reason is the last line of stderr, else of stdout.
+    When the command's shell exits, whatever it left running in its process
+    group is killed before the outcome is reported (so before its slot is
+    cleaned), unless the task sets ``keep_background``. With
     ``orphan_guard`` (the default) a helper process kills the runners' groups
     if this program dies without stopping them."""
 
@@ -516,8 +680,13 @@ class SubprocessLauncher:
         env: dict[str, str] | None = None,
         orphan_guard: bool = True,
         run_id: str | None = None,
+        attempt_of: Callable[[str], int] | None = None,
     ):
         self.log_dir = Path(log_dir)
+        #: The attempt number of a task's next run; by default its retry
+        #: count + 1 (the CLI counts the runs its registry saw started, so a
+        #: run cut short by a restart counts too).
+        self.attempt_of = attempt_of
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.dispatcher = dispatcher
         self.heartbeat_interval = heartbeat_interval
@@ -541,12 +710,16 @@ class SubprocessLauncher:
             raise ValueError(f"task {_field(task, 'id')!r} has no command")
         task_id = _field(task, "id")
         timeout = _field(task, "timeout")
-        attempt = self.dispatcher.retry_manager.get_retry_count(task_id) + 1
+        if self.attempt_of is not None:
+            attempt = self.attempt_of(task_id)
+        else:
+            attempt = self.dispatcher.retry_manager.get_retry_count(task_id) + 1
         with self._lock:
             self._count += 1
             runner_id = f"local-{self._count}"
         slot_dir = Path(getattr(slot, "path", None) or self.log_dir)
         log_path = self.log_dir / f"{_safe_name(task_id)}.{attempt}.log"
+        err_path = log_path.with_suffix(".err")
         env = dict(
             self.env,
             NECROCODE_TASK_ID=task_id,
@@ -554,14 +727,14 @@ class SubprocessLauncher:
             NECROCODE_SLOT_DIR=str(slot_dir),
             NECROCODE_RUN_ID=self.run_id,
         )
-        with open(log_path, "wb") as log:
+        with open(log_path, "wb") as log, open(err_path, "wb") as err:
             popen = subprocess.Popen(
                 ["/bin/sh", "-c", command],
                 cwd=slot_dir,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=err,
                 start_new_session=True,
             )
         metadata = _field(task, "metadata") or {}
@@ -705,12 +878,15 @@ class SubprocessLauncher:
                 slot_id=runner.slot_id,
                 pool_name=runner.pool_name,
                 failure_reason=reason,
+                timed_out=process.timed_out is not None,
             )
         except Exception:
             logger.exception("reporting runner %s failed", runner.runner_id)
 
 
 def _exit_reason(code: int, log_path: Path) -> str:
+    """``exit code N: <last line>``: the last line of stderr when the command
+    wrote any (its error, not a progress line on stdout), else of stdout."""
     if code < 0:
         try:
             reason = f"killed by signal {signal.Signals(-code).name}"
@@ -718,7 +894,7 @@ def _exit_reason(code: int, log_path: Path) -> str:
             reason = f"killed by signal {-code}"
     else:
         reason = f"exit code {code}"
-    last = _last_line(log_path)
+    last = _last_line(log_path.with_suffix(".err")) or _last_line(log_path)
     return f"{reason}: {last}" if last else reason
 
 
@@ -759,6 +935,10 @@ class JsonlEventRecorder:
             if not self._file.closed:
                 self._file.write(text + "\n")
                 self._file.flush()
+
+    def record_task_skipped(self, spec_name, task_id, failed_dependency):
+        """A task that will not run: a task it depends on failed for good."""
+        self._write("task_skipped", _event_fields(locals()))
 
     def record_task_assigned(self, spec_name, task_id, runner_id, slot_id, pool_name, timestamp):
         self._write("task_assigned", _event_fields(locals()))

@@ -56,6 +56,10 @@ class Task:
     created_at: datetime | None = None
     required_skill: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Ids of the tasks that must be done before this one is ready (as
+    #: NecroCode's tasks carry them); the local registry holds it BLOCKED
+    #: until then.
+    dependencies: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -43,9 +43,11 @@ class StateFileError(ValueError):
 
 
 class RunState:
-    def __init__(self, path: str | Path, job: str):
+    def __init__(self, path: str | Path, job: str, fingerprint: str | None = None):
         self.path = Path(path)
         self.job = job
+        #: The job's fingerprint (``Job.fingerprint()``), kept in the header.
+        self.fingerprint = fingerprint
         self._lock = threading.Lock()
         self._file: Any = None
         self._lines = 0
@@ -84,7 +86,12 @@ class RunState:
         return data
 
     def _replay(self, header: dict[str, Any], lines: list[str]) -> dict[str, Any]:
-        data: dict[str, Any] = {"job": header.get("job"), "tasks": None, "dispatcher": None}
+        data: dict[str, Any] = {
+            "job": header.get("job"),
+            "fingerprint": header.get("fingerprint"),
+            "tasks": None,
+            "dispatcher": None,
+        }
         for number, line in enumerate(lines, start=2):
             try:
                 entry = json.loads(line)
@@ -116,6 +123,29 @@ class RunState:
         record["history"].append(
             {"state": entry.get("state"), "metadata": entry.get("metadata"), "at": entry.get("at")}
         )
+
+    def check_job(self, saved: dict[str, Any]) -> None:
+        """Refuses a state that another job wrote (its fingerprint differs);
+        files written before fingerprints were kept are taken as they are."""
+        theirs = saved.get("fingerprint")
+        if theirs is not None and self.fingerprint is not None and theirs != self.fingerprint:
+            raise StateFileError(
+                f"{self.path}: written by another job ({saved.get('job')}: other tasks, "
+                "commands or dependencies); --fresh starts over and replaces it"
+            )
+
+    def check_writable(self) -> None:
+        """Fails now, before anything runs, if the state cannot be saved."""
+        if self.path.is_dir():
+            raise StateFileError(f"{self.path}: is a directory")
+        try:
+            write_atomically(self.path.parent / f".{self.path.name}.probe", "")
+        except OSError as e:
+            raise StateFileError(f"{self.path}: cannot be written: {e.strerror or e}") from None
+        try:
+            (self.path.parent / f".{self.path.name}.probe").unlink()
+        except OSError:
+            pass
 
     # -- writing ------------------------------------------------------------------
 
@@ -180,7 +210,12 @@ class RunState:
     def _compact(self, registry: Any, dispatcher: Any, launcher: Any) -> None:
         tasks = registry.snapshot()
         lines = [
-            {"format": FORMAT, "version": VERSION, "job": self.job},
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "job": self.job,
+                "fingerprint": self.fingerprint,
+            },
             {"t": "tasks", "tasks": tasks, "saved_at": datetime.now().isoformat()},
             {"t": "dispatcher", "snapshot": dispatcher.snapshot()},
         ]

@@ -15,7 +15,8 @@ use pyo3::prelude::*;
 mod core_module {
     #[pymodule_export]
     use super::dispatch::{
-        _after_fork_in_child, _stop_loops_at_exit, DispatchLoop, PyDispatcherCore, Waker,
+        _after_fork_in_child, _stop_loops_at_exit, check_dependencies, DispatchLoop,
+        PyDispatcherCore, Waker,
     };
     #[pymodule_export]
     use super::files::write_atomically;

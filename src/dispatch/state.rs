@@ -62,6 +62,7 @@ pub enum EarlyReport {
     Completion {
         runner_id: Arc<str>,
         success: bool,
+        timed_out: bool,
         reason: Option<Arc<str>>,
     },
     Failure {
@@ -1016,11 +1017,13 @@ impl<T> DispatcherState<T> {
     /// `handle_runner_completion`: the first report for a runner wins; later
     /// ones are ignored. A report for `task_id` while its runner is still
     /// being launched is kept and applied once the runner is tracked.
+    #[allow(clippy::too_many_arguments)] // the report's fields, as the port gives them
     pub fn complete(
         &mut self,
         runner_id: &str,
         task_id: Option<&str>,
         success: bool,
+        timed_out: bool,
         failure_reason: Option<&str>,
         book: &mut RetryBook,
         now: Now,
@@ -1029,6 +1032,7 @@ impl<T> DispatcherState<T> {
             let early = EarlyReport::Completion {
                 runner_id: Arc::from(runner_id),
                 success,
+                timed_out,
                 reason: failure_reason.map(Arc::from),
             };
             return match task_id {
@@ -1050,6 +1054,10 @@ impl<T> DispatcherState<T> {
             failure_reason: if success { None } else { reason.clone() },
         });
         if !success {
+            if timed_out {
+                // Stopped at its time limit by the runner's own watcher.
+                self.metrics.runner_timeouts += 1;
+            }
             let task_id = runner.task_id.clone();
             let reason = reason.unwrap_or_else(|| Arc::from("unknown"));
             let failure = self.apply_failure(
@@ -1310,9 +1318,10 @@ impl<T> DispatcherState<T> {
                 EarlyReport::Completion {
                     runner_id: rid,
                     success,
+                    timed_out,
                     reason,
                 } if rid == runner_id => {
-                    self.complete(&rid, None, success, reason.as_deref(), book, now)
+                    self.complete(&rid, None, success, timed_out, reason.as_deref(), book, now)
                 }
                 EarlyReport::Failure {
                     runner_id: rid,

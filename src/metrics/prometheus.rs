@@ -117,7 +117,7 @@ pub fn render(status: &StatusSnapshot, budget: Option<BudgetStatus>) -> String {
         ),
         (
             "runner_timeouts_total",
-            "Runners silent past the heartbeat timeout.",
+            "Runners that timed out: silent past the heartbeat timeout, or stopped at their time limit.",
             m.runner_timeouts,
         ),
     ] {

@@ -29,15 +29,7 @@ impl PyDispatcherCore {
         let graph = graph
             .cast::<PyDict>()
             .map_err(|_| args::type_error("dependency_graph()", "a dict", &graph))?;
-        let mut tasks: Vec<(String, Vec<String>)> = Vec::with_capacity(graph.len());
-        for (id, deps) in graph.iter() {
-            let id = args::string("dependency_graph() key", &id)?.into_owned();
-            let mut waits_for = Vec::new();
-            for dep in deps.try_iter()? {
-                waits_for.push(args::string("a dependency", &dep?)?.into_owned());
-            }
-            tasks.push((id, waits_for));
-        }
+        let tasks = read_graph("dependency_graph() key", graph)?;
         let found = py.detach(|| {
             DependencyGraph::new(
                 tasks
@@ -80,4 +72,47 @@ impl PyDispatcherCore {
         info.set_item("blocked_tasks", found.blocked)?;
         Ok(info)
     }
+}
+
+/// `{task_id: [ids it waits for]}` as Rust strings.
+fn read_graph(key_name: &str, graph: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Vec<String>)>> {
+    let mut tasks = Vec::with_capacity(graph.len());
+    for (id, deps) in graph.iter() {
+        let id = args::string(key_name, &id)?.into_owned();
+        let mut waits_for = Vec::new();
+        for dep in deps.try_iter()? {
+            waits_for.push(args::string("a dependency", &dep?)?.into_owned());
+        }
+        tasks.push((id, waits_for));
+    }
+    Ok(tasks)
+}
+
+/// `check_dependencies({task_id: [ids it depends on]})`: what makes a set
+/// of dependencies impossible to run, as `(unknown, cycles)` —
+/// `unknown` lists `(task_id, missing_id)` in order, `cycles` each circle as
+/// a path back to its start (`[a, b, c, a]`). Linear in tasks +
+/// dependencies; the graph is checked with the GIL released. Used by job
+/// files (`depends_on`), and the same check as the dispatcher's deadlock
+/// detection.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn check_dependencies(
+    py: Python<'_>,
+    graph: &Bound<'_, PyDict>,
+) -> PyResult<(Vec<(String, String)>, Vec<Vec<String>>)> {
+    let tasks = read_graph("graph key", graph)?;
+    Ok(py.detach(|| {
+        let graph = DependencyGraph::new(
+            tasks
+                .iter()
+                .map(|(id, deps)| (id.as_str(), deps.iter().map(String::as_str).collect())),
+        );
+        let unknown = graph
+            .unknown_dependencies()
+            .into_iter()
+            .map(|(task, dep)| (task.to_owned(), dep.to_owned()))
+            .collect();
+        (unknown, graph.deadlocks().cycles)
+    }))
 }

@@ -19,6 +19,7 @@ use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList};
 
+pub use deadlocks::check_dependencies;
 use errors::refusal_to_py;
 pub use errors::{
     DeadlockDetectedError, DispatcherError, PoolNotFoundError, RunnerLaunchError,
@@ -675,8 +676,10 @@ impl PyDispatcherCore {
     }
 
     /// A runner finished. The first report for a runner wins; a later one
-    /// returns False and changes nothing.
-    #[pyo3(signature = (runner_id, task_id = None, spec_name = None, success = None, slot_id = None, pool_name = None, failure_reason = None))]
+    /// returns False and changes nothing. `timed_out=True` (with
+    /// `success=False`): the runner was stopped at its time limit by
+    /// whatever watches it; counted in `metrics["runner_timeouts"]`.
+    #[pyo3(signature = (runner_id, task_id = None, spec_name = None, success = None, slot_id = None, pool_name = None, failure_reason = None, *, timed_out = false))]
     #[allow(clippy::too_many_arguments)]
     fn handle_runner_completion(
         &self,
@@ -688,6 +691,7 @@ impl PyDispatcherCore {
         slot_id: Option<&Bound<'_, PyAny>>,
         pool_name: Option<&Bound<'_, PyAny>>,
         failure_reason: Option<&Bound<'_, PyAny>>,
+        timed_out: bool,
     ) -> PyResult<bool> {
         let runner_text = args::string("runner_id", runner_id)?;
         let task_text = args::optional_string("task_id", task_id)?;
@@ -721,6 +725,7 @@ impl PyDispatcherCore {
                 &runner_text,
                 task_text.as_deref(),
                 success,
+                timed_out,
                 reason.as_deref(),
                 book,
                 now,

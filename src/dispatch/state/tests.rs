@@ -150,12 +150,12 @@ fn completion_and_timeout_race_applies_one_outcome() {
         s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(0))
             .unwrap();
         let (first, second) = if completion_first {
-            let a = s.complete("r1", None, true, None, &mut book, at(100));
+            let a = s.complete("r1", None, true, false, None, &mut book, at(100));
             let b = s.time_out("r1", &mut book, at(100));
             (a, b)
         } else {
             let a = s.time_out("r1", &mut book, at(100));
-            let b = s.complete("r1", None, true, None, &mut book, at(100));
+            let b = s.complete("r1", None, true, false, None, &mut book, at(100));
             (a, b)
         };
         assert!(first.applied && !second.applied);
@@ -174,7 +174,7 @@ fn successful_completion_reports_done_and_clears_retries() {
     book.record_failure("t1", Some("earlier"), at(0));
     s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(5))
         .unwrap();
-    let out = s.complete("r1", None, true, None, &mut book, at(7));
+    let out = s.complete("r1", None, true, false, None, &mut book, at(7));
     let kinds: Vec<&str> = out
         .effects
         .iter()
@@ -391,11 +391,11 @@ fn a_completion_reported_during_the_launch_is_applied_on_confirmation() {
     let r = s.schedule().pop().unwrap();
     // The runner finished before launch() returned.
     assert!(
-        s.complete("r1", Some("t1"), true, None, &mut book, at(1))
+        s.complete("r1", Some("t1"), true, false, None, &mut book, at(1))
             .applied
     );
     assert!(
-        !s.complete("r1", Some("t1"), true, None, &mut book, at(1))
+        !s.complete("r1", Some("t1"), true, false, None, &mut book, at(1))
             .applied
     );
     let out = s.confirm_assignment("t1", r.payload, runner("r1"), &mut book, at(2));
@@ -517,7 +517,15 @@ fn a_dispatcher_snapshot_round_trip_keeps_retries_and_delays() {
         &mut book,
         at(0),
     );
-    s.complete("r1", Some("t"), false, Some("exit 1"), &mut book, at(0));
+    s.complete(
+        "r1",
+        Some("t"),
+        false,
+        false,
+        Some("exit 1"),
+        &mut book,
+        at(0),
+    );
     assert_eq!(s.next_due(), Some(10 * SECOND));
     let text = to_json(&capture(&s, &book, at(4)));
     // Another process, whose monotonic clock reads 100 s at the same wall time.
