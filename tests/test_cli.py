@@ -4,12 +4,13 @@ checked from the event log), --json, and Ctrl-C."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -409,6 +410,43 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
         assert ("\x1b[K" in text) is isinstance(stream, Terminal)
 
 
+def test_the_status_line_shows_running_and_waiting_tasks_and_fits_the_terminal():
+    import io
+
+    from necrocode_dispatch.cli import Progress
+    from necrocode_dispatch.models import TaskState
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = Progress(stream, ["build", "test"], max_attempts=3, columns=lambda: 200)
+    progress.on_change("build", TaskState.RUNNING, {"pool_name": "local"})
+    progress.on_change("test", TaskState.RUNNING, {"pool_name": "local"})
+    due = (datetime.now() + timedelta(seconds=30)).isoformat()
+    progress.on_change(
+        "test",
+        TaskState.READY,
+        {"retry_count": 1, "failure_reason": "exit code 1", "next_retry_at": due},
+    )
+    progress.redraw()
+    status = stream.getvalue().rsplit("\r\x1b[K", 1)[-1]
+    assert "running 1 · retry-wait 1  | build 0s, test retry in " in status, status
+    assert float(status.rsplit(" in ", 1)[1].rstrip("s")) > 29
+    # At 50 columns the line is cut, not wrapped (a wrapped line leaves
+    # fragments behind when it is redrawn).
+    progress.columns = lambda: 50
+    progress.redraw()
+    status = stream.getvalue().rsplit("\r\x1b[K", 1)[-1]
+    assert len(status) == 49 and status.endswith("…")
+    # Off a terminal, nothing is redrawn.
+    plain = io.StringIO()
+    quiet = Progress(plain, ["a"], max_attempts=1)
+    quiet.redraw()
+    assert plain.getvalue() == ""
+
+
 def read_state(path: Path) -> dict | None:
     """The state file as a resumed run would read it (None while unreadable)."""
     try:
@@ -677,3 +715,36 @@ def test_a_resumed_run_kills_what_the_dead_run_left_before_starting(tmp_path):
     finally:
         if old is not None and not process_is_gone(old, within=0):
             os.kill(old, signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_on_a_real_terminal_the_status_line_moves_while_nothing_changes(tmp_path):
+    """In a tmux pane 60 columns wide: while one command sleeps, the status
+    line's running time goes up by itself, and the line never wraps."""
+    job = write_job(tmp_path, "tasks:\n  - {id: sleeper, command: 'sleep 3'}\n")
+    socket = f"necrocode-test-{os.getpid()}"
+    tmux = ["tmux", "-L", socket, "-f", "/dev/null"]
+    command = " ".join(cli_args(tmp_path, job)) + "; sleep 30"
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-x", "60", "-y", "10", command], check=True, timeout=10
+    )
+    try:
+
+        def status_line() -> str:
+            pane = subprocess.run(
+                [*tmux, "capture-pane", "-p"], capture_output=True, text=True, check=True
+            ).stdout
+            found = [line for line in pane.splitlines() if "sleeper" in line and "|" in line]
+            return found[-1] if found else ""
+
+        seen = set()
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 and time.monotonic() < deadline:
+            line = status_line()
+            if line:
+                assert len(line) <= 59, line
+                seen.add(line.rsplit("sleeper ", 1)[-1])
+            time.sleep(0.2)
+        assert len(seen) >= 2, f"the status line never moved: {seen}"
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -229,7 +230,16 @@ def run_job(args: argparse.Namespace) -> int:
     dispatcher.event_recorder = recorder
     launcher.dispatcher = dispatcher
 
+    stop_redrawing = threading.Event()
+    redrawing = threading.Thread(
+        target=progress.ticker, args=(stop_redrawing,), name="progress", daemon=True
+    )
+    if progress.tty:
+        redrawing.start()
     interrupted = _run_until_finished(dispatcher, registry, launcher)
+    stop_redrawing.set()
+    if redrawing.is_alive():
+        redrawing.join()
     if run_state is not None:
         run_state.close(registry, dispatcher, launcher)
     recorder.close()
@@ -372,22 +382,38 @@ def print_table(rows: list[Row], out: TextIO) -> None:
 
 
 class Progress:
-    """Live progress: a line per state change, and on a terminal a bar kept
-    at the bottom. Called from the dispatcher's threads."""
+    """Live progress: a line per state change and, on a terminal, a status
+    line kept at the bottom — redrawn on every change and every
+    ``REDRAW`` seconds (``ticker``), with what runs and for how long and
+    what waits for a retry and for how long more, cut to the terminal's
+    width so that it never wraps. Called from the dispatcher's threads."""
 
     BAR = 24
+    REDRAW = 0.5
 
-    def __init__(self, stream: TextIO, task_ids: list[str], max_attempts: int, quiet: bool = False):
+    def __init__(
+        self,
+        stream: TextIO,
+        task_ids: list[str],
+        max_attempts: int,
+        quiet: bool = False,
+        columns: Callable[[], int] | None = None,
+    ):
         self.stream = stream
         self.total = len(task_ids)
         self.width = max(map(len, task_ids), default=0)
         self.max_attempts = max_attempts
         self.quiet = quiet
         self.tty = stream.isatty() and not quiet
+        self.columns = columns or (lambda: shutil.get_terminal_size((80, 24)).columns)
         self.start = time.monotonic()
         self.lock = threading.Lock()
         self.labels: dict[str, str] = {}
         self.attempts: dict[str, int] = {}
+        #: task id -> monotonic time its current attempt started.
+        self.running_since: dict[str, float] = {}
+        #: task id -> monotonic time its retry is due.
+        self.retry_due: dict[str, float] = {}
 
     def resume(self, registry: InMemoryTaskRegistry, path: Path) -> None:
         """Takes in the tasks' states restored from a state file."""
@@ -407,6 +433,8 @@ class Progress:
 
     def on_change(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> None:
         with self.lock:
+            self.running_since.pop(task_id, None)
+            self.retry_due.pop(task_id, None)
             line = self._describe(task_id, state, metadata)
             if self.quiet or line is None:
                 return
@@ -416,6 +444,19 @@ class Progress:
             if self.tty:
                 self.stream.write(self._bar())
             self.stream.flush()
+
+    def redraw(self) -> None:
+        """Draws the status line again (on a terminal): times move on."""
+        if not self.tty:
+            return
+        with self.lock:
+            self.stream.write("\r\x1b[K" + self._bar())
+            self.stream.flush()
+
+    def ticker(self, stop: threading.Event) -> None:
+        """Redraws every ``REDRAW`` seconds until ``stop`` is set."""
+        while not stop.wait(self.REDRAW):
+            self.redraw()
 
     def _describe(self, task_id: str, state: TaskState, metadata: dict[str, Any]) -> str | None:
         name = task_id.ljust(self.width)
@@ -428,6 +469,7 @@ class Progress:
         if state is TaskState.RUNNING:
             self.attempts[task_id] = self.attempts.get(task_id, 0) + 1
             self.labels[task_id] = "running"
+            self.running_since[task_id] = time.monotonic()
             attempt = self.attempts[task_id]
             return f"{name}  started    attempt {attempt} on {metadata.get('pool_name')}"
         if state is TaskState.DONE:
@@ -446,8 +488,9 @@ class Progress:
         delay = ""
         if metadata.get("next_retry_at"):
             due = datetime.fromisoformat(metadata["next_retry_at"])
-            seconds = (due - datetime.now()).total_seconds()
-            delay = f"; retry in {max(0.0, seconds):.1f} s"
+            seconds = max(0.0, (due - datetime.now()).total_seconds())
+            self.retry_due[task_id] = time.monotonic() + seconds
+            delay = f"; retry in {seconds:.1f} s"
         return (
             f"{name}  failed     {metadata.get('failure_reason')} "
             f"[{metadata.get('retry_count')}/{self.max_attempts}]{delay}"
@@ -464,7 +507,17 @@ class Progress:
             for label in ("done", "failed", "skipped", "running", "retry-wait")
             if counts.get(label)
         )
-        return f"[{'#' * filled}{'.' * (self.BAR - filled)}] {finished}/{self.total}  {parts}"
+        now = time.monotonic()
+        running = sorted(self.running_since.items(), key=lambda item: item[1])
+        details = [f"{t} {now - since:.0f}s" for t, since in running]
+        waiting = sorted(self.retry_due.items(), key=lambda item: item[1])
+        details += [f"{t} retry in {max(0.0, due - now):.1f}s" for t, due in waiting]
+        line = f"[{'#' * filled}{'.' * (self.BAR - filled)}] {finished}/{self.total}  {parts}"
+        if details:
+            line += "  | " + ", ".join(details)
+        # One character short of the width: a full line would wrap the cursor.
+        room = max(10, self.columns() - 1)
+        return line if len(line) <= room else line[: room - 1] + "…"
 
     def finish(self) -> None:
         with self.lock:

@@ -174,7 +174,22 @@ impl PyDispatcherCore {
         }
         remember_started(slf)?;
         this.give_waker(py, &control)?;
-        this.state.lock().resume();
+        let can_run = {
+            let mut state = this.state.lock();
+            state.resume();
+            let any = state
+                .pools()
+                .iter()
+                .any(|(_, p)| p.enabled && p.max_concurrency > 0);
+            any
+        };
+        if !can_run {
+            // A `DispatcherConfig()` has no pools: say so rather than idle.
+            log::warn!(
+                target: LOG_TARGET,
+                "started with no enabled agent pool that can run a task (config.agent_pools): nothing will be assigned"
+            );
+        }
         let generation = control.begin();
         this.running.store(true, Ordering::SeqCst);
         let started = (|| -> PyResult<()> {
