@@ -217,3 +217,11 @@ def test_the_temporary_workdir_goes_when_every_task_is_done(tmp_path):
     failed = subprocess.run([*argv, str(bad)], capture_output=True, text=True, env=env, timeout=60)
     assert failed.returncode == 1 and len(temp_dirs(tmp)) == 2
     assert f"command logs: {tmp}" in failed.stdout
+
+
+def test_a_state_file_may_live_in_the_work_directory_the_run_makes(tmp_path):
+    job = write_job(tmp_path, "tasks:\n  - {id: a, command: 'true'}\n")
+    state = tmp_path / "work" / "state.json"
+    result = run_cli(tmp_path, job, "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    assert read_state(state)["tasks"]["a"]["state"] == "done"

@@ -153,10 +153,11 @@ def run_job(args: argparse.Namespace) -> int:
         return EXIT_BAD_JOB
     made: list[Path] = []
     try:
-        run_state, saved = _run_state(args, job)
+        # The work directory first: a state file or event log may be in it.
         workdir, temporary = _work_directory(args)
         if temporary:
             made.append(workdir)
+        run_state, saved = _run_state(args, job)
         events_path = Path(args.events) if args.events else workdir / "events.jsonl"
         recorder = _event_log(events_path)
     except BadInput as e:
