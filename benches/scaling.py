@@ -9,6 +9,7 @@ O(tasks held)").
 
     python benches/scaling.py            # N = 10^2 .. 10^6
     python benches/scaling.py --quick    # N = 10^2 .. 10^4
+    python benches/scaling.py --plot benches/scaling.png   # also the log-log plot
 
 No timing is asserted.
 """
@@ -201,9 +202,31 @@ def rust_held(kind: str, n: int) -> float:
     return float(out.stdout.strip())
 
 
+def plot(sizes: list[int], rows: dict[str, list[float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, times in rows.items():
+        style = "--" if name.startswith("get_status() with lists") else "-"
+        ax.plot(sizes, [t * 1e6 for t in times], style, marker="o", markersize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tasks held (queued, running or delayed)")
+    ax.set_ylabel("time per call (µs)")
+    ax.set_title("necrocode-dispatch: cost of a call against what the dispatcher holds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="N up to 10^4")
+    parser.add_argument("--plot", metavar="PNG", help="also draw time per call against N, log-log")
     args = parser.parse_args()
     sizes = [10**k for k in range(2, 5 if args.quick else 7)]
     rows: dict[str, list[float]] = {}
@@ -230,6 +253,8 @@ def main() -> None:
         cells = "".join(f"{t * 1e6:>12.1f}µs" for t in times)
         slope = math.log(times[-1] / times[0]) / math.log(sizes[-1] / sizes[0])
         print(f"{name:<40}{cells}  {slope:8.2f}")
+    if args.plot:
+        plot(sizes, rows, args.plot)
     n = sizes[-1]
     print(
         f"\n{'memory per task held':<40}{'N':>14}{'reference':>12}{'rust':>12}{'ratio':>9}  target"
