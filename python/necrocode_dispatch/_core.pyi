@@ -3,23 +3,48 @@
 import os
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias, final
+
+from typing_extensions import Self, disjoint_base
+
+__all__ = [
+    "DeadlockDetectedError",
+    "DispatcherCore",
+    "DispatcherError",
+    "ManualClock",
+    "PoolNotFoundError",
+    "RetryInfo",
+    "RetryManager",
+    "RunnerLaunchError",
+    "SlotAllocationError",
+    "SystemClock",
+    "TaskAssignmentError",
+    "_DispatchLoop",
+    "_Waker",
+    "__version__",
+    "_after_fork_in_child",
+    "_stop_loops_at_exit",
+    "check_dependencies",
+    "write_atomically",
+]
 
 __version__: str
 
+@final
 class SystemClock:
     """The operating system's clocks."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def now(self) -> datetime:
         """The naive local wall-clock time, as ``datetime.now()``."""
     def monotonic(self) -> float:
         """Seconds of the monotonic clock, as ``time.monotonic()``."""
 
+@final
 class ManualClock:
     """A test clock whose readings move only by ``advance(seconds)``."""
 
-    def __init__(self, start: datetime | None = None) -> None: ...
+    def __new__(cls, start: datetime | None = None) -> Self: ...
     def now(self) -> datetime: ...
     def monotonic(self) -> float: ...
     def advance(self, seconds: float) -> None:
@@ -27,8 +52,9 @@ class ManualClock:
     def set_wall_time(self, now: datetime) -> None:
         """Set the wall-clock reading alone, as a system clock jump would."""
 
-Clock = SystemClock | ManualClock
+_Clock: TypeAlias = SystemClock | ManualClock
 
+@final
 class RetryInfo:
     """Retry information of one task."""
 
@@ -38,21 +64,22 @@ class RetryInfo:
     next_retry_at: datetime | None
     failure_reason: str | None
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         task_id: str,
         retry_count: int = 0,
         last_retry_at: datetime | None = None,
         next_retry_at: datetime | None = None,
         failure_reason: str | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     def to_dict(self) -> dict[str, Any]: ...
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RetryInfo: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __copy__(self) -> RetryInfo: ...
     def __deepcopy__(self, memo: Any) -> RetryInfo: ...
 
+@final
 class RetryManager:
     """Retry bookkeeping with exponential backoff, safe to share between threads."""
 
@@ -61,23 +88,23 @@ class RetryManager:
     initial_delay: float
     max_delay: float
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         max_attempts: int = 3,
         backoff_base: float = 2.0,
         initial_delay: float = 1.0,
         max_delay: float = 300.0,
         *,
-        clock: Clock | None = None,
-        jitter: str = "none",
+        clock: _Clock | None = None,
+        jitter: str | None = None,
         seed: int | None = None,
         non_retryable: str | Iterable[str] | None = None,
         policies: dict[str, dict[str, float]] | None = None,
         max_retry_duration: float | None = None,
         retry_budget: int | dict[str, int] | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
-    def clock(self) -> Clock: ...
+    def clock(self) -> _Clock: ...
     @property
     def jitter(self) -> str: ...
     @property
@@ -105,7 +132,7 @@ class RetryManager:
     def get_tasks_ready_for_retry(self) -> list[str]: ...
     def _calculate_backoff_delay(self, retry_count: int) -> float: ...
     def __len__(self) -> int: ...
-    def __contains__(self, task_id: object) -> bool: ...
+    def __contains__(self, task_id: object, /) -> bool: ...
 
 class DispatcherError(Exception): ...
 class TaskAssignmentError(DispatcherError): ...
@@ -114,6 +141,7 @@ class RunnerLaunchError(DispatcherError): ...
 class PoolNotFoundError(DispatcherError): ...
 class DeadlockDetectedError(DispatcherError): ...
 
+@disjoint_base
 class DispatcherCore:
     """The dispatcher state machine; ports are injected Python objects."""
 
@@ -127,8 +155,8 @@ class DispatcherCore:
     event_recorder: Any
     task_state_type: Any
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         config: Any = None,
         *,
         task_source: Any = None,
@@ -136,11 +164,11 @@ class DispatcherCore:
         repo_pool_manager: Any = None,
         runner_launcher: Any = None,
         event_recorder: Any = None,
-        clock: Clock | None = None,
+        clock: _Clock | None = None,
         task_state_type: Any = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
-    def clock(self) -> Clock: ...
+    def clock(self) -> _Clock: ...
     def track_running(
         self,
         task: Any,
@@ -157,7 +185,7 @@ class DispatcherCore:
         self,
         task_id: str,
         spec_name: str | None = None,
-        failure_reason: str | None = "unknown",
+        failure_reason: str | None = None,
         runner_id: str | None = None,
         slot_id: str | None = None,
         pool_name: str | None = None,
@@ -215,3 +243,16 @@ def check_dependencies(
     """``(unknown, cycles)`` of ``{task_id: [ids it depends on]}``:
     ``(task_id, missing_id)`` pairs in order, and each cycle as a path back to
     its start (``["a", "b", "c", "a"]``). Linear in tasks + dependencies."""
+
+# Internal: the loop thread's target, the wake-up callable handed to task
+# sources, and the interpreter hooks (atexit, fork) the module installs.
+@final
+class _DispatchLoop:
+    def __call__(self, *args: Any, **kwargs: Any) -> None: ...
+
+@final
+class _Waker:
+    def __call__(self, *args: Any, **kwargs: Any) -> None: ...
+
+def _stop_loops_at_exit() -> None: ...
+def _after_fork_in_child() -> None: ...

@@ -92,6 +92,9 @@ const FIELD_NAMES: [&str; 5] = [
 impl PyRetryInfo {
     #[new]
     #[pyo3(signature = (task_id, retry_count = Arg::Missing, last_retry_at = None, next_retry_at = None, failure_reason = None))]
+    #[pyo3(
+        text_signature = "(task_id, retry_count=0, last_retry_at=None, next_retry_at=None, failure_reason=None)"
+    )]
     fn new(
         task_id: &Bound<'_, PyAny>,
         retry_count: Arg<'_>,
@@ -309,6 +312,11 @@ impl PyRetryManager {
         max_delay = Arg::Missing, *, clock = None, jitter = None, seed = None,
         non_retryable = None, policies = None, max_retry_duration = None, retry_budget = None,
     ))]
+    // The real defaults for `inspect.signature` and stubtest (the `Arg`
+    // sentinel tells "not given" from an explicit value).
+    #[pyo3(
+        text_signature = "(max_attempts=3, backoff_base=2.0, initial_delay=1.0, max_delay=300.0, *, clock=None, jitter=None, seed=None, non_retryable=None, policies=None, max_retry_duration=None, retry_budget=None)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
