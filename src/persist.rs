@@ -123,6 +123,7 @@ fn unpredictable() -> u64 {
     hasher.finish()
 }
 
+#[cfg(unix)] // only POSIX makes a rename durable by syncing the directory
 fn directory_of(path: &Path) -> Option<&Path> {
     match path.parent() {
         Some(p) if p.as_os_str().is_empty() => Some(Path::new(".")),

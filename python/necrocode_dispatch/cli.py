@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -146,6 +147,15 @@ def _run_state(args: argparse.Namespace, job: Any) -> tuple[RunState | None, dic
 
 
 def run_job(args: argparse.Namespace) -> int:
+    if os.name != "posix":
+        # Every task would fail as "launch failed": say so before anything.
+        print(
+            f"{PROG}: run needs a POSIX system (Linux, macOS, a BSD): it runs each command "
+            f"with /bin/sh in a process group of its own. This is {sys.platform}; the core "
+            "(DispatcherCore, RetryManager) works here with runners of your own.",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_JOB
     try:
         job = load_job(args.jobfile)
     except JobError as e:

@@ -48,8 +48,8 @@ pub fn nanos_to_seconds(nanos: MonoNanos) -> f64 {
     nanos as f64 / 1e9
 }
 
-/// The operating system's clocks: `CLOCK_MONOTONIC` (Python's `time.monotonic()`)
-/// and the local time of `CLOCK_REALTIME` (Python's `datetime.now()`).
+/// The operating system's clocks, read as CPython reads them: the monotonic
+/// clock of `time.monotonic()` and the local time of `datetime.now()`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
@@ -114,24 +114,71 @@ impl Clock for ManualClock {
     }
 }
 
-#[cfg(unix)]
+/// The system clocks as CPython reads them, so that `SystemClock` agrees with
+/// `time.monotonic()` and `datetime.now()` on every platform.
 mod sys {
     use crate::time::wall::WallTime;
 
+    /// `time.monotonic()` in nanoseconds: `CLOCK_MONOTONIC` on Linux and
+    /// the BSDs; `CLOCK_UPTIME_RAW` on Apple systems (CPython reads
+    /// `mach_absolute_time()`, which stops while the machine sleeps, unlike
+    /// Apple's `CLOCK_MONOTONIC`).
+    #[cfg(unix)]
     pub fn monotonic_nanos() -> u64 {
+        #[cfg(target_vendor = "apple")]
+        const CLOCK: libc::clockid_t = libc::CLOCK_UPTIME_RAW;
+        #[cfg(not(target_vendor = "apple"))]
+        const CLOCK: libc::clockid_t = libc::CLOCK_MONOTONIC;
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        // SAFETY: `ts` is a valid, writable timespec; the clock always exists.
+        unsafe { libc::clock_gettime(CLOCK, &mut ts) };
         (ts.tv_sec as u64)
             .saturating_mul(1_000_000_000)
             .saturating_add(ts.tv_nsec as u64)
     }
 
+    /// `time.monotonic()` on Windows: `QueryPerformanceCounter` from
+    /// CPython 3.13, `GetTickCount64` (milliseconds) before.
+    #[cfg(windows)]
+    pub fn monotonic_nanos() -> u64 {
+        #[cfg(Py_3_13)]
+        {
+            use windows_sys::Win32::System::Performance::{
+                QueryPerformanceCounter, QueryPerformanceFrequency,
+            };
+            let (mut ticks, mut frequency) = (0i64, 0i64);
+            // SAFETY: both are valid, writable i64s; neither call fails on
+            // Windows XP and later.
+            unsafe {
+                QueryPerformanceCounter(&mut ticks);
+                QueryPerformanceFrequency(&mut frequency);
+            }
+            let nanos = i128::from(ticks) * 1_000_000_000 / i128::from(frequency.max(1));
+            u64::try_from(nanos).unwrap_or(0)
+        }
+        #[cfg(not(Py_3_13))]
+        {
+            // SAFETY: no arguments, no failure.
+            let millis = unsafe { windows_sys::Win32::System::SystemInformation::GetTickCount64() };
+            millis.saturating_mul(1_000_000)
+        }
+    }
+
+    /// Elsewhere: the standard library's monotonic clock, from the first read.
+    #[cfg(not(any(unix, windows)))]
+    pub fn monotonic_nanos() -> u64 {
+        use std::sync::OnceLock;
+        use std::time::Instant;
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+
     /// CPython's `datetime.now()`: the real-time clock floored to microseconds,
-    /// broken down by `localtime_r`, a leap second folded into second 59.
+    /// broken down to local time by the C library, a leap second folded into
+    /// second 59.
     pub fn local_now() -> WallTime {
         let since_epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -139,7 +186,7 @@ mod sys {
         let secs = since_epoch.as_secs() as i64;
         let micros = since_epoch.subsec_micros();
         // Local time only changes offset at a whole second, so one
-        // `localtime_r` per second (and thread) is enough.
+        // conversion per second (and thread) is enough.
         thread_local! {
             static SECOND: std::cell::Cell<Option<(i64, WallTime)>> =
                 const { std::cell::Cell::new(None) };
@@ -157,14 +204,9 @@ mod sys {
 
     /// The local time at the start of the Unix second `secs`.
     fn local_second(secs: i64) -> WallTime {
-        let micros = 0;
-        let secs = secs as libc::time_t;
-        // SAFETY: `tm` is plain old data, fully written by a successful localtime_r.
-        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        let converted = unsafe { !libc::localtime_r(&secs, &mut tm).is_null() };
-        if !converted {
-            return from_utc(secs as i64, micros);
-        }
+        let Some(tm) = localtime(secs) else {
+            return from_utc(secs, 0);
+        };
         let parts = crate::time::wall::DateTimeParts {
             year: tm.tm_year + 1900,
             month: (tm.tm_mon + 1) as u8,
@@ -172,40 +214,40 @@ mod sys {
             hour: tm.tm_hour as u8,
             minute: tm.tm_min as u8,
             second: tm.tm_sec.min(59) as u8,
-            microsecond: micros,
+            microsecond: 0,
         };
-        WallTime::from_parts(parts).unwrap_or_else(|| from_utc(secs as i64, micros))
+        WallTime::from_parts(parts).unwrap_or_else(|| from_utc(secs, 0))
+    }
+
+    /// `localtime_r`, as CPython calls it on POSIX systems.
+    #[cfg(unix)]
+    fn localtime(secs: i64) -> Option<libc::tm> {
+        let secs = secs as libc::time_t;
+        // SAFETY: `tm` is plain old data, fully written by a successful call.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        let converted = unsafe { !libc::localtime_r(&secs, &mut tm).is_null() };
+        converted.then_some(tm)
+    }
+
+    /// `localtime_s`, as CPython calls it on Windows.
+    #[cfg(windows)]
+    fn localtime(secs: i64) -> Option<libc::tm> {
+        let secs = secs as libc::time_t;
+        // SAFETY: `tm` is plain old data, fully written by a successful call.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        let failed = unsafe { libc::localtime_s(&mut tm, &secs) };
+        (failed == 0).then_some(tm)
+    }
+
+    /// Without a C library's local time: UTC (only reports are affected).
+    #[cfg(not(any(unix, windows)))]
+    fn localtime(_secs: i64) -> Option<libc::tm> {
+        None
     }
 
     fn from_utc(secs: i64, micros: u32) -> WallTime {
         WallTime::from_unix_days(secs.div_euclid(86_400), secs.rem_euclid(86_400), micros)
             .unwrap_or(WallTime::MAX)
-    }
-}
-
-#[cfg(not(unix))]
-mod sys {
-    use crate::time::wall::WallTime;
-    use std::sync::OnceLock;
-    use std::time::Instant;
-
-    pub fn monotonic_nanos() -> u64 {
-        static ORIGIN: OnceLock<Instant> = OnceLock::new();
-        ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-
-    /// Without `localtime_r` the wall reading is UTC; only reports are affected.
-    pub fn local_now() -> WallTime {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let secs = since_epoch.as_secs() as i64;
-        WallTime::from_unix_days(
-            secs.div_euclid(86_400),
-            secs.rem_euclid(86_400),
-            since_epoch.subsec_micros(),
-        )
-        .unwrap_or(WallTime::MAX)
     }
 }
 
