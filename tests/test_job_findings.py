@@ -173,7 +173,7 @@ def test_a_job_file_that_is_not_utf8_is_refused(tmp_path):
 def test_ctrl_c_while_a_large_job_file_loads_exits_130_quietly(tmp_path):
     job = tmp_path / "big.yaml"
     job.write_text(
-        "tasks:\n" + "".join(f"  - {{id: t{i}, command: 'true'}}\n" for i in range(60_000))
+        "tasks:\n" + "".join(f"  - {{id: t{i}, command: 'true'}}\n" for i in range(200_000))
     )
     run = subprocess.Popen(
         cli_args(tmp_path, job, "--quiet"),
@@ -181,7 +181,9 @@ def test_ctrl_c_while_a_large_job_file_loads_exits_130_quietly(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # inside YAML loading (several seconds for 60,000 tasks)
+    # Inside YAML loading: past the imports (well under a second, even on a
+    # busy machine), far from its end (about 15 s for 200,000 tasks).
+    time.sleep(2.5)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err

@@ -206,8 +206,18 @@ def test_system_exit_in_a_registry_update_reaches_the_caller_and_is_delivered_la
     assert dispatcher.get_status()["pending_reports"] == 0
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as Ctrl-C at a terminal does, even in
+    a process started in the background by a shell without job control
+    (which inherits SIGINT ignored, and Python then keeps it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @posix_only
-def test_ctrl_c_during_stop_forces_the_runners_and_reaches_the_caller():
+def test_ctrl_c_during_stop_forces_the_runners_and_reaches_the_caller(ctrl_c_raises):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
     dispatcher, ports = build(

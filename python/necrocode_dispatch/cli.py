@@ -9,6 +9,7 @@ runs), 130 interrupted by Ctrl-C (143 by SIGTERM): running commands are stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from necrocode_dispatch import DispatcherCore, DispatcherError, TaskState
+from necrocode_dispatch import DispatcherCore, DispatcherError, PoolType, TaskState
 from necrocode_dispatch.job import JobError, load_job
 from necrocode_dispatch.local import (
     InMemoryTaskRegistry,
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quiet", action="store_true", help="no live progress")
     run.add_argument("-v", "--verbose", action="store_true", help="log the dispatcher's decisions")
     args = parser.parse_args(argv)
+    # Ctrl-C interrupts even when a shell without job control started this
+    # in the background (SIGINT inherited ignored); the run installs its
+    # own handlers once it starts.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR,
         format=f"{PROG}: %(levelname)s %(name)s: %(message)s",
@@ -104,6 +110,80 @@ def main(argv: list[str] | None = None) -> int:
 
 class BadInput(Exception):
     """A job, path or state file that cannot run; nothing ran."""
+
+
+_NO_RAY = object()
+
+
+def _ray_pools(job: Any) -> list[Any]:
+    return [p for p in job.config.agent_pools if p.type is PoolType.RAY]
+
+
+def _ray_cluster(job: Any) -> Any:
+    """The Ray address the job's ray pools use (None: a local Ray for the
+    run), or ``_NO_RAY``; checked reachable before anything runs."""
+    ray_pools = _ray_pools(job)
+    if not ray_pools:
+        return _NO_RAY
+    where = f"agent_pools.{ray_pools[0].name}"
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise BadInput(
+            f"{where}.type: ray pools need Ray: pip install 'necrocode-dispatch[ray]'"
+        ) from None
+    from necrocode_dispatch.ray import check_address
+
+    address = ray_pools[0].config.get("address")
+    try:
+        check_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise BadInput(f"{where}.address: {e}") from None
+    return address
+
+
+class PoolLaunchers:
+    """The runner launcher port for a job whose pools run in different
+    places: each pool type's launcher (``local-process`` by default); a
+    runner's launcher is known by its id's prefix (``local-``, ``ray-``)."""
+
+    def __init__(self, local: SubprocessLauncher):
+        self.local = local
+        self.by_type: dict[str, Any] = {PoolType.LOCAL_PROCESS.value: local}
+        self.run_id = local.run_id
+
+    def add(self, pool_type: str, launcher: Any) -> None:
+        self.by_type[pool_type] = launcher
+
+    @property
+    def dispatcher(self) -> Any:
+        return self.local.dispatcher
+
+    @dispatcher.setter
+    def dispatcher(self, dispatcher: Any) -> None:
+        for launcher in self.by_type.values():
+            launcher.dispatcher = dispatcher
+
+    def launch(self, task: Any, slot: Any, pool: Any) -> Any:
+        kind = getattr(getattr(pool, "type", None), "value", PoolType.LOCAL_PROCESS.value)
+        launcher = self.by_type.get(kind)
+        if launcher is None:
+            raise RuntimeError(f"no launcher for {kind!r} pools")
+        return launcher.launch(task, slot, pool)
+
+    def stop(self, runner_id: str) -> None:
+        ray = self.by_type.get(PoolType.RAY.value)
+        (ray if ray is not None and runner_id.startswith("ray-") else self.local).stop(runner_id)
+
+    def process_groups(self) -> list[int]:
+        return self.local.process_groups()
+
+    def close(self) -> None:
+        for launcher in self.by_type.values():
+            launcher.close()
+
+    def close_guard(self) -> None:
+        self.local.close_guard()
 
 
 def _work_directory(args: argparse.Namespace) -> tuple[Path, bool]:
@@ -161,6 +241,11 @@ def run_job(args: argparse.Namespace) -> int:
     except JobError as e:
         print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
         return EXIT_BAD_JOB
+    try:
+        ray_address = _ray_cluster(job)
+    except BadInput as e:
+        print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
+        return EXIT_BAD_JOB
     made: list[Path] = []
     try:
         # The work directory first: a state file or event log may be in it.
@@ -195,13 +280,40 @@ def run_job(args: argparse.Namespace) -> int:
     # The dispatcher holds what a poll gives it: each poll need only bring
     # the tasks that became READY since the last.
     registry = InMemoryTaskRegistry(job.tasks, listener=on_change, incremental=True)
-    launcher = SubprocessLauncher(
-        workdir / "logs",
-        heartbeat_interval=min(1.0, job.config.heartbeat_timeout / 3),
-        # One attempt number everywhere (environment, log names, progress,
-        # table): the runs the registry saw start, resumed runs included.
-        attempt_of=lambda task_id: registry.runs_started(task_id) + 1,
+
+    # One attempt number everywhere (environment, log names, progress,
+    # table): the runs the registry saw start, resumed runs included.
+    def attempt_of(task_id: str) -> int:
+        return registry.runs_started(task_id) + 1
+
+    heartbeat = min(1.0, job.config.heartbeat_timeout / 3)
+    launcher = PoolLaunchers(
+        SubprocessLauncher(workdir / "logs", heartbeat_interval=heartbeat, attempt_of=attempt_of)
     )
+    if ray_address is not _NO_RAY:
+        from necrocode_dispatch.ray import RayLauncher
+
+        on_ray = RayLauncher(
+            workdir / "logs",
+            address=ray_address,
+            heartbeat_interval=heartbeat,
+            attempt_of=attempt_of,
+            run_id=launcher.run_id,
+        )
+        try:
+            # Here, in the main thread, before anything runs: a cluster that
+            # refuses us is a bad job, not a string of failed launches.
+            on_ray.connect()
+        except Exception as e:
+            launcher.close()
+            launcher.close_guard()
+            recorder.close()
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
+            where = f"agent_pools.{_ray_pools(job)[0].name}.address"
+            print(f"{PROG}: {args.jobfile}: {where}: cannot join Ray: {e}", file=sys.stderr)
+            return EXIT_BAD_JOB
+        launcher.add(PoolType.RAY.value, on_ray)
     try:
         dispatcher = DispatcherCore(
             job.config,
@@ -247,7 +359,10 @@ def run_job(args: argparse.Namespace) -> int:
     )
     if progress.tty:
         redrawing.start()
-    interrupted = _run_until_finished(dispatcher, registry, launcher)
+    # stdout is the final table's (or JSON's): what libraries print while the
+    # run goes on (Ray's "(raylet) ..." notices) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        interrupted = _run_until_finished(dispatcher, registry, launcher)
     stop_redrawing.set()
     if redrawing.is_alive():
         redrawing.join()

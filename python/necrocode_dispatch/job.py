@@ -20,6 +20,9 @@ __all__ = ["Job", "JobError", "load_job", "parse_job"]
 _DISPATCHER_KEYS = {*DISPATCHER_KEYS, "scheduling_policy", "retry"}
 _RETRY_KEYS = set(RETRY_KEYS)
 _POOL_KEYS = {"name", "type", "max_concurrency", "cpu_quota", "memory_quota", "enabled", "config"}
+#: What a ``type: ray`` pool may say besides (kept in the pool's ``config``).
+_RAY_KEYS = {"address", "num_cpus", "num_gpus", "resources", "skill_resources"}
+_RUNNABLE = (PoolType.LOCAL_PROCESS.value, PoolType.RAY.value)
 _TASK_KEYS = {
     "id",
     "command",
@@ -228,21 +231,58 @@ def _pools(value: Any) -> list[dict]:
     if not items:
         raise JobError("agent_pools: at least one pool is needed")
     pools, names = [], set()
+    addresses: dict[Any, str] = {}
     for where, pool in items:
-        _no_unknown_keys(where, pool, _POOL_KEYS)
+        kind = pool.get("type", PoolType.LOCAL_PROCESS.value)
+        _no_unknown_keys(where, pool, _POOL_KEYS | (_RAY_KEYS if kind == "ray" else set()))
         name = _text(f"{where}.name", pool.get("name"))
         if name in names:
             raise JobError(f"{where}: pool {name!r} is defined twice")
         names.add(name)
-        kind = pool.get("type", PoolType.LOCAL_PROCESS.value)
-        if kind != PoolType.LOCAL_PROCESS.value:
+        if kind not in _RUNNABLE:
             raise JobError(
                 f"{where}.type: {kind!r} pools cannot run here; "
-                f"the local runner runs {PoolType.LOCAL_PROCESS.value!r} pools"
+                f"necrocode-dispatch run runs {' and '.join(map(repr, _RUNNABLE))} pools"
             )
         _integer(f"{where}.max_concurrency", pool.get("max_concurrency", 1), minimum=0)
+        if kind == PoolType.RAY.value:
+            pool = _ray_pool(where, pool)
+            addresses.setdefault(pool["config"]["address"], where)
         pools.append(pool)
+    if len(addresses) > 1:
+        first, second = list(addresses.values())[:2]
+        raise JobError(
+            f"{second}.address: every ray pool of a job uses one cluster; {first} names another"
+        )
     return pools
+
+
+def _ray_pool(where: str, pool: dict) -> dict:
+    """A ``type: ray`` pool's settings, checked, moved into its ``config``."""
+    config = dict(_mapping(f"{where}.config", pool.get("config")))
+    address = pool.get("address")
+    if address is not None:
+        address = _text(f"{where}.address", address)
+        if address != "auto" and not re.fullmatch(r"(ray://)?[^\s:/]+:\d{1,5}", address):
+            raise JobError(
+                f"{where}.address: expected 'auto', 'host:port' or 'ray://host:port', "
+                f"got {address!r}"
+            )
+    config["address"] = address
+    for key in ("num_cpus", "num_gpus"):
+        if key in pool:
+            config[key] = _number(f"{where}.{key}", pool[key], minimum=0)
+    resources = _mapping(f"{where}.resources", pool.get("resources"))
+    for resource, amount in resources.items():
+        _text(f"{where}.resources key", resource)
+        _number(f"{where}.resources.{resource}", amount, minimum=0, strict=True)
+    config["resources"] = {str(k): float(v) for k, v in resources.items()}
+    skill_resources = pool.get("skill_resources", False)
+    if not isinstance(skill_resources, bool):
+        raise JobError(f"{where}.skill_resources: must be true or false, got {skill_resources!r}")
+    config["skill_resources"] = skill_resources
+    kept = {k: v for k, v in pool.items() if k not in _RAY_KEYS}
+    return dict(kept, config=config)
 
 
 def _skill_mapping(value: Any, pool_names: set[str]) -> dict[str, list[str]]:

@@ -18,6 +18,8 @@ class PoolType(Enum):
     LOCAL_PROCESS = "local-process"
     DOCKER = "docker"
     KUBERNETES = "kubernetes"
+    #: Commands run as Ray tasks on a cluster (``necrocode_dispatch.ray``).
+    RAY = "ray"
 
 
 class RunnerState(Enum):
