@@ -59,14 +59,16 @@ def ray_job(
     return write_job(tmp_path, head + items + "\n")
 
 
-def node_of(tmp_path, task_id: str, attempt: int = 1) -> str:
+def node_of(tmp_path, task_id: str, attempt: int = 1, field: int = 0) -> str:
+    """What the command echoed first (its node's label) or after."""
     log = tmp_path / "work" / "logs" / f"{task_id}.{attempt}.log"
-    return log.read_text().split()[0]
+    return log.read_text().split()[field]
 
 
 def test_twenty_tasks_spread_over_the_nodes_within_the_pool_limit(tmp_path, cluster):
     tasks = "".join(
-        f"          - {{id: t{i}, command: 'echo $NODE_LABEL; sleep 0.3'}}\n" for i in range(20)
+        f"- {{id: t{i}, command: 'echo $NODE_LABEL $NECROCODE_NODE_ID; sleep 0.3'}}\n"
+        for i in range(20)
     )
     result = run_cli(tmp_path, ray_job(tmp_path, cluster, tasks), "--json", timeout=120)
     assert result.returncode == 0, result.stderr
@@ -74,6 +76,9 @@ def test_twenty_tasks_spread_over_the_nodes_within_the_pool_limit(tmp_path, clus
     assert set(outcomes.values()) == {"done"} and len(outcomes) == 20
     nodes = {node_of(tmp_path, f"t{i}") for i in range(20)}
     assert nodes == {"w1", "w2"}, nodes
+    # The Ray node ids the commands ran on, as Ray names them.
+    ray_ids = {node_of(tmp_path, f"t{i}", field=1) for i in range(20)}
+    assert len(ray_ids) == 2 and all(len(node) == 56 for node in ray_ids), ray_ids
     running = peak = 0
     for event in events(tmp_path):
         running += {"runner_started": 1, "runner_finished": -1}.get(event["event"], 0)
