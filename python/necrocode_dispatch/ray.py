@@ -35,6 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from necrocode_dispatch.local import _field, _safe_name
+
 __all__ = ["RayLauncher", "RayRunner", "check_address", "node_died"]
 
 logger = logging.getLogger(__name__)
@@ -70,15 +72,6 @@ class _Submitted:
     cancelled_at: float | None = None
     forced: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _field(task: Any, name: str, default: Any = None) -> Any:
-    if isinstance(task, dict):
-        return task.get(name, (task.get("metadata") or {}).get(name, default))
-    value = getattr(task, name, None)
-    if value is not None:
-        return value
-    return (getattr(task, "metadata", None) or {}).get(name, default)
 
 
 def _run_command(command: str, env: dict[str, str], timeout: float | None) -> dict[str, Any]:
@@ -286,8 +279,6 @@ class RayLauncher:
             self._count += 1
             runner_id = f"ray-{self._count}"
         metadata = _field(task, "metadata") or {}
-        from necrocode_dispatch.local import _safe_name
-
         runner = RayRunner(
             runner_id=runner_id,
             task_id=task_id,

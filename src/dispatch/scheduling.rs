@@ -96,7 +96,24 @@ struct Pass<'m> {
     picks: Vec<(TaskId, PoolIndex)>,
 }
 
-impl Pass<'_> {
+impl<'m> Pass<'m> {
+    /// A pass over a copy of the pools' loads: planning never touches them.
+    fn new(pools: &Pools, budget: u64, mapping: &'m SkillMapping) -> Self {
+        Pass {
+            loads: pools
+                .iter()
+                .map(|(_, p)| Load {
+                    running: p.running,
+                    max: p.max_concurrency,
+                    enabled: p.enabled,
+                })
+                .collect(),
+            budget,
+            mapping,
+            picks: Vec::new(),
+        }
+    }
+
     fn exhausted(&self) -> bool {
         self.budget == 0 || !self.loads.iter().any(Load::has_room)
     }
@@ -190,19 +207,7 @@ impl Scheduler {
         pools: &Pools,
         budget: u64,
     ) -> Vec<(TaskId, PoolIndex)> {
-        let mut pass = Pass {
-            loads: pools
-                .iter()
-                .map(|(_, p)| Load {
-                    running: p.running,
-                    max: p.max_concurrency,
-                    enabled: p.enabled,
-                })
-                .collect(),
-            budget,
-            mapping: &self.mapping,
-            picks: Vec::new(),
-        };
+        let mut pass = Pass::new(pools, budget, &self.mapping);
         if queue.by_spec() {
             self.last_spec = fair_share(&mut pass, queue, self.last_spec.take());
         } else {
@@ -495,19 +500,7 @@ mod route_tests {
         budget: u64,
         last: Option<&Arc<str>>,
     ) -> Vec<(TaskId, PoolIndex)> {
-        let mut pass = Pass {
-            loads: pools
-                .iter()
-                .map(|(_, p)| Load {
-                    running: p.running,
-                    max: p.max_concurrency,
-                    enabled: p.enabled,
-                })
-                .collect(),
-            budget,
-            mapping: &s.mapping,
-            picks: Vec::new(),
-        };
+        let mut pass = Pass::new(pools, budget, &s.mapping);
         let try_place = |pass: &mut Pass<'_>, id: &str, skill: Option<&str>| {
             let route = s.route_of(skill);
             let ok = pass.budget > 0 && pass.has_room(&route);
