@@ -11,6 +11,7 @@ assertion: it tells a user what sending each command through Ray costs.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.ray_cluster import LocalCluster
+from tests.ray_cluster import RAY_ENV, LocalCluster
 
 
 def run(job: Path, work: Path) -> float:
@@ -58,6 +59,7 @@ def main() -> None:
     except ImportError:
         print("ray is not installed (pip install 'necrocode-dispatch[ray]'): skipped")
         return
+    os.environ.update(RAY_ENV)  # the CLI runs below inherit the cluster's settings
     root = Path(tempfile.mkdtemp(prefix="nd-ray-", dir="/tmp"))
     cluster = None
     try:

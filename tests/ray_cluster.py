@@ -32,6 +32,12 @@ def answers(port: int) -> bool:
         return False
 
 
+#: For every Ray process of the tests, the cluster's and the CLI's: no usage
+#: reports, and no token authentication (Ray 2.60 turns it on, and writes
+#: ~/.ray/auth_token, for a local instance; a cluster and its drivers must agree).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 class LocalCluster:
     """A head without CPUs (nothing runs there) and two worker nodes."""
 
@@ -39,7 +45,7 @@ class LocalCluster:
         self.root = root
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        self.env = dict(os.environ, **RAY_ENV)
         self.nodes: dict[str, subprocess.Popen] = {}
         self.workers: dict[str, dict | None] = {}
         self.common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]

@@ -27,7 +27,20 @@ from .test_cli import cli_args, events, run_cli, write_job  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local runner needs POSIX")
 
-from .ray_cluster import LocalCluster, free_port  # noqa: E402
+from .ray_cluster import RAY_ENV, LocalCluster, free_port  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def ray_environment():
+    """The CLI runs started here inherit the tests' Ray settings."""
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +260,23 @@ def test_bad_ray_pool_values_are_refused_naming_the_field(tmp_path, pool, messag
     result = run_cli(tmp_path, job)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_a_ray_pool_without_an_address_runs_on_a_local_ray_started_for_the_run(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+        agent_pools:
+          here: {type: ray, max_concurrency: 2, num_cpus: 0.5}
+        tasks:
+          - {id: a, command: 'echo $NECROCODE_NODE_ID'}
+          - {id: b, command: 'echo $NECROCODE_NODE_ID', depends_on: [a]}
+        """,
+    )
+    result = subprocess.run(
+        cli_args(tmp_path, job, "--quiet"), capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    logs = tmp_path / "work" / "logs"
+    nodes = {(logs / f"{t}.1.log").read_text().strip() for t in ("a", "b")}
+    assert len(nodes) == 1 and len(nodes.pop()) == 56

@@ -226,7 +226,8 @@ class RayLauncher:
             if not ray.is_initialized():
                 check_address(self.address)
                 ray.init(
-                    address=self.address,
+                    # "local": a new Ray even when one runs on this machine.
+                    address=self.address or "local",
                     namespace="necrocode-dispatch",
                     log_to_driver=False,
                     logging_level=logging.ERROR,
