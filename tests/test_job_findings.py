@@ -227,3 +227,33 @@ def test_a_state_file_may_live_in_the_work_directory_the_run_makes(tmp_path):
     result = run_cli(tmp_path, job, "--state", str(state))
     assert result.returncode == 0, result.stderr
     assert read_state(state)["tasks"]["a"]["state"] == "done"
+
+
+def test_a_state_that_cannot_be_restored_is_refused_and_leaves_no_temporary_dir(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    job = write_job(tmp_path, f"tasks:\n  - {{id: a, command: 'touch {tmp_path}/ran'}}\n")
+    state = tmp_path / "state.json"
+    # Well-formed, but its dispatcher part is not a snapshot of one.
+    state.write_text(
+        json.dumps(
+            {
+                "format": "necrocode-dispatch run state",
+                "version": 1,
+                "tasks": {},
+                "dispatcher": {"records": "not a list"},
+            }
+        )
+    )
+    argv = [sys.executable, "-m", "necrocode_dispatch", "run", str(job), "--quiet"]
+    result = subprocess.run(
+        [*argv, "--state", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, TMPDIR=str(tmp)),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot resume" in result.stderr
+    assert not (tmp_path / "ran").exists()
+    assert list(tmp.iterdir()) == []

@@ -290,6 +290,17 @@ def run_job(args: argparse.Namespace) -> int:
     launcher = PoolLaunchers(
         SubprocessLauncher(workdir / "logs", heartbeat_interval=heartbeat, attempt_of=attempt_of)
     )
+
+    def refuse(message: str) -> int:
+        """Nothing ran: undo what was set up, say why, exit 2."""
+        launcher.close()
+        launcher.close_guard()
+        recorder.close()
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return EXIT_BAD_JOB
+
     if ray_address is not _NO_RAY:
         from necrocode_dispatch.ray import RayLauncher
 
@@ -305,14 +316,8 @@ def run_job(args: argparse.Namespace) -> int:
             # refuses us is a bad job, not a string of failed launches.
             on_ray.connect()
         except Exception as e:
-            launcher.close()
-            launcher.close_guard()
-            recorder.close()
-            for path in made:
-                shutil.rmtree(path, ignore_errors=True)
             where = f"agent_pools.{_ray_pools(job)[0].name}.address"
-            print(f"{PROG}: {args.jobfile}: {where}: cannot join Ray: {e}", file=sys.stderr)
-            return EXIT_BAD_JOB
+            return refuse(f"{args.jobfile}: {where}: cannot join Ray: {e}")
         launcher.add(PoolType.RAY.value, on_ray)
     try:
         dispatcher = DispatcherCore(
@@ -323,9 +328,7 @@ def run_job(args: argparse.Namespace) -> int:
             runner_launcher=launcher,
         )
     except (ValueError, TypeError, DispatcherError) as e:
-        recorder.close()
-        print(f"{PROG}: {args.jobfile}: {e}", file=sys.stderr)
-        return EXIT_BAD_JOB
+        return refuse(f"{args.jobfile}: {e}")
     if run_state is not None:
         if saved is not None:
             # What a run killed before it could stop its commands left
@@ -338,18 +341,11 @@ def run_job(args: argparse.Namespace) -> int:
                 registry.restore(saved["tasks"])
                 dispatcher.restore(saved["dispatcher"])
             except (ValueError, TypeError, KeyError) as e:
-                recorder.close()
-                print(f"{PROG}: {run_state.path}: cannot resume: {e}", file=sys.stderr)
-                return EXIT_BAD_JOB
+                return refuse(f"{run_state.path}: cannot resume: {e}")
             progress.resume(registry, run_state.path)
         run_state.save(registry, dispatcher, launcher)
         if run_state.save_error is not None:
-            recorder.close()
-            print(
-                f"{PROG}: {run_state.path}: cannot be written: {run_state.save_error}",
-                file=sys.stderr,
-            )
-            return EXIT_BAD_JOB
+            return refuse(f"{run_state.path}: cannot be written: {run_state.save_error}")
     dispatcher.event_recorder = recorder
     launcher.dispatcher = dispatcher
 
