@@ -280,3 +280,23 @@ def test_a_ray_pool_without_an_address_runs_on_a_local_ray_started_for_the_run(t
     logs = tmp_path / "work" / "logs"
     nodes = {(logs / f"{t}.1.log").read_text().strip() for t in ("a", "b")}
     assert len(nodes) == 1 and len(nodes.pop()) == 56
+
+
+def test_a_task_no_node_can_run_fails_instead_of_waiting_for_ever(tmp_path, cluster):
+    tasks = """
+        - {id: ok, command: 'true'}
+        - {id: nowhere, command: 'true', required_skill: quantum}
+    """
+    job = ray_job(
+        tmp_path,
+        cluster,
+        tasks,
+        pool=", skill_resources: true",
+        dispatcher="retry: {initial_delay: 0.05, max_attempts: 2}",
+    )
+    result = run_cli(tmp_path, job, "--json", timeout=120)
+    assert result.returncode == 1, result.stderr
+    rows = {r["id"]: r for r in json.loads(result.stdout)["tasks"]}
+    assert rows["ok"]["outcome"] == "done"
+    assert rows["nowhere"]["outcome"] == "failed"
+    assert "no node of the Ray cluster offers 0.001 quantum" in rows["nowhere"]["last_failure"]

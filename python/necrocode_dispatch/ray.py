@@ -206,6 +206,7 @@ class RayLauncher:
         self._started_ray = False
         self._remote: Any = None
         self._monitor: threading.Thread | None = None
+        self._totals: tuple[float, dict[str, float]] | None = None
         #: runner id -> the Ray node id that ran it (for logs and tests).
         self.nodes: dict[str, str] = {}
 
@@ -273,6 +274,7 @@ class RayLauncher:
             NECROCODE_ATTEMPT=str(attempt),
             NECROCODE_RUN_ID=self.run_id,
         )
+        self._check_feasible(options)
         ref = self._remote.options(**options).remote(
             command, env, float(timeout) if timeout else None
         )
@@ -293,6 +295,28 @@ class RayLauncher:
         with self._lock:
             self._submitted[runner_id] = _Submitted(runner, ref, extra={"timeout": timeout})
         return runner
+
+    def _check_feasible(self, options: dict[str, Any]) -> None:
+        """Refuses a request no node of the cluster can meet: Ray would keep
+        such a task pending for ever (as "infeasible"), and the run with it.
+        The cluster's totals are read at most every few seconds."""
+        import ray
+
+        now = time.monotonic()
+        if self._totals is None or now - self._totals[0] > 5.0:
+            self._totals = (now, ray.cluster_resources())
+        totals = self._totals[1]
+        wanted = dict(options.get("resources") or {})
+        wanted["CPU"] = options.get("num_cpus", 1)
+        if options.get("num_gpus"):
+            wanted["GPU"] = options["num_gpus"]
+        for name, amount in wanted.items():
+            if amount and totals.get(name, 0) < amount:
+                have = totals.get(name, 0)
+                raise RuntimeError(
+                    f"no node of the Ray cluster offers {amount:g} {name} "
+                    f"(the cluster has {have:g})"
+                )
 
     def stop(self, runner_id: str) -> None:
         """Cancels the runner's Ray task (its process group is killed on its
