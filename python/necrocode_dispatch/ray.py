@@ -207,8 +207,6 @@ class RayLauncher:
         self._remote: Any = None
         self._monitor: threading.Thread | None = None
         self._totals: tuple[float, dict[str, float]] | None = None
-        #: runner id -> the Ray node id that ran it (for logs and tests).
-        self.nodes: dict[str, str] = {}
 
     # -- connection -----------------------------------------------------------------
 
@@ -431,7 +429,6 @@ class RayLauncher:
         except Exception as e:  # the command could not even start there
             result, reason = None, f"ray task failed: {type(e).__name__}: {e}"[:300]
         if result is not None:
-            self.nodes[runner.runner_id] = result["node_id"]
             runner.log_path.write_bytes(result["stdout"])
             runner.log_path.with_suffix(".err").write_bytes(result["stderr"])
             timeout = submitted.extra.get("timeout")
