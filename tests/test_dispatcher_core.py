@@ -183,6 +183,41 @@ def test_retry_info_in_status():
     ]
 
 
+def test_status_lists_every_delayed_task_and_retry_record():
+    dispatcher, clock = make_dispatcher()
+    for task_id, reason in (("a", "exit 1"), ("b", "exit 1"), ("c", "timeout")):
+        run(dispatcher, task_id)
+        dispatcher.handle_task_failure(task_id, "spec-a", reason)
+        clock.advance(0.25)
+    dispatcher.retry_manager.clear_retry_info("c")  # delayed, its record gone
+    status = dispatcher.get_status()
+    info = status["retry_info"]
+    assert list(info) == ["a", "b"]
+    assert info["a"] == {
+        "task_id": "a",
+        "retry_count": 1,
+        "last_retry_at": "2025-06-01T12:00:00",
+        "next_retry_at": "2025-06-01T12:00:01",
+        "failure_reason": "exit 1",
+    }
+    assert info["b"]["next_retry_at"] == "2025-06-01T12:00:01.250000"
+    # Earliest due first, each with the time its record gives; a task whose
+    # record was cleared still shows.
+    delayed = status["delayed"]
+    assert [d["task_id"] for d in delayed] == ["a", "b", "c"]
+    assert [d["next_retry_at"] for d in delayed[:2]] == [
+        info["a"]["next_retry_at"],
+        info["b"]["next_retry_at"],
+    ]
+    assert isinstance(delayed[2]["next_retry_at"], str)
+    # Copies: changing one report changes neither the state nor the next one.
+    info["a"]["retry_count"] = 99
+    delayed[0]["task_id"] = "changed"
+    again = dispatcher.get_status()
+    assert again["retry_info"]["a"]["retry_count"] == 1
+    assert again["delayed"][0]["task_id"] == "a"
+
+
 def test_runner_timeout_with_retry():
     dispatcher, clock = make_dispatcher()
     run(dispatcher, "t1", runner_id="r1", spec="my-spec")

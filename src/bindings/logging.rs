@@ -10,15 +10,25 @@
 //! (enabled, or not cached yet) goes to pyo3-log, which decides as before and
 //! so also refills the cache.
 
+use std::sync::OnceLock;
+
 use log::{Level, LevelFilter, Log, Metadata, Record};
-use parking_lot::RwLock;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+/// How many log targets the gate remembers; the core has two, and a target
+/// beyond these simply goes to pyo3-log unfiltered.
+const TARGETS: usize = 8;
+
+/// A log target and its Python logger's `_cache` dict, if it has one.
+type TargetCache = (String, Option<Py<PyDict>>);
+
 pub struct GatedLogger {
     inner: pyo3_log::Logger,
-    /// Per log target: the Python logger's `_cache` dict, if it has one.
-    level_caches: RwLock<Vec<(String, Option<Py<PyDict>>)>>,
+    /// Filled in order, once per target, never changed after: the check on
+    /// every record reads them without any lock (a DEBUG record nobody wants
+    /// sits on `should_retry`'s path, SPEC §6).
+    level_caches: [OnceLock<TargetCache>; TARGETS],
 }
 
 /// Python's number for a level, as pyo3-log maps it.
@@ -40,7 +50,7 @@ impl GatedLogger {
             pyo3_log::Logger::new(py, pyo3_log::Caching::Loggers)?.filter(LevelFilter::Debug);
         let logger = GatedLogger {
             inner,
-            level_caches: RwLock::new(Vec::new()),
+            level_caches: Default::default(),
         };
         if log::set_boxed_logger(Box::new(logger)).is_err() {
             return Ok(false);
@@ -52,10 +62,12 @@ impl GatedLogger {
     /// What Python's cache says of the level for the record's logger; None
     /// when it does not say (not cached yet, or no such cache).
     fn cached_enabled(&self, py: Python<'_>, target: &str, level: Level) -> Option<bool> {
-        {
-            let caches = self.level_caches.read();
-            if let Some((_, cache)) = caches.iter().find(|(t, _)| t == target) {
-                // A dict lookup by int runs no Python code: fine under our lock.
+        for cell in &self.level_caches {
+            let Some((known, cache)) = cell.get() else {
+                break;
+            };
+            if known == target {
+                // A dict lookup by int runs no Python code.
                 let hit = cache
                     .as_ref()?
                     .bind(py)
@@ -71,7 +83,11 @@ impl GatedLogger {
     /// Finds the Python logger's `_cache` for a target, the first time the
     /// target logs.
     fn remember(&self, py: Python<'_>, target: &str) {
-        // Looked up without holding our lock: this calls Python.
+        if self.level_caches.iter().all(|cell| cell.get().is_some()) {
+            return; // no room: such a target's records go to pyo3-log as they are
+        }
+        // Looked up before touching the cells: this calls Python, which may
+        // let another thread log meanwhile.
         let cache = py
             .import("logging")
             .and_then(|logging| logging.call_method1("getLogger", (target.replace("::", "."),)))
@@ -79,9 +95,17 @@ impl GatedLogger {
             .ok()
             .and_then(|c| c.cast_into::<PyDict>().ok())
             .map(Bound::unbind);
-        let mut caches = self.level_caches.write();
-        if !caches.iter().any(|(t, _)| t == target) {
-            caches.push((target.to_owned(), cache));
+        let mut entry = (target.to_owned(), cache);
+        for cell in &self.level_caches {
+            if cell.get().is_some_and(|(known, _)| known == target) {
+                return;
+            }
+            // A cell another thread filled first is skipped; the first cell
+            // naming a target is the one read.
+            match cell.set(entry) {
+                Ok(()) => return,
+                Err(back) => entry = back,
+            }
         }
     }
 }

@@ -1474,10 +1474,7 @@ impl<T> DispatcherState<T> {
             .iter()
             .take(if per_task { usize::MAX } else { 0 })
             .map(|(_, id)| {
-                let next = book
-                    .info(id)
-                    .and_then(|i| i.next_retry_at)
-                    .unwrap_or(WallTime::MAX);
+                let next = book.next_retry_at(id).unwrap_or(WallTime::MAX);
                 (id.clone(), next)
             })
             .collect();

@@ -8,6 +8,7 @@ mod lifecycle;
 mod ports;
 mod run_loop;
 mod settings;
+mod status;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,42 +47,6 @@ use crate::retry::state::RetryBook;
 use crate::time::clock::{Clock, Now};
 
 const LOG_TARGET: &str = "necrocode_dispatch::dispatcher_core";
-
-/// `{task_id: RetryInfo.to_dict()}` for every record, built directly: the id
-/// string serves as key and value, a reason shared by many records (the book
-/// stores each once) is made once, and datetimes are formatted without an
-/// intermediate `String` — this dict is most of what `get_status()` costs.
-fn retry_info_dict<'py>(
-    py: Python<'py>,
-    infos: Vec<crate::retry::state::RetrySnapshot>,
-) -> PyResult<Bound<'py, PyDict>> {
-    use pyo3::intern;
-    use pyo3::types::PyString;
-    let out = PyDict::new(py);
-    let mut last_reason: Option<(Arc<str>, Bound<'py, PyString>)> = None;
-    let time = |t: Option<crate::time::wall::WallTime>| {
-        t.map(|t| PyString::new(py, t.isoformat().as_str()))
-    };
-    for info in infos {
-        let id = PyString::new(py, &info.task_id);
-        let reason = info.failure_reason.map(|reason| match &last_reason {
-            Some((text, made)) if Arc::ptr_eq(text, &reason) => made.clone(),
-            _ => {
-                let made = PyString::new(py, &reason);
-                last_reason = Some((reason, made.clone()));
-                made
-            }
-        });
-        let d = PyDict::new(py);
-        d.set_item(intern!(py, "task_id"), &id)?;
-        d.set_item(intern!(py, "retry_count"), info.retry_count)?;
-        d.set_item(intern!(py, "last_retry_at"), time(info.last_retry_at))?;
-        d.set_item(intern!(py, "next_retry_at"), time(info.next_retry_at))?;
-        d.set_item(intern!(py, "failure_reason"), reason)?;
-        out.set_item(id, d)?;
-    }
-    Ok(out)
-}
 
 /// The dispatcher's state machine, with its ports, thread-safe.
 // `subclass`: NecroCode's wiring (SPEC §8) and callers' tests subclass it.
@@ -821,35 +786,28 @@ impl PyDispatcherCore {
         include_tasks: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let retry = self.retry_core();
-        let (snapshot, retry_info, policy, budget) = {
+        let (snapshot, infos, policy, budget) = {
             let state = self.state.lock();
             let book = retry.lock();
             (
                 state.status(&book, include_tasks),
-                if include_tasks {
-                    book.all_info()
-                } else {
-                    Vec::new()
-                },
+                include_tasks.then(|| book.info_table()),
                 state.policy(),
                 book.budget_status(),
             )
+        };
+        let lists = match &infos {
+            Some(infos) => Some(status::task_lists(py, &snapshot.delayed, infos)?),
+            None => None,
         };
         let out = PyDict::new(py);
         out.set_item("running", self.running())?;
         out.set_item("scheduling_policy", policy.value())?;
         out.set_item("queue_size", snapshot.queue_size)?;
-        let delayed = PyList::empty(py);
-        for (id, next) in &snapshot.delayed {
-            let d = PyDict::new(py);
-            d.set_item(pyo3::intern!(py, "task_id"), id.as_ref())?;
-            d.set_item(
-                pyo3::intern!(py, "next_retry_at"),
-                next.isoformat().as_str(),
-            )?;
-            delayed.append(d)?;
+        match &lists {
+            Some(lists) => out.set_item("delayed", &lists.delayed)?,
+            None => out.set_item("delayed", PyList::empty(py))?,
         }
-        out.set_item("delayed", delayed)?;
         out.set_item("delayed_count", snapshot.delayed_count)?;
         out.set_item("running_tasks", snapshot.running_tasks)?;
         // SPEC §9: reports decided and not yet delivered to the ports.
@@ -886,7 +844,10 @@ impl PyDispatcherCore {
             snapshot.delivery.failed_attempts,
         )?;
         out.set_item("metrics", metrics)?;
-        out.set_item("retry_info", retry_info_dict(py, retry_info)?)?;
+        match &lists {
+            Some(lists) => out.set_item("retry_info", &lists.retry_info)?,
+            None => out.set_item("retry_info", PyDict::new(py))?,
+        }
         out.set_item("retry_budget", retry_options::budget_to_py(py, budget)?)?;
         let stats = &snapshot.failure_stats;
         let by_reason = |counts: &crate::metrics::ReasonCounts| -> PyResult<Bound<'py, PyDict>> {
