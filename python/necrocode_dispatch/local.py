@@ -67,6 +67,13 @@ def _safe_name(name: str) -> str:
     return f"{encoded[:100]}%%{digest}"
 
 
+def _pool_name(pool: Any) -> str:
+    """A pool's name; str(pool) only for a pool given as a bare name (a
+    dataclass's repr on every launch is not free)."""
+    name = getattr(pool, "name", None)
+    return name if isinstance(name, str) else str(pool)
+
+
 def _field(task: Any, name: str, default: Any = None) -> Any:
     """A task attribute, else its metadata entry (tasks may be dicts too)."""
     if isinstance(task, dict):
@@ -742,7 +749,7 @@ class SubprocessLauncher:
             runner_id=runner_id,
             task_id=task_id,
             spec_name=metadata.get("spec_name", "unknown"),
-            pool_name=getattr(pool, "name", str(pool)),
+            pool_name=_pool_name(pool),
             slot_id=getattr(slot, "slot_id", None),
             attempt=attempt,
             pid=popen.pid,

@@ -2,6 +2,7 @@
 
 pub mod dependencies;
 pub mod finished;
+pub mod keyed_slab;
 pub mod outbox;
 pub mod pools;
 pub mod queue;

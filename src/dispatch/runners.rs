@@ -4,8 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::hashing::FastMap;
-
+use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::pools::PoolIndex;
 use crate::retry::state::TaskId;
 use crate::time::clock::MonoNanos;
@@ -33,9 +32,15 @@ pub struct TrackedRunner {
     pub details: RunnerDetails,
 }
 
+impl Keyed for TrackedRunner {
+    fn key(&self) -> &str {
+        &self.runner_id
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Runners {
-    by_id: FastMap<Arc<str>, TrackedRunner>,
+    by_id: KeyedSlab<TrackedRunner>,
     /// (last heartbeat, runner), oldest first: a heartbeat check reads only
     /// the runners it times out, O(expired + log n), not every runner.
     by_heartbeat: BTreeSet<(MonoNanos, Arc<str>)>,
@@ -49,7 +54,7 @@ impl Runners {
         }
         self.by_heartbeat
             .insert((runner.last_heartbeat, runner.runner_id.clone()));
-        self.by_id.insert(runner.runner_id.clone(), runner);
+        self.by_id.insert(runner);
         true
     }
 
@@ -105,7 +110,7 @@ impl Runners {
     }
 
     pub fn ids(&self) -> Vec<Arc<str>> {
-        self.by_id.keys().cloned().collect()
+        self.by_id.values().map(|r| r.runner_id.clone()).collect()
     }
 }
 

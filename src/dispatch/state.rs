@@ -14,12 +14,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::dispatch::finished::RecentlyFinished;
+use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::outbox::{Outbox, OutboxStats};
 use crate::dispatch::pools::{PoolIndex, PoolState, Pools};
 use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
 use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
-use crate::hashing::FastMap;
 use crate::metrics::FailureStats;
 use crate::retry::state::{RecordedFailure, RetryBook, TaskId};
 use crate::time::clock::{nanos_to_seconds, MonoNanos, Now};
@@ -47,7 +47,8 @@ pub enum Place {
     /// Counts as running.
     Assigning {
         pool: PoolIndex,
-        early: Option<EarlyReport>,
+        /// Boxed: rare, and it would double the size of every place.
+        early: Option<Box<EarlyReport>>,
     },
     Running {
         runner_id: Arc<str>,
@@ -77,6 +78,12 @@ struct HeldTask<T> {
     payload: Option<T>,
     place: Place,
     order: QueueOrder,
+}
+
+impl<T> Keyed for HeldTask<T> {
+    fn key(&self) -> &str {
+        &self.meta.id
+    }
 }
 
 /// The state reported to the task registry.
@@ -344,7 +351,7 @@ pub struct NewRunner {
 #[derive(Debug)]
 pub struct DispatcherState<T> {
     limits: Limits,
-    tasks: FastMap<TaskId, HeldTask<T>>,
+    tasks: KeyedSlab<HeldTask<T>>,
     queue: ReadyQueue,
     delayed: BTreeSet<(MonoNanos, TaskId)>,
     pools: Pools,
@@ -376,7 +383,7 @@ impl<T> DispatcherState<T> {
     pub fn new(limits: Limits, pools: Pools, scheduler: Scheduler) -> Self {
         DispatcherState {
             limits,
-            tasks: FastMap::default(),
+            tasks: KeyedSlab::default(),
             queue: ReadyQueue::new(
                 scheduler.policy.orders_by_priority(),
                 scheduler.policy == Policy::FairShare,
@@ -663,7 +670,7 @@ impl<T> DispatcherState<T> {
             order,
         };
         enqueue(&mut self.queue, &self.scheduler, &held);
-        self.tasks.insert(held.meta.id.clone(), held);
+        self.tasks.insert(held);
         self.metrics.tasks_enqueued += 1;
         Ok(())
     }
@@ -705,15 +712,12 @@ impl<T> DispatcherState<T> {
         };
         let order = self.new_order(&meta, now);
         self.delayed.insert((due, id.clone()));
-        self.tasks.insert(
-            id,
-            HeldTask {
-                meta,
-                payload: None,
-                place: Place::Delayed { due },
-                order,
-            },
-        );
+        self.tasks.insert(HeldTask {
+            meta,
+            payload: None,
+            place: Place::Delayed { due },
+            order,
+        });
         true
     }
 
@@ -804,17 +808,14 @@ impl<T> DispatcherState<T> {
             last_heartbeat_at: now.wall,
             details: runner.details,
         });
-        self.tasks.insert(
-            meta.id.clone(),
-            HeldTask {
-                meta,
-                payload,
-                place: Place::Running {
-                    runner_id: runner.runner_id,
-                },
-                order,
+        self.tasks.insert(HeldTask {
+            meta,
+            payload,
+            place: Place::Running {
+                runner_id: runner.runner_id,
             },
-        );
+            order,
+        });
         self.metrics.tasks_assigned += 1;
     }
 
@@ -988,15 +989,12 @@ impl<T> DispatcherState<T> {
                         required_skill: None,
                     };
                     let order = self.new_order(&meta, now);
-                    self.tasks.insert(
-                        id.clone(),
-                        HeldTask {
-                            meta,
-                            payload: None,
-                            place: Place::Delayed { due },
-                            order,
-                        },
-                    );
+                    self.tasks.insert(HeldTask {
+                        meta,
+                        payload: None,
+                        place: Place::Delayed { due },
+                        order,
+                    });
                 }
             }
             effects.push(Effect::ReportState {
@@ -1159,7 +1157,7 @@ impl<T> DispatcherState<T> {
     fn note_early(&mut self, task_id: &str, report: EarlyReport) -> Outcome<T> {
         match self.tasks.get_mut(task_id).map(|t| &mut t.place) {
             Some(Place::Assigning { early, .. }) if early.is_none() => {
-                *early = Some(report);
+                *early = Some(Box::new(report));
                 Outcome::accepted()
             }
             _ => Outcome::ignored(),
@@ -1271,7 +1269,7 @@ impl<T> DispatcherState<T> {
             return Outcome::returning(payload);
         };
         let early = match held.place {
-            Place::Assigning { early, .. } => early,
+            Place::Assigning { early, .. } => early.map(|report| *report),
             _ => None,
         };
         let early = early.or_else(|| self.take_orphan(&runner.runner_id));

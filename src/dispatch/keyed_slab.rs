@@ -1,0 +1,174 @@
+//! Entries by id — the tasks and runners a dispatcher holds: a dense slab of
+//! entries and an index of 4-byte slot numbers hashed by each entry's own id.
+//!
+//! A hash map of whole entries keeps every entry in its table, which doubles
+//! as it grows (at 10^6 tasks it is half empty by design) and holds each id a
+//! second time as the key; here the table holds only slot numbers, and the
+//! entries sit in one vector (SPEC §6, memory per held task).
+
+use std::hash::{BuildHasher, BuildHasherDefault};
+
+use hashbrown::HashTable;
+
+use crate::hashing::FxHasher;
+
+/// An entry that knows its own key.
+pub trait Keyed {
+    fn key(&self) -> &str;
+}
+
+#[derive(Debug)]
+pub struct KeyedSlab<V> {
+    slots: Vec<Option<V>>,
+    free: Vec<u32>,
+    index: HashTable<u32>,
+}
+
+impl<V> Default for KeyedSlab<V> {
+    fn default() -> Self {
+        KeyedSlab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashTable::new(),
+        }
+    }
+}
+
+fn hash(key: &str) -> u64 {
+    BuildHasherDefault::<FxHasher>::default().hash_one(key)
+}
+
+impl<V: Keyed> KeyedSlab<V> {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    fn slot_of(&self, key: &str) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(hash(key), |&slot| {
+                slots[slot as usize]
+                    .as_ref()
+                    .is_some_and(|v| v.key() == key)
+            })
+            .copied()
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.slot_of(key).is_some()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&V> {
+        let slot = self.slot_of(key)?;
+        self.slots[slot as usize].as_ref()
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        let slot = self.slot_of(key)?;
+        self.slots[slot as usize].as_mut()
+    }
+
+    /// Holds `value` under its key; returns the entry it replaces, if any.
+    pub fn insert(&mut self, value: V) -> Option<V> {
+        if let Some(slot) = self.slot_of(value.key()) {
+            return self.slots[slot as usize].replace(value);
+        }
+        let h = hash(value.key());
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(value);
+                slot
+            }
+            None => {
+                self.slots.push(Some(value));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        // Growing the index rehashes each entry from its id.
+        self.index.insert_unique(h, slot, |&s| {
+            slots[s as usize].as_ref().map_or(0, |v| hash(v.key()))
+        });
+        None
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<V> {
+        let slots = &self.slots;
+        let entry = self
+            .index
+            .find_entry(hash(key), |&slot| {
+                slots[slot as usize]
+                    .as_ref()
+                    .is_some_and(|v| v.key() == key)
+            })
+            .ok()?;
+        let (slot, _) = entry.remove();
+        let value = self.slots[slot as usize].take();
+        if slot as usize + 1 == self.slots.len() {
+            self.slots.pop();
+        } else {
+            self.free.push(slot);
+        }
+        value
+    }
+
+    /// Every entry, in no particular order.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.slots.iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Entry(String, u32);
+
+    impl Keyed for Entry {
+        fn key(&self) -> &str {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn behaves_like_a_map_under_random_operations() {
+        let mut slab = KeyedSlab::default();
+        let mut model: HashMap<String, u32> = HashMap::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for step in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = format!("t{}", x % 300);
+            match x % 5 {
+                0 | 1 => {
+                    let old = slab.insert(Entry(key.clone(), step)).map(|e| e.1);
+                    assert_eq!(old, model.insert(key.clone(), step));
+                }
+                2 => assert_eq!(slab.remove(&key).map(|e| e.1), model.remove(&key)),
+                3 => {
+                    if let Some(e) = slab.get_mut(&key) {
+                        e.1 += 1;
+                    }
+                    if let Some(v) = model.get_mut(&key) {
+                        *v += 1;
+                    }
+                }
+                _ => assert_eq!(slab.get(&key).map(|e| e.1), model.get(&key).copied()),
+            }
+            assert_eq!(slab.len(), model.len());
+            assert_eq!(slab.contains_key(&key), model.contains_key(&key));
+        }
+        let mut all: Vec<(String, u32)> = slab.values().map(|e| (e.0.clone(), e.1)).collect();
+        all.sort();
+        let mut expected: Vec<(String, u32)> = model.into_iter().collect();
+        expected.sort();
+        assert_eq!(all, expected);
+    }
+}
