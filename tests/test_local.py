@@ -42,6 +42,37 @@ def test_slot_pool_hands_out_numbered_slots_and_cleans_them(tmp_path):
     assert pool.released == {"org%2Frepo-1": 1}
 
 
+def test_registry_counts_finished_tasks_through_every_change():
+    registry = InMemoryTaskRegistry([Task(id="a"), Task(id="b"), Task(id="c")])
+    registry.add(Task(id="d", dependencies=["c"]))
+
+    def by_scan():
+        return all(registry.get_state(t) in (TaskState.DONE, TaskState.FAILED) for t in "abcd")
+
+    steps = [
+        ("a", TaskState.RUNNING),
+        ("a", TaskState.DONE),
+        ("a", TaskState.DONE),  # delivered twice: counted once
+        ("b", TaskState.FAILED),
+        ("b", TaskState.READY),  # retried after all
+        ("b", TaskState.DONE),
+        ("c", TaskState.FAILED),  # d is skipped: FAILED too
+    ]
+    for task_id, state in steps:
+        registry.update_task_state("s", task_id, state, {})
+        assert registry.all_finished() == by_scan(), (task_id, state)
+    assert registry.all_finished()
+    saved = registry.snapshot()
+    fresh = InMemoryTaskRegistry([Task(id=t) for t in "abc"] + [Task(id="d", dependencies=["c"])])
+    assert not fresh.all_finished()
+    fresh.restore(saved)
+    assert fresh.all_finished()
+    saved["a"]["state"] = "running"  # running when saved: READY again
+    again = InMemoryTaskRegistry([Task(id=t) for t in "abc"] + [Task(id="d", dependencies=["c"])])
+    again.restore(saved)
+    assert not again.all_finished()
+
+
 def test_registry_keeps_the_history_and_polls_ready_tasks():
     changes = []
     registry = InMemoryTaskRegistry(

@@ -91,6 +91,9 @@ class StateChange:
     at: datetime
 
 
+_FINISHED = (TaskState.DONE, TaskState.FAILED)
+
+
 @dataclass
 class _Record:
     task: Task
@@ -133,6 +136,9 @@ class InMemoryTaskRegistry:
         self._dependents: dict[str, list[str]] = {}
         #: BLOCKED task id -> how many of its dependencies are not DONE.
         self._unmet: dict[str, int] = {}
+        #: How many tasks are DONE or FAILED: ``all_finished()`` is polled
+        #: by the CLI while it runs, and must not scan every task.
+        self._finished = 0
         self.listener = listener
         self._waker: Callable[[], None] | None = None
         with self._lock:
@@ -282,6 +288,7 @@ class InMemoryTaskRegistry:
 
     def _set_state(self, task_id: str, record: _Record, state: TaskState) -> None:
         """A record's new state, and the READY sets with it (lock held)."""
+        self._finished += (state in _FINISHED) - (record.state in _FINISHED)
         record.state = state
         if state is TaskState.READY:
             self._ready[task_id] = record.task
@@ -377,9 +384,7 @@ class InMemoryTaskRegistry:
     def all_finished(self) -> bool:
         """Every task DONE or FAILED (skipped tasks are FAILED)."""
         with self._lock:
-            return all(
-                r.state in (TaskState.DONE, TaskState.FAILED) for r in self._records.values()
-            )
+            return self._finished == len(self._records)
 
 
 def _dependencies(task: Any) -> list[str]:
