@@ -11,11 +11,16 @@
 //! - `time`: naive local wall time and the clocks.
 //! - `metrics`: failure statistics and the Prometheus text format.
 //! - `persist`: atomic, safe file writes; `hashing`: the id maps' hasher.
+//! - `events`: the local event log's JSON lines.
+//! - `process`: starting a task's shell for the local launcher (Unix).
 
 pub mod dispatch;
+pub mod events;
 pub mod hashing;
 pub mod metrics;
 pub mod persist;
+#[cfg(unix)]
+pub mod process;
 pub mod retry;
 pub mod time;
 

@@ -1,6 +1,7 @@
 """Type stubs for the compiled module ``necrocode_dispatch._core``."""
 
 import os
+import sys
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypeAlias, final
@@ -11,6 +12,7 @@ __all__ = [
     "DeadlockDetectedError",
     "DispatcherCore",
     "DispatcherError",
+    "JsonLineLog",
     "ManualClock",
     "PoolNotFoundError",
     "RetryInfo",
@@ -25,6 +27,7 @@ __all__ = [
     "_after_fork_in_child",
     "_stop_loops_at_exit",
     "check_dependencies",
+    "spawn_shell",
     "write_atomically",
 ]
 
@@ -233,9 +236,37 @@ class DispatcherCore:
     def check_deadlock_now(self, raise_on_deadlock: bool = False) -> list[list[str]]: ...
     def _check_invariants(self) -> None: ...
 
+@final
+class JsonLineLog:
+    """An append-only file of JSON lines: ``write(event, fields)`` appends
+    ``{"event": event, "time": <datetime.now() isoformat>, "elapsed":
+    <seconds since opened>, **fields}`` with one write."""
+
+    def __new__(cls, path: str | os.PathLike[str]) -> Self: ...
+    def write(self, event: str, fields: dict[str, Any]) -> bool:
+        """Appends the event's line; False (and nothing written) once closed."""
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def path(self) -> str: ...
+
 def write_atomically(path: str | os.PathLike[str], text: str) -> None:
     """Replaces the file at ``path`` with ``text``: a crash leaves the old
     contents or the new, never a mix."""
+
+if sys.platform != "win32":
+    def spawn_shell(
+        command: str,
+        cwd: str | os.PathLike[str],
+        env: dict[str, str],
+        stdout: str | os.PathLike[str],
+        stderr: str | os.PathLike[str],
+    ) -> int:
+        """Starts ``/bin/sh -c command`` in ``cwd`` with exactly ``env``,
+        stdout and stderr to new files, stdin from /dev/null, in a process
+        group of its own; returns its pid (the caller reaps it). Raises the
+        errno's ``OSError`` naming the file (or ``cwd``)."""
 
 def check_dependencies(
     graph: dict[str, Iterable[str]],

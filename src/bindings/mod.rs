@@ -4,8 +4,11 @@
 mod args;
 mod call;
 mod dispatch;
+mod events;
 mod files;
 mod logging;
+#[cfg(unix)]
+mod process;
 mod retry;
 mod time;
 
@@ -19,7 +22,12 @@ mod core_module {
         PyDispatcherCore, Waker,
     };
     #[pymodule_export]
+    use super::events::PyJsonLineLog;
+    #[pymodule_export]
     use super::files::write_atomically;
+    #[cfg(unix)]
+    #[pymodule_export]
+    use super::process::spawn_shell;
     #[pymodule_export]
     use super::retry::{PyRetryInfo, PyRetryManager};
     #[pymodule_export]
