@@ -1,7 +1,8 @@
 """The main job's throughput against a plain process runner (SPEC §6, issue 14):
 N tasks `true` through `necrocode-dispatch run` with one pool of 16, with and
 without `--state`, against `xargs -P16` on the same commands. The two sides'
-samples alternate; the median of each is reported, with tasks/s and ratios.
+samples alternate; the median of each is reported, with tasks/s, the CPU
+seconds the run took with every process it started, and ratios.
 
     python benches/throughput.py            # N = 2,000 and 10,000, 3 samples each
     python benches/throughput.py --quick    # N = 500, 1 sample
@@ -12,6 +13,7 @@ No timing is asserted; the targets are printed beside the ratios.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,13 +36,18 @@ def job_file(directory: Path, n: int) -> Path:
     return path
 
 
-def timed(command: list[str], **kwargs) -> float:
+def timed(command: list[str], **kwargs) -> tuple[float, float]:
+    """Wall seconds, and CPU seconds (user + system) of the run with every
+    process it started (the commands included)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     subprocess.run(command, check=True, **kwargs)
-    return time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def cli(job: Path, work: Path, state: bool) -> float:
+def cli(job: Path, work: Path, state: bool) -> tuple[float, float]:
     command = [sys.executable, "-m", "necrocode_dispatch", "run", str(job), "--quiet"]
     command += ["--workdir", str(work)]
     if state:
@@ -48,7 +55,7 @@ def cli(job: Path, work: Path, state: bool) -> float:
     return timed(command, stdout=subprocess.DEVNULL)
 
 
-def xargs(n: int) -> float:
+def xargs(n: int) -> tuple[float, float]:
     return timed(
         ["xargs", "-P16", "-I{}", "sh", "-c", "true"],
         input="\n".join(map(str, range(n))).encode(),
@@ -61,27 +68,34 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 500, one sample")
     args = parser.parse_args()
     sizes, samples = ([500], 1) if args.quick else ([2_000, 10_000], 3)
-    print(f"{'tasks':>7}  {'runner':<22} {'seconds':>8} {'tasks/s':>9} {'vs xargs':>9}  target")
+    header = f"{'tasks':>7}  {'runner':<22} {'seconds':>8} {'tasks/s':>9} {'cpu s':>7}"
+    print(f"{header} {'vs xargs':>9}  target")
     with tempfile.TemporaryDirectory(prefix="necrocode-throughput-") as tmp:
         root = Path(tmp)
         for n in sizes:
             job = job_file(root, n)
-            times: dict[str, list[float]] = {"xargs -P16": [], "cli": [], "cli --state": []}
+            times: dict[str, list[tuple[float, float]]] = {
+                "xargs -P16": [],
+                "cli": [],
+                "cli --state": [],
+            }
             for sample in range(samples):
                 # Alternate the sides so that a slow moment hits all of them.
                 times["xargs -P16"].append(xargs(n))
                 times["cli"].append(cli(job, root / f"w-{n}-{sample}", state=False))
                 times["cli --state"].append(cli(job, root / f"s-{n}-{sample}", state=True))
-            base = statistics.median(times["xargs -P16"])
-            plain = statistics.median(times["cli"])
+            base = statistics.median(wall for wall, _ in times["xargs -P16"])
+            plain = statistics.median(wall for wall, _ in times["cli"])
             for name, values in times.items():
-                seconds = statistics.median(values)
+                seconds = statistics.median(wall for wall, _ in values)
+                used = statistics.median(cpu for _, cpu in values)
                 ratio = base / seconds
                 target = {"cli": ">= 0.8x", "cli --state": "<= 1.3x the cli's time"}.get(name, "")
                 if name == "cli --state":
                     target += f" ({seconds / plain:.2f}x)"
                 rate = n / seconds
-                print(f"{n:>7,}  {name:<22} {seconds:>8.2f} {rate:>9.0f} {ratio:>8.2f}x  {target}")
+                row = f"{n:>7,}  {name:<22} {seconds:>8.2f} {rate:>9.0f} {used:>7.2f}"
+                print(f"{row} {ratio:>8.2f}x  {target}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
-
-use parking_lot::Mutex;
 
 use crate::time::wall::WallTime;
 
@@ -100,6 +99,10 @@ impl JsonLine {
 /// An append-only file of lines, each written whole with one `write` (so a
 /// reader following the file sees whole lines, and lines from two threads
 /// never interleave).
+///
+/// The lock is `std::sync`'s, not parking_lot's: it is held while writing
+/// with the GIL released, so a thread may hold it when another forks (see
+/// `bindings::dispatch::run_loop`).
 pub struct LineLog {
     file: Mutex<Option<File>>,
     start: Instant,
@@ -119,9 +122,14 @@ impl LineLog {
         self.start.elapsed().as_secs_f64()
     }
 
+    fn file(&self) -> MutexGuard<'_, Option<File>> {
+        // Nothing panics while holding it; a poisoned lock is still whole.
+        self.file.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Appends `line`; false once closed.
     pub fn append(&self, line: &[u8]) -> io::Result<bool> {
-        let mut file = self.file.lock();
+        let mut file = self.file();
         match file.as_mut() {
             Some(file) => file.write_all(line).map(|()| true),
             None => Ok(false),
@@ -129,11 +137,11 @@ impl LineLog {
     }
 
     pub fn close(&self) {
-        self.file.lock().take();
+        self.file().take();
     }
 
     pub fn is_closed(&self) -> bool {
-        self.file.lock().is_none()
+        self.file().is_none()
     }
 }
 

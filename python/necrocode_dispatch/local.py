@@ -744,9 +744,11 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 class SubprocessLauncher:
     """Runs ``task.command`` (or ``task.metadata["command"]``) with ``sh -c`` in
-    its slot's directory, in a process group of its own. A watcher thread per
-    runner sends heartbeats every ``heartbeat_interval`` seconds, kills the group
-    at the task's ``timeout``, and reports the outcome to the dispatcher.
+    its slot's directory, in a process group of its own (started in Rust with
+    the GIL released, where Linux gives pidfds; else with ``Popen``). One
+    reaper thread (else a watcher thread per runner) sends heartbeats every
+    ``heartbeat_interval`` seconds, kills the group at the task's ``timeout``,
+    and reports the outcome to the dispatcher.
 
     The command sees ``NECROCODE_TASK_ID``, ``NECROCODE_ATTEMPT`` (1 for the
     first run), ``NECROCODE_SLOT_DIR`` and ``NECROCODE_RUN_ID``; its stdout goes
