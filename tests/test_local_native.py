@@ -24,15 +24,19 @@ def test_spawned_shell_runs_in_its_directory_with_only_its_environment(tmp_path)
     out.write_text("a previous attempt's output\n")
     script = (
         'pwd; echo "$X|${HOME-unset}"; ps -o pgid= -p $$ | tr -d " "; '
-        'echo warning >&2; read line; echo "stdin:$?"; exit 7'
+        'ps -o sid= -p $$ | tr -d " "; echo warning >&2; read line; echo "stdin:$?"; '
+        "grep SigIgn /proc/$$/status 2>/dev/null || echo SigIgn: 0; exit 7"
     )
     pid = _core.spawn_shell(script, str(tmp_path), {"X": "é 1"}, str(out), str(err))
     shell = _Shell(pid)
     assert shell.wait() == 7
     assert shell.poll() == 7 and shell.wait() == 7  # reaped once, remembered
-    lines = out.read_text().splitlines()
-    assert lines == [str(tmp_path.resolve()), "é 1|unset", str(pid), "stdin:1"]
+    *lines, ignored = out.read_text().splitlines()
+    # Its own session (so its own process group, and no terminal to stop on).
+    assert lines == [str(tmp_path.resolve()), "é 1|unset", str(pid), str(pid), "stdin:1"]
     assert err.read_text() == "warning\n"
+    # Python ignores SIGPIPE; the command has it back, as Popen gives it.
+    assert not int(ignored.split(":")[1], 16) & (1 << (signal.SIGPIPE - 1))
 
 
 def test_spawn_errors_are_the_errnos_oserror_naming_the_file(tmp_path):

@@ -37,8 +37,8 @@ fn os_error(error: &SpawnError, cwd: &str) -> PyErr {
 
 /// Starts `/bin/sh -c command` in `cwd` with exactly `env`, stdout to the
 /// file `stdout` and stderr to `stderr` (created or truncated), stdin from
-/// /dev/null, in a process group of its own; returns its pid. The caller
-/// reaps it (`os.waitpid`).
+/// /dev/null, in a new session (its own process group); returns its pid.
+/// The caller reaps it (`os.waitpid`).
 #[pyfunction]
 #[pyo3(signature = (command, cwd, env, stdout, stderr))]
 pub fn spawn_shell(
@@ -74,7 +74,7 @@ pub fn spawn_shell(
         process::spawn_shell(
             &command,
             Path::new(&cwd),
-            variables,
+            &variables,
             Path::new(&stdout),
             Path::new(&stderr),
         )
