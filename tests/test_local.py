@@ -2,6 +2,7 @@
 this process."""
 
 import os
+import threading
 import time
 from datetime import datetime
 
@@ -71,6 +72,20 @@ def test_registry_counts_finished_tasks_through_every_change():
     again = InMemoryTaskRegistry([Task(id=t) for t in "abc"] + [Task(id="d", dependencies=["c"])])
     again.restore(saved)
     assert not again.all_finished()
+
+
+def test_registry_wakes_a_waiter_when_the_last_task_finishes():
+    registry = InMemoryTaskRegistry([Task(id="a"), Task(id="b", dependencies=["a"])])
+    assert registry.wait_finished(0) is False
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(registry.wait_finished(30)))
+    waiter.start()
+    registry.update_task_state("s", "a", TaskState.DONE, {})
+    assert woke == []  # b is READY now, not finished
+    registry.update_task_state("s", "b", TaskState.FAILED, {})
+    waiter.join(30)
+    assert woke == [True]
+    assert registry.wait_finished(0) is True
 
 
 def test_registry_keeps_the_history_and_polls_ready_tasks():

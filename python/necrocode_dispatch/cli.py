@@ -418,8 +418,9 @@ def _run_until_finished(dispatcher, registry, launcher) -> Interrupted | None:
     interrupted = None
     try:
         dispatcher.start()
-        while not registry.all_finished():
-            time.sleep(0.05)
+        # Woken by the last report (a signal still interrupts the wait).
+        while not registry.wait_finished(0.5):
+            pass
     except Interrupted as e:
         interrupted = e
     finally:

@@ -218,28 +218,96 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     }
 }
 
+/// A child's stack: a private mapping whose lowest page is a guard.
+struct Stack(*mut c_void);
+
+// SAFETY: a mapping of ours, used by one child at a time and unmapped once.
+unsafe impl Send for Stack {}
+
+impl Stack {
+    fn new() -> io::Result<Stack> {
+        // SAFETY: a fresh private anonymous mapping; the guard page is
+        // inside it.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                STACK + PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let stack = Stack(base);
+            if libc::mprotect(base, PAGE, libc::PROT_NONE) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(stack)
+        }
+    }
+
+    fn top(&self) -> *mut c_void {
+        // SAFETY: one past the mapping's end, where a stack starts.
+        unsafe { (self.0 as *mut u8).add(STACK + PAGE).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: mapped by `new` with this size; no child is on it.
+        unsafe { libc::munmap(self.0, STACK + PAGE) };
+    }
+}
+
 /// A started child still possibly on our memory.
 struct Pending {
     report: OwnedFd,
     _plan: Box<Plan>,
-    stack: *mut c_void,
+    stack: Stack,
 }
 
-// SAFETY: the raw stack pointer is only unmapped, by whichever thread frees.
+// SAFETY: the plan's raw pointers point into the plan's own strings; any
+// thread may free it once the child is done with it.
 unsafe impl Send for Pending {}
 
-impl Drop for Pending {
-    fn drop(&mut self) {
-        // SAFETY: mapped by `start` with this size; the child is off it.
-        unsafe { libc::munmap(self.stack, STACK + PAGE) };
+/// Children that may still be on our memory, and stacks free for the next
+/// ones (mapping and unmapping one per task cost system calls and, in a
+/// process with several threads, a TLB flush on every core).
+struct Children {
+    pending: Vec<Pending>,
+    spare: Vec<Stack>,
+}
+
+const SPARE_STACKS: usize = 16;
+
+static CHILDREN: Mutex<Children> = Mutex::new(Children {
+    pending: Vec::new(),
+    spare: Vec::new(),
+});
+
+/// Runs `f` on the children's list. None if it stays locked for 5 ms: a
+/// fork copied it locked, and the caller leaves its child's stack and plan
+/// to the process rather than wait forever.
+fn with_children<R>(f: impl FnOnce(&mut Children) -> R) -> Option<R> {
+    let deadline = Instant::now() + Duration::from_millis(5);
+    loop {
+        match CHILDREN.try_lock() {
+            Ok(mut children) => return Some(f(&mut children)),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(f(&mut e.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
     }
 }
 
-static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
-
 /// Frees what children that have exec'd or exited left (their report pipe
 /// reads end of file); keeps the rest.
-fn sweep(pending: &mut Vec<Pending>) {
+fn sweep(children: &mut Children) {
+    let pending = &mut children.pending;
     if pending.is_empty() {
         return;
     }
@@ -267,11 +335,15 @@ fn sweep(pending: &mut Vec<Pending>) {
         // wrote comes first; its end closes when it has exited.)
         done[i] = n == 0;
     }
-    let mut i = 0;
-    pending.retain(|_| {
-        i += 1;
-        !done[i - 1]
-    });
+    let mut kept = Vec::with_capacity(pending.len());
+    for (child, done) in pending.drain(..).zip(done) {
+        if !done {
+            kept.push(child);
+        } else if children.spare.len() < SPARE_STACKS {
+            children.spare.push(child.stack);
+        }
+    }
+    *pending = kept;
 }
 
 /// Starts the shell; `None` when this system cannot (the caller spawns).
@@ -339,22 +411,14 @@ pub(super) fn start(
         std::ptr::null(),
     ];
 
-    // SAFETY: a private anonymous mapping; its lowest page is the guard.
-    let stack = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            STACK + PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-            -1,
-            0,
-        )
+    let reused = with_children(|children| {
+        sweep(children);
+        children.spare.pop()
+    });
+    let stack = match reused.flatten() {
+        Some(stack) => stack,
+        None => Stack::new().map_err(SpawnError::Start)?,
     };
-    if stack == libc::MAP_FAILED {
-        return Err(SpawnError::Start(io::Error::last_os_error()));
-    }
-    // SAFETY: below the stack's top, inside the mapping just made.
-    unsafe { libc::mprotect(stack, PAGE, libc::PROT_NONE) };
 
     // SAFETY: the signal sets are initialised before use. The child gets
     // the plan's heap address, which stays put while the Box moves into
@@ -367,8 +431,12 @@ pub(super) fn start(
         // The first 64 signals' bits, as rt_sigprocmask takes them.
         plan.mask = *(old.as_ptr() as *const u64);
         let plan_ptr: *mut Plan = &mut *plan;
-        let top = (stack as *mut u8).add(STACK + PAGE) as *mut c_void;
-        let pid = libc::clone(child, top, libc::CLONE_VM | libc::SIGCHLD, plan_ptr.cast());
+        let pid = libc::clone(
+            child,
+            stack.top(),
+            libc::CLONE_VM | libc::SIGCHLD,
+            plan_ptr.cast(),
+        );
         let error = io::Error::last_os_error();
         libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
         if pid == -1 {
@@ -401,38 +469,17 @@ pub(super) fn start(
     Ok(Some(pid as u32))
 }
 
-/// Keeps `pending` until its child is off our memory, freeing what earlier
-/// children left. If the list stays locked (a fork copied it locked), the
-/// child's stack and plan are left to the process rather than wait forever.
+/// Keeps `pending` until its child is off our memory.
 fn register(pending: Pending) {
-    let deadline = Instant::now() + Duration::from_millis(5);
-    loop {
-        match PENDING.try_lock() {
-            Ok(mut list) => {
-                sweep(&mut list);
-                list.push(pending);
-                return;
-            }
-            Err(std::sync::TryLockError::Poisoned(e)) => {
-                let mut list = e.into_inner();
-                sweep(&mut list);
-                list.push(pending);
-                return;
-            }
-            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::yield_now();
-            }
-            Err(std::sync::TryLockError::WouldBlock) => {
-                std::mem::forget(pending);
-                return;
-            }
-        }
+    let mut child = Some(pending);
+    if with_children(|children| children.pending.extend(child.take())).is_none() {
+        std::mem::forget(child);
     }
 }
 
 /// How many started children may still be on our memory (for tests).
 pub fn pending() -> usize {
-    let mut list = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-    sweep(&mut list);
-    list.len()
+    let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+    sweep(&mut children);
+    children.pending.len()
 }
