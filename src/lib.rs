@@ -11,9 +11,11 @@
 //! - `time`: naive local wall time and the clocks.
 //! - `metrics`: failure statistics and the Prometheus text format.
 //! - `persist`: atomic, safe file writes; `hashing`: the id maps' hasher.
-//! - `events`: the local event log's JSON lines.
+//! - `directory`: emptying a slot's directory; `events`: the local event
+//!   log's JSON lines.
 //! - `process`: starting a task's shell for the local launcher (Unix).
 
+pub mod directory;
 pub mod dispatch;
 pub mod events;
 pub mod hashing;

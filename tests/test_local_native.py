@@ -150,3 +150,20 @@ def test_slot_directory_removed_behind_the_pools_back_is_made_again(tmp_path):
     pool.release_slot(slot.slot_id)
     again = pool.allocate_slot("repo")
     assert again.path == slot.path and again.path.is_dir()
+
+
+def test_empty_directory_removes_links_not_what_they_name(tmp_path):
+    slot, outside = tmp_path / "slot", tmp_path / "outside"
+    (slot / "build" / "deep").mkdir(parents=True)
+    (slot / "build" / "deep" / "x").write_text("x")
+    (slot / "file").write_text("y")
+    outside.mkdir()
+    (outside / "keep").write_text("z")
+    (slot / "link").symlink_to(outside, target_is_directory=True)
+    (slot / "dangling").symlink_to(tmp_path / "nowhere")
+    _core.empty_directory(slot)
+    assert list(slot.iterdir()) == []
+    assert (outside / "keep").read_text() == "z"
+    with pytest.raises(FileNotFoundError) as raised:
+        _core.empty_directory(str(tmp_path / "gone"))
+    assert str(tmp_path / "gone") in str(raised.value)

@@ -27,6 +27,7 @@ __all__ = [
     "_after_fork_in_child",
     "_stop_loops_at_exit",
     "check_dependencies",
+    "empty_directory",
     "spawn_shell",
     "write_atomically",
 ]
@@ -250,6 +251,11 @@ class JsonLineLog:
     def closed(self) -> bool: ...
     @property
     def path(self) -> str: ...
+
+def empty_directory(path: str | os.PathLike[str]) -> None:
+    """Removes everything in the directory ``path`` (subdirectories whole,
+    best effort; links themselves, never what they name), keeping ``path``.
+    ``FileNotFoundError`` when ``path`` is gone."""
 
 def write_atomically(path: str | os.PathLike[str], text: str) -> None:
     """Replaces the file at ``path`` with ``text``: a crash leaves the old

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -450,15 +450,9 @@ class LocalSlotPool:
             logger.warning("release_slot: slot %r is not allocated", slot_id)
         elif cleanup:
             try:
-                with os.scandir(slot.path) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False):
-                            shutil.rmtree(entry.path, ignore_errors=True)
-                        else:
-                            try:
-                                os.unlink(entry.path)
-                            except FileNotFoundError:
-                                pass
+                # In Rust, one release of the GIL for the whole directory
+                # (links removed, never followed).
+                _core.empty_directory(str(slot.path))
             except FileNotFoundError:
                 # Removed behind our back: the next allocation makes it again.
                 with self._lock:
@@ -590,7 +584,9 @@ class _Process:
     popen: subprocess.Popen | _Shell
     timeout: float | None
     keep_background: bool = False
-    stopped: threading.Event = field(default_factory=threading.Event)
+    #: Set by ``stop()``: its outcome is not reported. A plain flag (an
+    #: Event per runner cost a Condition and a lock per task, never waited on).
+    stopped: bool = False
     thread: threading.Thread | None = None
     started: float = field(default_factory=time.monotonic)
     #: Set when the runner is killed at its timeout: the reason reported.
@@ -653,19 +649,30 @@ class _Shell:
 class _Reaper:
     """One thread for every runner: it waits on their pidfds, sends the
     heartbeats, kills at timeouts and reports each exit (instead of a
-    thread per runner). Linux only (``os.pidfd_open``)."""
+    thread per runner). Linux only (``os.pidfd_open``, ``select.epoll``).
+
+    The launching thread adds a runner's pidfd to the epoll set itself: the
+    reaper wakes for an exit, a heartbeat, a timeout due, or a new runner
+    whose timeout falls before its next wake, not for every launch (that
+    cost a pipe write, a wake and a turn of the GIL per task)."""
 
     def __init__(self, launcher: SubprocessLauncher):
         self.launcher = launcher
         self._lock = threading.Lock()
-        self._pending: list[_Process] = []
         self._live: dict[int, _Process] = {}  # pidfd -> process
+        #: The live processes with a timeout: all the reaper's wake time
+        #: depends on besides the heartbeat (most tasks have none).
+        self._timed: dict[int, _Process] = {}
+        #: When the reaper next wakes by itself (monotonic); -inf while awake.
+        self._sleeping_until = -math.inf
+        self._epoll = select.epoll()
         self._wake_read, self._wake_write = os.pipe()
+        self._epoll.register(self._wake_read, select.EPOLLIN)
         self._thread: threading.Thread | None = None
 
     @staticmethod
     def available() -> bool:
-        if not hasattr(os, "pidfd_open") or not hasattr(select, "poll"):
+        if not hasattr(os, "pidfd_open") or not hasattr(select, "epoll"):
             return False
         try:
             os.close(os.pidfd_open(os.getpid()))
@@ -673,57 +680,72 @@ class _Reaper:
             return False
         return True
 
-    def add(self, process: _Process) -> None:
+    def add(self, process: _Process) -> bool:
+        """Watches ``process``; False when it cannot (no pidfd: the caller
+        watches it another way)."""
+        try:
+            # A child that exited already keeps its pidfd (readable) until reaped.
+            fd = os.pidfd_open(process.popen.pid)
+        except OSError:
+            return False
+        due = None if process.timeout is None else process.started + process.timeout
         with self._lock:
-            self._pending.append(process)
+            self._live[fd] = process
+            if due is not None:
+                self._timed[fd] = process
+            wake = due is not None and due < self._sleeping_until
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
                 self._thread.start()
-        os.write(self._wake_write, b"x")
+        self._epoll.register(fd, select.EPOLLIN)
+        if wake:
+            os.write(self._wake_write, b"x")
+        return True
 
     def idle(self) -> bool:
         with self._lock:
-            return not self._pending and not self._live
+            return not self._live
+
+    def _next_wake(self, next_beat: float) -> float:
+        """The heartbeat or the earliest timeout step due (lock held)."""
+        wake_at = next_beat
+        for process in self._timed.values():
+            if process.kill_at is not None:
+                wake_at = min(wake_at, process.kill_at)
+            elif process.timeout is not None and process.timed_out is None:
+                wake_at = min(wake_at, process.started + process.timeout)
+        return wake_at
 
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._wake_read, select.POLLIN)
         interval = self.launcher.heartbeat_interval
         next_beat = time.monotonic() + interval
         while True:
             with self._lock:
-                pending, self._pending = self._pending, []
-            for process in pending:
-                try:
-                    fd = os.pidfd_open(process.popen.pid)
-                except OSError:  # gone already: report it now
-                    self.launcher._finish(process, process.popen.wait())
-                    continue
-                with self._lock:
-                    self._live[fd] = process
-                poller.register(fd, select.POLLIN)
-            now = time.monotonic()
-            wake_at = next_beat
-            for process in self._live.values():
-                if process.kill_at is not None:
-                    wake_at = min(wake_at, process.kill_at)
-                elif process.timeout is not None and process.timed_out is None:
-                    wake_at = min(wake_at, process.started + process.timeout)
-            for fd, _ in poller.poll(max(0.0, wake_at - now) * 1000):
+                wake_at = self._sleeping_until = self._next_wake(next_beat)
+            events = self._epoll.poll(max(0.0, wake_at - time.monotonic()))
+            with self._lock:
+                self._sleeping_until = -math.inf
+            for fd, _ in events:
                 if fd == self._wake_read:
                     os.read(self._wake_read, 4096)
                     continue
-                process = self._live[fd]
-                poller.unregister(fd)
+                with self._lock:
+                    process = self._live.get(fd)
+                if process is None:
+                    continue
+                self._epoll.unregister(fd)
                 self.launcher._finish(process, process.popen.wait())
                 # Only now idle(): close() must not return while an outcome
                 # is still being reported.
                 with self._lock:
                     del self._live[fd]
+                    self._timed.pop(fd, None)
                 os.close(fd)
             now = time.monotonic()
-            for process in self._live.values():
-                if process.stopped.is_set():
+            with self._lock:
+                timed = list(self._timed.values())
+            for process in timed:
+                if process.stopped:
                     continue
                 if process.kill_at is not None and now >= process.kill_at:
                     _signal_group(process.popen.pid, signal.SIGKILL)
@@ -737,8 +759,10 @@ class _Reaper:
                     _signal_group(process.popen.pid, signal.SIGTERM)
                     process.kill_at = now + self.launcher.kill_grace
             if now >= next_beat:
-                for process in list(self._live.values()):
-                    if not process.stopped.is_set() and process.timed_out is None:
+                with self._lock:
+                    live = list(self._live.values())
+                for process in live:
+                    if not process.stopped and process.timed_out is None:
                         self.launcher.dispatcher.update_heartbeat(process.runner.runner_id)
                 next_beat = now + interval
 
@@ -867,9 +891,7 @@ class SubprocessLauncher:
         )
         with self._lock:
             self._processes[runner_id] = process
-        if self._reaper is not None:
-            self._reaper.add(process)
-        else:
+        if self._reaper is None or not self._reaper.add(process):
             process.thread = threading.Thread(
                 target=self._watch, args=(process,), name=f"watch-{runner_id}", daemon=True
             )
@@ -882,7 +904,7 @@ class SubprocessLauncher:
         with self._lock:
             process = self._processes.get(runner_id)
         if process is not None:
-            process.stopped.set()
+            process.stopped = True
             self._kill(process)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -946,7 +968,7 @@ class SubprocessLauncher:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if process.stopped.is_set():
+            if process.stopped:
                 break
             if process.timeout is not None and time.monotonic() >= started + process.timeout:
                 reason = f"timeout after {process.timeout:g} s"
@@ -973,7 +995,7 @@ class SubprocessLauncher:
             self._guard.forget(process.popen.pid)
         with self._lock:
             self._processes.pop(runner.runner_id, None)
-        if process.stopped.is_set():
+        if process.stopped:
             return
         if reason is None and code != 0:
             reason = _exit_reason(code, runner.log_path)

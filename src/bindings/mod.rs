@@ -24,7 +24,7 @@ mod core_module {
     #[pymodule_export]
     use super::events::PyJsonLineLog;
     #[pymodule_export]
-    use super::files::write_atomically;
+    use super::files::{empty_directory, write_atomically};
     #[cfg(unix)]
     #[pymodule_export]
     use super::process::spawn_shell;

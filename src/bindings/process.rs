@@ -5,19 +5,10 @@ use std::path::Path;
 
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::PyDict;
 
 use crate::bindings::{args, files};
 use crate::process::{self, SpawnError};
-
-/// A path argument: a `str` as is (the launcher's case, kept cheap), else
-/// anything `os.fspath` takes.
-fn path(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
-    match obj.cast::<PyString>() {
-        Ok(text) => Ok(text.to_str()?.to_owned()),
-        Err(_) => files::path_arg(name, obj),
-    }
-}
 
 /// As `open()` and `Popen` raise: the errno's own OSError subclass, naming
 /// the file (or, when the shell cannot start, its directory).
@@ -55,9 +46,9 @@ pub fn spawn_shell(
             "command: contains a NUL character",
         ));
     }
-    let cwd = path("cwd", cwd)?;
-    let stdout = path("stdout", stdout)?;
-    let stderr = path("stderr", stderr)?;
+    let cwd = files::str_or_path_arg("cwd", cwd)?;
+    let stdout = files::str_or_path_arg("stdout", stdout)?;
+    let stderr = files::str_or_path_arg("stderr", stderr)?;
     let mut variables = Vec::with_capacity(env.len());
     for (key, value) in env.iter() {
         let key = args::string("env key", &key)?.into_owned();
