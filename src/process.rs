@@ -19,10 +19,13 @@
 //!
 //! The caller holds no GIL meanwhile. Reaping stays with the caller.
 
+#[cfg(target_os = "linux")]
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
+#[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
+#[cfg(target_os = "linux")]
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -132,6 +135,7 @@ fn spawn_forked(
 }
 
 /// A C string for the spawn; a NUL inside is the caller's error.
+#[cfg(target_os = "linux")]
 fn c_string(bytes: &[u8]) -> Result<CString, SpawnError> {
     CString::new(bytes).map_err(|_| {
         SpawnError::Start(io::Error::new(
@@ -440,6 +444,34 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(clone_vm::pending(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A child that cannot exec (a command longer than the kernel takes in
+    /// one argument) says why on its stderr and exits 127; its stack and
+    /// plan are freed all the same.
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    #[test]
+    fn an_unwaited_child_that_cannot_exec_exits_127_saying_why() {
+        let dir = scratch("e2big");
+        let (out, err) = (dir.join("o"), dir.join("e"));
+        let command = format!("echo {}", "x".repeat(200 * 1024));
+        let (o, e) = (create(&out).unwrap(), create(&err).unwrap());
+        let pid = clone_vm::start(&command, &dir, &env(&[]), &o, &e)
+            .unwrap()
+            .unwrap();
+        assert_eq!(wait(pid), 127);
+        let said = fs::read_to_string(&err).unwrap();
+        assert_eq!(
+            said,
+            format!(
+                "necrocode-dispatch: cannot start the command: execve /bin/sh: errno {}\n",
+                libc::E2BIG
+            )
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -270,9 +270,13 @@ if sys.platform != "win32":
         stderr: str | os.PathLike[str],
     ) -> int:
         """Starts ``/bin/sh -c command`` in ``cwd`` with exactly ``env``,
-        stdout and stderr to new files, stdin from /dev/null, in a process
-        group of its own; returns its pid (the caller reaps it). Raises the
-        errno's ``OSError`` naming the file (or ``cwd``)."""
+        stdout and stderr to new files, stdin from /dev/null, in a session
+        (and process group) of its own, SIGPIPE and SIGXFSZ at their
+        defaults; returns its pid (the caller reaps it). Raises the errno's
+        ``OSError`` naming the file (or ``cwd``). On Linux x86-64/arm64 it
+        returns without waiting for the exec: a failure after the checks
+        (the directory removed meanwhile) is the command's exit 127, with
+        the reason on its stderr."""
 
 def check_dependencies(
     graph: dict[str, Iterable[str]],
