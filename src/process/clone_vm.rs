@@ -53,7 +53,8 @@ struct KernelSigaction {
 /// Everything the child reads, at a fixed address until it has exec'd.
 struct Plan {
     program: CString,
-    _command: CString,
+    command: CString,
+    /// Kept for `envp`, which points into them.
     _variables: Vec<CString>,
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
@@ -399,7 +400,7 @@ pub(super) fn start(
         program,
         cwd: c_string(cwd.as_os_str().as_bytes())?,
         _variables: variables,
-        _command: command,
+        command,
         fds,
         report: write_end.as_raw_fd(),
         mask: 0,
@@ -407,7 +408,7 @@ pub(super) fn start(
     plan.argv = vec![
         plan.program.as_ptr(),
         c"-c".as_ptr(),
-        plan._command.as_ptr(),
+        plan.command.as_ptr(),
         std::ptr::null(),
     ];
 
