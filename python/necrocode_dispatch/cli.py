@@ -31,6 +31,7 @@ from necrocode_dispatch.local import (
     InMemoryTaskRegistry,
     JsonlEventRecorder,
     LocalSlotPool,
+    StateChange,
     SubprocessLauncher,
     kill_leftover_groups,
 )
@@ -444,7 +445,8 @@ class Row:
     attempts: int
     outcome: str
     last_failure: str | None
-    history: list[dict[str, Any]]
+    #: The task's state changes; made into dicts only for ``--json``.
+    history: list[StateChange]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -452,7 +454,10 @@ class Row:
             "outcome": self.outcome,
             "attempts": self.attempts,
             "last_failure": self.last_failure,
-            "history": self.history,
+            "history": [
+                {"state": c.state.value, "at": c.at.isoformat(), "metadata": c.metadata}
+                for c in self.history
+            ],
         }
 
 
@@ -480,18 +485,7 @@ def summarize(registry: InMemoryTaskRegistry) -> list[Row]:
             outcome = "waiting to retry"
         else:
             outcome = last.state.value
-        rows.append(
-            Row(
-                task_id,
-                attempts,
-                outcome,
-                last_failure,
-                [
-                    {"state": c.state.value, "at": c.at.isoformat(), "metadata": c.metadata}
-                    for c in history
-                ],
-            )
-        )
+        rows.append(Row(task_id, attempts, outcome, last_failure, history))
     return rows
 
 
