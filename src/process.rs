@@ -163,6 +163,43 @@ fn above_stdio(file: &File) -> Result<Option<File>, SpawnError> {
     }))
 }
 
+/// `KEY=VALUE` C strings, the environment an exec takes.
+#[cfg(target_os = "linux")]
+fn c_environment(env: &[(String, String)]) -> Result<Vec<CString>, SpawnError> {
+    let mut variables = Vec::with_capacity(env.len());
+    for (key, value) in env {
+        let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
+        entry.extend_from_slice(key.as_bytes());
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        variables.push(c_string(&entry)?);
+    }
+    Ok(variables)
+}
+
+/// What becomes the child's stdin (/dev/null), stdout and stderr: three
+/// descriptors above 2, held open until the child has its own copies.
+#[cfg(target_os = "linux")]
+struct ChildStdio {
+    fds: [libc::c_int; 3],
+    _held: [Option<File>; 4],
+}
+
+#[cfg(target_os = "linux")]
+impl ChildStdio {
+    fn new(out: &File, err: &File) -> Result<ChildStdio, SpawnError> {
+        let null = File::open("/dev/null").map_err(SpawnError::Start)?;
+        let moved = [above_stdio(&null)?, above_stdio(out)?, above_stdio(err)?];
+        let sources = [&null, out, err];
+        let fds = std::array::from_fn(|i| moved[i].as_ref().unwrap_or(sources[i]).as_raw_fd());
+        let [a, b, c] = moved;
+        Ok(ChildStdio {
+            fds,
+            _held: [Some(null), a, b, c],
+        })
+    }
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use super::*;
@@ -215,23 +252,11 @@ mod linux {
             command.as_ptr(),
             std::ptr::null(),
         ];
-        let mut variables = Vec::with_capacity(env.len());
-        for (key, value) in env {
-            let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
-            entry.extend_from_slice(key.as_bytes());
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            variables.push(c_string(&entry)?);
-        }
+        let variables = c_environment(env)?;
         let mut envp: Vec<*const libc::c_char> = variables.iter().map(|v| v.as_ptr()).collect();
         envp.push(std::ptr::null());
         let cwd = c_string(cwd.as_os_str().as_bytes())?;
-        let null = File::open("/dev/null").map_err(SpawnError::Start)?;
-        let moved = [above_stdio(&null)?, above_stdio(out)?, above_stdio(err)?];
-        let sources = [&null, out, err];
-        let fds: Vec<i32> = (0..3)
-            .map(|i| moved[i].as_ref().unwrap_or(sources[i]).as_raw_fd())
-            .collect();
+        let stdio = ChildStdio::new(out, err)?;
 
         // SAFETY: every pointer handed to the C library points into values
         // that outlive the calls (argv, envp, cwd, the files); the attribute
@@ -247,7 +272,7 @@ mod linux {
             let actions = actions.as_mut_ptr();
             let attr = attr.as_mut_ptr();
             let result = (|| {
-                for (target, fd) in fds.iter().enumerate() {
+                for (target, fd) in stdio.fds.iter().enumerate() {
                     check(libc::posix_spawn_file_actions_adddup2(
                         actions,
                         *fd,

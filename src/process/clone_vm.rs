@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use libc::{c_char, c_int, c_long, c_void};
 
-use super::{above_stdio, c_string, SpawnError};
+use super::{c_environment, c_string, ChildStdio, SpawnError};
 
 /// The child's stack: it makes a few system calls and formats one number.
 const STACK: usize = 64 * 1024;
@@ -366,19 +366,8 @@ pub(super) fn start(
         Err(e) => return Err(SpawnError::Start(e)),
     }
     let command = c_string(command.as_bytes())?;
-    let mut variables = Vec::with_capacity(env.len());
-    for (key, value) in env {
-        let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
-        entry.extend_from_slice(key.as_bytes());
-        entry.push(b'=');
-        entry.extend_from_slice(value.as_bytes());
-        variables.push(c_string(&entry)?);
-    }
-    let null = File::open("/dev/null").map_err(SpawnError::Start)?;
-    let moved = [above_stdio(&null)?, above_stdio(out)?, above_stdio(err)?];
-    let sources = [&null, out, err];
-    let fds: [c_int; 3] =
-        std::array::from_fn(|i| moved[i].as_ref().unwrap_or(sources[i]).as_raw_fd());
+    let variables = c_environment(env)?;
+    let stdio = ChildStdio::new(out, err)?;
 
     let mut ends = [0 as c_int; 2];
     // SAFETY: a two-int array for the pipe's ends.
@@ -401,7 +390,7 @@ pub(super) fn start(
         cwd: c_string(cwd.as_os_str().as_bytes())?,
         _variables: variables,
         command,
-        fds,
+        fds: stdio.fds,
         report: write_end.as_raw_fd(),
         mask: 0,
     });
@@ -451,9 +440,9 @@ pub(super) fn start(
         _plan: plan,
         stack,
     };
+    // The child has its own copies now.
     drop(write_end);
-    drop(moved);
-    drop(null);
+    drop(stdio);
     let pid = match pid {
         Ok(pid) => pid,
         Err(e) => {
