@@ -496,9 +496,13 @@ def test_a_run_killed_with_sigkill_resumes_from_its_state_file(tmp_path):
             saved = read_state(state)
             tasks = saved["tasks"] if saved else {}
             states = {t: tasks.get(t, {}).get("state") for t in ("a", "b", "flaky", "slow")}
+            # "running" is reported once the shell is started, maybe before
+            # it ran a line: killed before it made its flag, the resumed
+            # run's attempt would hang instead of succeeding.
             if (
                 states == {"a": "done", "b": "done", "flaky": "ready", "slow": "running"}
                 and (tmp_path / "flaky-failed").exists()
+                and flag.exists()
             ):
                 break
             assert first.poll() is None, f"the run ended early: {states}"
@@ -699,8 +703,10 @@ def test_a_resumed_run_kills_what_the_dead_run_left_before_starting(tmp_path):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             saved = read_state(state)
+            # A whole line: the shell opens the file before it writes.
             if saved and saved.get("process_groups") and marks.exists():
-                break
+                if marks.read_text().endswith("\n"):
+                    break
             time.sleep(0.05)
         (old,) = pids_in(marks)
         guards = [pid for pid in children_of(first.pid) if b"SIG_IGN" in cmdline(pid)]

@@ -102,7 +102,12 @@ def test_a_resumed_command_sees_the_attempt_the_table_shows(tmp_path):
     )
     try:
         deadline = time.monotonic() + 30
-        while not (seen.exists() and (read_state(state) or {}).get("process_groups")):
+        # A whole line (the shell opens the file before it writes).
+        while not (
+            seen.exists()
+            and seen.read_text().endswith("\n")
+            and (read_state(state) or {}).get("process_groups")
+        ):
             assert time.monotonic() < deadline, "the first attempt never started"
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)

@@ -215,7 +215,8 @@ def test_ctrl_c_cancels_the_ray_tasks(tmp_path, cluster):
     run = subprocess.Popen(cli_args(tmp_path, job, "--quiet"), stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while len(list(pids.iterdir())) < 3:
+        # Whole lines: each shell opens its file before it writes.
+        while sum(p.read_text().endswith("\n") for p in pids.iterdir()) < 3:
             assert time.monotonic() < deadline, "the tasks never started"
             time.sleep(0.1)
         time.sleep(0.3)
