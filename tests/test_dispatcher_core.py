@@ -190,9 +190,11 @@ def test_status_lists_every_delayed_task_and_retry_record():
         dispatcher.handle_task_failure(task_id, "spec-a", reason)
         clock.advance(0.25)
     dispatcher.retry_manager.clear_retry_info("c")  # delayed, its record gone
+    # Another task's record, maybe where c's was: c's entry must not borrow it.
+    dispatcher.retry_manager.record_failure("d", "exit 9")
     status = dispatcher.get_status()
     info = status["retry_info"]
-    assert list(info) == ["a", "b"]
+    assert list(info) == ["a", "b", "d"]
     assert info["a"] == {
         "task_id": "a",
         "retry_count": 1,
@@ -209,7 +211,7 @@ def test_status_lists_every_delayed_task_and_retry_record():
         info["a"]["next_retry_at"],
         info["b"]["next_retry_at"],
     ]
-    assert isinstance(delayed[2]["next_retry_at"], str)
+    assert delayed[2] == {"task_id": "c", "next_retry_at": "9999-12-31T23:59:59.999999"}
     # Copies: changing one report changes neither the state nor the next one.
     info["a"]["retry_count"] = 99
     delayed[0]["task_id"] = "changed"

@@ -21,7 +21,7 @@ use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
 use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
 use crate::metrics::FailureStats;
-use crate::retry::state::{RecordedFailure, RetryBook, TaskId};
+use crate::retry::state::{RecordIndex, RecordedFailure, RetryBook, TaskId};
 use crate::time::clock::{nanos_to_seconds, MonoNanos, Now};
 use crate::time::wall::WallTime;
 
@@ -324,8 +324,8 @@ pub struct Limits {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusSnapshot {
     pub queue_size: usize,
-    /// (task id, next retry at), earliest first; empty unless asked for.
-    pub delayed: Vec<(TaskId, WallTime)>,
+    /// The delayed tasks, earliest first; empty unless asked for.
+    pub delayed: Vec<DelayedTask>,
     pub delayed_count: usize,
     pub running_tasks: usize,
     pub global_running: u64,
@@ -337,6 +337,16 @@ pub struct StatusSnapshot {
     pub pending_reports: usize,
     pub pending_report_tasks: usize,
     pub delivery: OutboxStats,
+}
+
+/// A delayed task in a [`StatusSnapshot`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct DelayedTask {
+    pub task_id: TaskId,
+    /// `WallTime::MAX` when the task has no retry record.
+    pub next_retry_at: WallTime,
+    /// Its retry record in the book the snapshot was taken with.
+    pub record: Option<RecordIndex>,
 }
 
 /// A runner as the caller describes it when it starts running a task.
@@ -1472,8 +1482,12 @@ impl<T> DispatcherState<T> {
             .iter()
             .take(if per_task { usize::MAX } else { 0 })
             .map(|(_, id)| {
-                let next = book.next_retry_at(id).unwrap_or(WallTime::MAX);
-                (id.clone(), next)
+                let due = book.due_of(id);
+                DelayedTask {
+                    task_id: id.clone(),
+                    next_retry_at: due.map_or(WallTime::MAX, |(at, _)| at),
+                    record: due.map(|(_, index)| index),
+                }
             })
             .collect();
         StatusSnapshot {

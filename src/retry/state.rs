@@ -151,7 +151,15 @@ pub struct RetrySnapshot {
 pub struct InfoTable {
     ids: String,
     rows: Vec<InfoRow>,
+    /// Each slot's row, `u32::MAX` for a free slot: how a caller holding a
+    /// [`RecordIndex`] finds the row without hashing the id again.
+    row_of_slot: Vec<u32>,
 }
+
+/// Where a record sits in the book while the book is not changed: see
+/// [`RetryBook::due_of`] and [`InfoTable::row`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordIndex(Slot);
 
 #[derive(Debug)]
 pub struct InfoRow {
@@ -174,6 +182,15 @@ impl InfoTable {
 
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// The row of the record at `index` (taken from the same book, unchanged
+    /// since), or None.
+    pub fn row(&self, index: RecordIndex) -> Option<usize> {
+        match self.row_of_slot.get(index.0 as usize) {
+            Some(&row) if row != u32::MAX => Some(row as usize),
+            _ => None,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -659,6 +676,13 @@ impl RetryBook {
         self.record(task_id).map(|r| r.next_retry_at)
     }
 
+    /// The task's next retry time and where its record sits (for
+    /// [`InfoTable::row`]), or None when it has no record.
+    pub fn due_of(&self, task_id: &str) -> Option<(WallTime, RecordIndex)> {
+        self.find(task_id)
+            .map(|slot| (self.slots[slot as usize].next_retry_at, RecordIndex(slot)))
+    }
+
     /// Forgets a task; false when it was not tracked.
     pub fn clear(&mut self, task_id: &str) -> bool {
         let short = short_hash(task_id);
@@ -788,22 +812,28 @@ impl RetryBook {
     /// allocations instead of one per record: a status report lists every
     /// record, possibly millions.
     pub fn info_table(&self) -> InfoTable {
-        let rows = self
-            .slots
-            .iter()
-            .filter(|r| r.seq != 0)
-            .map(|r| InfoRow {
+        let mut rows = Vec::with_capacity(self.slots.len());
+        let mut row_of_slot = Vec::with_capacity(self.slots.len());
+        for r in &self.slots {
+            if r.seq == 0 {
+                row_of_slot.push(u32::MAX);
+                continue;
+            }
+            // Rows never outnumber slots, whose numbers are u32.
+            row_of_slot.push(rows.len() as u32);
+            rows.push(InfoRow {
                 id_start: r.id_start,
                 id_len: r.id_len,
                 retry_count: u64::from(r.retry_count),
                 last_retry_at: r.last_retry_at,
                 next_retry_at: r.next_retry_at,
                 failure_reason: self.reasons.get(r.reason).cloned(),
-            })
-            .collect();
+            });
+        }
         InfoTable {
             ids: self.ids.clone(),
             rows,
+            row_of_slot,
         }
     }
 
@@ -1202,6 +1232,23 @@ mod tests {
         );
         b.set_options(RetryOptions::default());
         assert_eq!(b.ready_for_retry(u64::MAX).len(), 2);
+    }
+
+    #[test]
+    fn a_record_index_finds_its_own_row_even_in_a_reused_slot() {
+        let mut b = book(3);
+        b.record_failure("a", None, at(0));
+        b.record_failure("b", None, at(1));
+        b.clear("a");
+        b.record_failure("c", None, at(2)); // may take a's slot
+        let table = b.info_table();
+        for id in ["b", "c"] {
+            let (next, index) = b.due_of(id).unwrap();
+            let row = table.row(index).unwrap();
+            let (row_id, info) = table.iter().nth(row).unwrap();
+            assert_eq!((row_id, info.next_retry_at), (id, next));
+        }
+        assert_eq!(b.due_of("a"), None);
     }
 
     #[test]

@@ -174,6 +174,11 @@ pub struct IsoFormat {
 }
 
 impl IsoFormat {
+    /// The text's bytes, all ASCII.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     pub fn as_str(&self) -> &str {
         // Only ASCII digits and separators were written.
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()

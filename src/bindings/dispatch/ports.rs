@@ -476,7 +476,10 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     self.optional_text(py, assigned_slot),
                 )?;
                 d.set_item(intern!(py, "pool_name"), self.text(py, pool_name))?;
-                d.set_item(intern!(py, "started_at"), started_at.isoformat().as_str())?;
+                d.set_item(
+                    intern!(py, "started_at"),
+                    datetime::iso_str(py, *started_at)?,
+                )?;
             }
             StateMetadata::Retry {
                 retry_count,
@@ -486,7 +489,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 d.set_item(intern!(py, "retry_count"), retry_count)?;
                 d.set_item(
                     intern!(py, "next_retry_at"),
-                    next_retry_at.isoformat().as_str(),
+                    datetime::iso_str(py, *next_retry_at)?,
                 )?;
                 d.set_item(intern!(py, "failure_reason"), self.text(py, failure_reason))?;
             }
@@ -498,7 +501,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
                 d.set_item(
                     intern!(py, "completed_at"),
-                    completed_at.isoformat().as_str(),
+                    datetime::iso_str(py, *completed_at)?,
                 )?;
             }
             StateMetadata::Failed {

@@ -3,16 +3,17 @@
 //!
 //! Each dict is a copy of a template holding its keys (CPython copies the key
 //! table whole instead of inserting key by key), and a task's id and next
-//! retry time become `str` objects once, shared by both lists.
+//! retry time become `str` objects once, shared by both lists: a delayed
+//! task finds its record's strings by the record's row, not by its id.
 
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
-use crate::hashing::FastMap;
-use crate::retry::state::{InfoTable, TaskId};
-use crate::time::wall::WallTime;
+use crate::bindings::time::datetime::iso_str;
+use crate::dispatch::state::DelayedTask;
+use crate::retry::state::InfoTable;
 
 pub(super) struct TaskLists<'py> {
     /// `[{"task_id", "next_retry_at"}]`, in the order given.
@@ -31,13 +32,9 @@ fn template<'py>(py: Python<'py>, keys: &[&Bound<'py, PyString>]) -> PyResult<Bo
     Ok(d)
 }
 
-fn iso<'py>(py: Python<'py>, t: WallTime) -> Bound<'py, PyString> {
-    PyString::new(py, t.isoformat().as_str())
-}
-
 pub(super) fn task_lists<'py>(
     py: Python<'py>,
-    delayed: &[(TaskId, WallTime)],
+    delayed: &[DelayedTask],
     infos: &InfoTable,
 ) -> PyResult<TaskLists<'py>> {
     let task_id = pyo3::intern!(py, "task_id");
@@ -57,17 +54,16 @@ pub(super) fn task_lists<'py>(
         ],
     )?;
     let retry_info = PyDict::new(py);
-    // The strings made for each record, for the delayed list to reuse.
-    let mut made: FastMap<&str, (Bound<'py, PyString>, WallTime, Bound<'py, PyString>)> =
-        FastMap::default();
+    // Each row's id and next retry time, for the delayed list to reuse.
+    let mut made: Vec<(Bound<'py, PyString>, Bound<'py, PyString>)> = Vec::new();
     if !delayed.is_empty() {
-        made.reserve(infos.len());
+        made.reserve_exact(infos.len());
     }
     // Records failing alike share their reason's `Arc`: make its str once.
     let mut last_reason: Option<(&Arc<str>, Bound<'py, PyString>)> = None;
     for (id, row) in infos.iter() {
         let id_obj = PyString::new(py, id);
-        let next = iso(py, row.next_retry_at);
+        let next = iso_str(py, row.next_retry_at)?;
         let reason = match (&row.failure_reason, &last_reason) {
             (None, _) => None,
             (Some(text), Some((seen, made))) if Arc::ptr_eq(text, seen) => Some(made.clone()),
@@ -80,25 +76,34 @@ pub(super) fn task_lists<'py>(
         let d = info_template.copy()?;
         d.set_item(task_id, &id_obj)?;
         d.set_item(retry_count, row.retry_count)?;
-        d.set_item(last_retry_at, iso(py, row.last_retry_at))?;
+        d.set_item(last_retry_at, iso_str(py, row.last_retry_at)?)?;
         d.set_item(next_retry_at, &next)?;
         d.set_item(failure_reason, reason)?;
         retry_info.set_item(&id_obj, d)?;
         if !delayed.is_empty() {
-            made.insert(id, (id_obj, row.next_retry_at, next));
+            made.push((id_obj, next));
         }
     }
 
     let delayed_template = template(py, &[task_id, next_retry_at])?;
     let mut entries = Vec::with_capacity(delayed.len());
-    for (id, at) in delayed {
-        let (id_obj, next) = match made.get(id.as_ref()) {
-            Some((id_obj, made_at, next)) if made_at == at => (id_obj.clone(), next.clone()),
-            _ => (PyString::new(py, id), iso(py, *at)),
-        };
+    for task in delayed {
+        // The row was read under the same locks as this list: same record.
+        let shared = task
+            .record
+            .and_then(|r| infos.row(r))
+            .and_then(|row| made.get(row));
         let d = delayed_template.copy()?;
-        d.set_item(task_id, id_obj)?;
-        d.set_item(next_retry_at, next)?;
+        match shared {
+            Some((id_obj, next)) => {
+                d.set_item(task_id, id_obj)?;
+                d.set_item(next_retry_at, next)?;
+            }
+            None => {
+                d.set_item(task_id, task.task_id.as_ref())?;
+                d.set_item(next_retry_at, iso_str(py, task.next_retry_at)?)?;
+            }
+        }
         entries.push(d);
     }
     Ok(TaskLists {
