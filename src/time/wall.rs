@@ -5,6 +5,7 @@
 //! 0001-01-01T00:00:00 makes `datetime + timedelta` plain integer addition, exactly
 //! as CPython does it for naive datetimes, and keeps records small.
 
+use std::cell::Cell;
 use std::fmt;
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -136,27 +137,53 @@ impl WallTime {
     /// `datetime.isoformat()`: `YYYY-MM-DDTHH:MM:SS[.ffffff]`, written two
     /// digits at a time from a table (it is in every state report and three
     /// times per record in a status report; `write!` costs several times more).
+    /// The date's text is kept per thread for the next time on the same day:
+    /// the calendar arithmetic was half of the cost.
     pub fn isoformat(self) -> IsoFormat {
-        let p = self.parts();
+        thread_local! {
+            static LAST_DATE: Cell<(i64, [u8; 10])> = const { Cell::new((i64::MIN, [0; 10])) };
+        }
+        let days = self.0.div_euclid(MICROS_PER_DAY);
+        let in_day = self.0.rem_euclid(MICROS_PER_DAY);
         let mut buf = *b"0000-00-00T00:00:00.000000";
-        let mut put2 = |at: usize, value: u32| {
-            let i = 2 * (value % 100) as usize;
-            buf[at..at + 2].copy_from_slice(&TWO_DIGITS[i..i + 2]);
-        };
-        let year = p.year as u32;
-        put2(0, year / 100);
-        put2(2, year);
-        put2(5, u32::from(p.month));
-        put2(8, u32::from(p.day));
-        put2(11, u32::from(p.hour));
-        put2(14, u32::from(p.minute));
-        put2(17, u32::from(p.second));
-        put2(20, p.microsecond / 10_000);
-        put2(22, p.microsecond / 100);
-        put2(24, p.microsecond);
-        let len = if p.microsecond == 0 { 19 } else { 26 };
+        let date = LAST_DATE.with(|last| match last.get() {
+            (day, text) if day == days => text,
+            _ => {
+                let text = date_text(days);
+                last.set((days, text));
+                text
+            }
+        });
+        buf[..10].copy_from_slice(&date);
+        let secs = (in_day / MICROS_PER_SECOND) as u32;
+        let micros = (in_day % MICROS_PER_SECOND) as u32;
+        put2(&mut buf, 11, secs / 3600);
+        put2(&mut buf, 14, secs / 60 % 60);
+        put2(&mut buf, 17, secs % 60);
+        put2(&mut buf, 20, micros / 10_000);
+        put2(&mut buf, 22, micros / 100);
+        put2(&mut buf, 24, micros);
+        let len = if micros == 0 { 19 } else { 26 };
         IsoFormat { buf, len }
     }
+}
+
+/// `YYYY-MM-DD` of a day counted as `WallTime` counts them.
+fn date_text(days: i64) -> [u8; 10] {
+    let (year, month, day) = civil_from_days(days - UNIX_EPOCH_DAYS);
+    let mut text = *b"0000-00-00";
+    let year = year as u32;
+    put2(&mut text, 0, year / 100);
+    put2(&mut text, 2, year);
+    put2(&mut text, 5, u32::from(month));
+    put2(&mut text, 8, u32::from(day));
+    text
+}
+
+/// `value % 100` as two digits at `buf[at..at + 2]`.
+fn put2(buf: &mut [u8], at: usize, value: u32) {
+    let i = 2 * (value % 100) as usize;
+    buf[at..at + 2].copy_from_slice(&TWO_DIGITS[i..i + 2]);
 }
 
 /// "00" to "99", each number's two digits at twice its index.
@@ -394,6 +421,22 @@ mod tests {
         }
         assert_eq!(WallTime::MAX.to_string(), "9999-12-31T23:59:59.999999");
         assert_eq!(WallTime::MIN.to_string(), "0001-01-01T00:00:00");
+    }
+
+    #[test]
+    fn isoformat_keeps_no_stale_date_across_midnight() {
+        // The date's text is reused for the next time on the same day only.
+        let before = at(2026, 12, 31, 23, 59, 59, 999_999);
+        let after = before.saturating_add_micros(1);
+        for (t, text) in [
+            (before, "2026-12-31T23:59:59.999999"),
+            (at(2026, 12, 31, 0, 0, 0, 0), "2026-12-31T00:00:00"),
+            (after, "2027-01-01T00:00:00"),
+            (after.saturating_add_micros(5), "2027-01-01T00:00:00.000005"),
+            (before, "2026-12-31T23:59:59.999999"),
+        ] {
+            assert_eq!(t.isoformat().as_str(), text);
+        }
     }
 
     #[test]
