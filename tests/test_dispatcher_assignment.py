@@ -147,6 +147,25 @@ def test_a_runner_without_runner_id_is_a_failed_launch():
     assert dispatcher.get_task_place("t1") == "delayed"
 
 
+def test_ids_that_are_not_str_are_refused_naming_the_attribute(caplog):
+    dispatcher, _ = make_dispatcher()
+    dispatcher.task_source.poll_ready_tasks.return_value = [task("t1")]
+    dispatcher.repo_pool_manager.allocate_slot.return_value = SimpleNamespace(slot_id="s1")
+    dispatcher.runner_launcher.launch.return_value = SimpleNamespace(runner_id=42)
+    assert dispatcher.tick()["launch_failed"] == 1
+    reason = dispatcher.retry_manager.get_retry_info("t1").failure_reason
+    assert "runner.runner_id must be a str" in reason and "42" in reason
+    # A slot id that is not a str: a failed allocation, logged; the slot is
+    # handed back at once.
+    dispatcher, _ = make_dispatcher()
+    dispatcher.task_source.poll_ready_tasks.return_value = [task("t2")]
+    dispatcher.repo_pool_manager.allocate_slot.return_value = SimpleNamespace(slot_id=7)
+    with caplog.at_level(logging.ERROR, logger="necrocode_dispatch"):
+        assert dispatcher.tick()["assigned"] == 0
+    assert any("slot.slot_id must be a str, got int 7" in r.getMessage() for r in caplog.records)
+    dispatcher.repo_pool_manager.release_slot.assert_called_once_with(7, cleanup=True)
+
+
 def test_a_completion_reported_before_launch_returns_is_applied():
     dispatcher, ports = build([make_task("t1")])
 

@@ -158,7 +158,7 @@ impl PyDispatcherCore {
         }
         let mut returned = Vec::new();
         let result = (|| -> PyResult<()> {
-            let tasks = source.call_method0("poll_ready_tasks")?;
+            let tasks = source.call_method0(pyo3::intern!(py, "poll_ready_tasks"))?;
             for task in tasks.try_iter()? {
                 returned.push(task?);
             }
@@ -170,9 +170,10 @@ impl PyDispatcherCore {
             }
             log::error!(target: LOG_TARGET, "poll_ready_tasks failed: {e}");
         }
+        let id_name = pyo3::intern!(py, "id");
         let ids: Vec<Option<Bound<'_, PyAny>>> = returned
             .iter()
-            .map(|task| settings::getattr_opt(task, "id").ok().flatten())
+            .map(|task| settings::attr_opt(task, id_name).ok().flatten())
             .collect();
         // The ids' text is read before the lock: nothing of Python under it.
         let texts: Vec<Option<&str>> = ids

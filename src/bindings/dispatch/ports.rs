@@ -10,7 +10,7 @@ use pyo3::types::{PyDict, PyString};
 use pyo3::IntoPyObjectExt;
 
 use super::delivery::is_interrupt;
-use super::settings::{getattr_opt, optional_arc};
+use super::settings::{attr_opt, optional_arc};
 use super::{PyDispatcherCore, LOG_TARGET};
 use crate::bindings::call::{call_method, KeywordNames};
 use crate::bindings::{args, time::datetime};
@@ -221,18 +221,23 @@ impl PyDispatcherCore {
                 id: None,
             }));
         }
+        static METADATA: KeywordNames = KeywordNames::new(&["metadata"]);
         let metadata = PyDict::new(py);
-        metadata.set_item("task_id", meta.id.as_ref())?;
-        metadata.set_item("spec_name", meta.spec_name.as_ref())?;
-        metadata.set_item("pool_name", pool_name)?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("metadata", metadata)?;
-        let slot =
-            manager.call_method("allocate_slot", (meta.repo_name.as_ref(),), Some(&kwargs))?;
+        metadata.set_item(intern!(py, "task_id"), meta.id.as_ref())?;
+        metadata.set_item(intern!(py, "spec_name"), meta.spec_name.as_ref())?;
+        metadata.set_item(intern!(py, "pool_name"), pool_name)?;
+        let slot = call_method(
+            &manager,
+            intern!(py, "allocate_slot"),
+            &[PyString::new(py, &meta.repo_name).into_any()],
+            &METADATA,
+            &[metadata.into_any()],
+        )?;
         if slot.is_none() {
             return Ok(None);
         }
-        let (raw_id, id) = id_attribute(&slot, "slot_id", "slot", "the allocated slot")?;
+        let (raw_id, id) =
+            id_attribute(&slot, intern!(py, "slot_id"), "slot", "the allocated slot")?;
         let id = match id {
             Ok(id) => id,
             Err(e) => {
@@ -257,17 +262,21 @@ impl PyDispatcherCore {
     }
 
     /// `launch(task, slot, pool)`, and what the returned runner tells.
-    fn launch(
+    fn launch<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         task: &Py<PyAny>,
         slot: &Slot,
         pool: Py<PyAny>,
     ) -> PyResult<NewRunner> {
         let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
-        let runner = launcher.call_method1("launch", (task, &slot.object, pool))?;
-        let (raw_id, runner_id) =
-            id_attribute(&runner, "runner_id", "runner", "the launched runner")?;
+        let runner = launcher.call_method1(intern!(py, "launch"), (task, &slot.object, pool))?;
+        let (raw_id, runner_id) = id_attribute(
+            &runner,
+            intern!(py, "runner_id"),
+            "runner",
+            "the launched runner",
+        )?;
         let runner_id = match runner_id {
             Ok(id) => id,
             Err(e) => {
@@ -290,23 +299,29 @@ impl PyDispatcherCore {
         };
         // The optional details are informational: a malformed one is dropped
         // (and logged) rather than losing track of a runner that is running.
-        let optional = |name: &str| -> Option<Bound<'_, PyAny>> {
-            getattr_opt(&runner, name)
+        let optional = |name: &Bound<'py, PyString>| -> Option<Bound<'py, PyAny>> {
+            attr_opt(&runner, name)
                 .ok()
                 .flatten()
                 .filter(|v| !v.is_none())
         };
-        let pid = optional("pid")
+        let pid = optional(intern!(py, "pid"))
             .and_then(|p| lenient("pid", args::saturating_int("runner.pid", &p).map(Some)));
         let container_id = lenient(
             "container_id",
-            optional_arc("runner.container_id", optional("container_id").as_ref()),
+            optional_arc(
+                "runner.container_id",
+                optional(intern!(py, "container_id")).as_ref(),
+            ),
         );
         let job_name = lenient(
             "job_name",
-            optional_arc("runner.job_name", optional("job_name").as_ref()),
+            optional_arc(
+                "runner.job_name",
+                optional(intern!(py, "job_name")).as_ref(),
+            ),
         );
-        let started_at = optional("started_at").and_then(|s| {
+        let started_at = optional(intern!(py, "started_at")).and_then(|s| {
             lenient(
                 "started_at",
                 datetime::optional_from_py("runner.started_at", &s),
@@ -331,15 +346,19 @@ impl PyDispatcherCore {
 #[allow(clippy::type_complexity)]
 fn id_attribute<'py>(
     object: &Bound<'py, PyAny>,
-    attribute: &str,
+    attribute: &Bound<'py, PyString>,
     name: &str,
     description: &str,
 ) -> PyResult<(Option<Bound<'py, PyAny>>, PyResult<Arc<str>>)> {
-    let raw = getattr_opt(object, attribute)?;
+    let raw = attr_opt(object, attribute)?;
     let id = match &raw {
-        Some(value) => {
-            args::string(&format!("{name}.{attribute}"), value).map(|id| Arc::from(id.as_ref()))
-        }
+        // The argument's name is formatted only for an error message.
+        Some(value) => match value.cast::<PyString>().ok().and_then(|s| s.to_str().ok()) {
+            Some(id) => Ok(Arc::from(id)),
+            None => {
+                args::string(&format!("{name}.{attribute}"), value).map(|id| Arc::from(id.as_ref()))
+            }
+        },
         None => Err(args::type_error(
             description,
             &format!("an object with a {attribute}"),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
@@ -21,11 +22,20 @@ pub fn getattr_opt<'py>(
     obj: &Bound<'py, PyAny>,
     name: &str,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
+    attr_opt(obj, &PyString::new(obj.py(), name))
+}
+
+/// What [`getattr_opt`] reads, by a name made once: per task and per runner
+/// the name is `intern!`ed, since a fresh `str` misses CPython's type
+/// attribute cache (it keeps interned names only) and is compared by content.
+pub fn attr_opt<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
     if let Ok(dict) = obj.cast::<PyDict>() {
         return dict.get_item(name);
     }
-    let name = pyo3::types::PyString::new(obj.py(), name);
-    lookup_optional(obj, &name)
+    lookup_optional(obj, name)
 }
 
 /// An attribute that may be missing, without raising and clearing an
@@ -33,7 +43,7 @@ pub fn getattr_opt<'py>(
 /// runner (CPython's own lookup for this, by version).
 pub fn lookup_optional<'py>(
     obj: &Bound<'py, PyAny>,
-    name: &Bound<'py, pyo3::types::PyString>,
+    name: &Bound<'py, PyString>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     let py = obj.py();
     let mut found: *mut pyo3::ffi::PyObject = std::ptr::null_mut();
@@ -251,33 +261,34 @@ pub fn read_pools(config: &Bound<'_, PyAny>) -> PyResult<(Pools, Vec<Py<PyAny>>)
 
 /// A task object (or dict) as the core sees it.
 pub fn task_meta(task: &Bound<'_, PyAny>) -> PyResult<TaskMeta> {
-    let id = getattr_opt(task, "id")?
+    let py = task.py();
+    let id = attr_opt(task, intern!(py, "id"))?
         .ok_or_else(|| args::type_error("task", "an object or dict with an 'id'", task))?;
     let id: Arc<str> = Arc::from(args::string("task.id", &id)?.as_ref());
-    let priority = match present(task, "priority")? {
+    let priority = match attr_opt(task, intern!(py, "priority"))?.filter(|p| !p.is_none()) {
         Some(p) => args::saturating_int("task.priority", &p)?,
         None => 0,
     };
-    let created_at = match getattr_opt(task, "created_at")? {
+    let created_at = match attr_opt(task, intern!(py, "created_at"))? {
         Some(c) => datetime::optional_from_py("task.created_at", &c)?,
         None => None,
     };
-    let required_skill = match getattr_opt(task, "required_skill")? {
+    let required_skill = match attr_opt(task, intern!(py, "required_skill"))? {
         Some(s) => optional_arc("task.required_skill", Some(&s))?,
         None => None,
     };
-    let metadata = present(task, "metadata")?;
-    let lookup = |key: &str| -> PyResult<Option<Arc<str>>> {
+    let metadata = attr_opt(task, intern!(py, "metadata"))?.filter(|m| !m.is_none());
+    let lookup = |key: &Bound<'_, PyString>| -> PyResult<Option<Arc<str>>> {
         let Some(m) = &metadata else { return Ok(None) };
         match m.get_item(key) {
             Ok(v) if !v.is_none() => Ok(Some(Arc::from(v.str()?.to_cow()?.as_ref()))),
             Ok(_) => Ok(None),
-            Err(e) if e.is_instance_of::<PyKeyError>(task.py()) => Ok(None),
+            Err(e) if e.is_instance_of::<PyKeyError>(py) => Ok(None),
             Err(e) => Err(e),
         }
     };
-    let spec_name = lookup("spec_name")?.unwrap_or_else(|| Arc::from("unknown"));
-    let repo_name = lookup("repo_name")?.unwrap_or_else(|| spec_name.clone());
+    let spec_name = lookup(intern!(py, "spec_name"))?.unwrap_or_else(|| Arc::from("unknown"));
+    let repo_name = lookup(intern!(py, "repo_name"))?.unwrap_or_else(|| spec_name.clone());
     Ok(TaskMeta {
         id,
         spec_name,
