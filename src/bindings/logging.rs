@@ -20,8 +20,10 @@ use pyo3::types::PyDict;
 /// beyond these simply goes to pyo3-log unfiltered.
 const TARGETS: usize = 8;
 
-/// A log target and its Python logger's `_cache` dict, if it has one.
-type TargetCache = (String, Option<Py<PyDict>>);
+/// A log target, the address its text had when first seen (the core's
+/// targets are constants: the same address each time), and its Python
+/// logger's `_cache` dict, if it has one.
+type TargetCache = (String, usize, Option<Py<PyDict>>);
 
 pub struct GatedLogger {
     inner: pyo3_log::Logger,
@@ -60,20 +62,41 @@ impl GatedLogger {
     }
 
     /// What Python's cache says of the level for the record's logger; None
-    /// when it does not say (not cached yet, or no such cache).
+    /// when it does not say (not cached yet, or no such cache). On the path
+    /// of every DEBUG record nobody wants (one per `should_retry` that backs
+    /// off): the target is matched by address first, and the dict is read
+    /// with a borrowed lookup compared against `False` itself.
     fn cached_enabled(&self, py: Python<'_>, target: &str, level: Level) -> Option<bool> {
         for cell in &self.level_caches {
-            let Some((known, cache)) = cell.get() else {
+            let Some((known, address, cache)) = cell.get() else {
                 break;
             };
-            if known == target {
-                // A dict lookup by int runs no Python code.
-                let hit = cache
-                    .as_ref()?
-                    .bind(py)
-                    .get_item(python_level(level))
-                    .ok()??;
-                return hit.is_truthy().ok();
+            let same = (*address == target.as_ptr() as usize && known.len() == target.len())
+                || known == target;
+            if !same {
+                continue;
+            }
+            let cache = cache.as_ref()?;
+            // A small int: CPython hands out its cached object.
+            let key = python_level(level).into_pyobject(py).ok()?;
+            // SAFETY: the GIL is held; both are live objects; the result is
+            // a borrowed reference (or NULL), read before anything else runs.
+            // (Not PyDict_GetItem: it saves and restores the error state.)
+            let found = unsafe { pyo3::ffi::PyDict_GetItemWithError(cache.as_ptr(), key.as_ptr()) };
+            if found.is_null() {
+                // An int key cannot fail to hash or compare; clear anyway.
+                let _ = PyErr::take(py);
+                return None;
+            }
+            // SAFETY: as above; `Py_False`/`Py_True` are static objects.
+            unsafe {
+                if found == pyo3::ffi::Py_False() {
+                    return Some(false);
+                }
+                if found == pyo3::ffi::Py_True() {
+                    return Some(true);
+                }
+                return Bound::from_borrowed_ptr(py, found).is_truthy().ok();
             }
         }
         self.remember(py, target);
@@ -95,9 +118,9 @@ impl GatedLogger {
             .ok()
             .and_then(|c| c.cast_into::<PyDict>().ok())
             .map(Bound::unbind);
-        let mut entry = (target.to_owned(), cache);
+        let mut entry = (target.to_owned(), target.as_ptr() as usize, cache);
         for cell in &self.level_caches {
-            if cell.get().is_some_and(|(known, _)| known == target) {
+            if cell.get().is_some_and(|(known, _, _)| known == target) {
                 return;
             }
             // A cell another thread filled first is skipped; the first cell
