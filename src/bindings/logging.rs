@@ -20,10 +20,8 @@ use pyo3::types::PyDict;
 /// beyond these simply goes to pyo3-log unfiltered.
 const TARGETS: usize = 8;
 
-/// A log target, the address its text had when first seen (the core's
-/// targets are constants: the same address each time), and its Python
-/// logger's `_cache` dict, if it has one.
-type TargetCache = (String, usize, Option<Py<PyDict>>);
+/// A log target and its Python logger's `_cache` dict, if it has one.
+type TargetCache = (String, Option<Py<PyDict>>);
 
 pub struct GatedLogger {
     inner: pyo3_log::Logger,
@@ -64,16 +62,14 @@ impl GatedLogger {
     /// What Python's cache says of the level for the record's logger; None
     /// when it does not say (not cached yet, or no such cache). On the path
     /// of every DEBUG record nobody wants (one per `should_retry` that backs
-    /// off): the target is matched by address first, and the dict is read
-    /// with a borrowed lookup compared against `False` itself.
+    /// off): the dict is read with a borrowed lookup compared against
+    /// `False` itself.
     fn cached_enabled(&self, py: Python<'_>, target: &str, level: Level) -> Option<bool> {
         for cell in &self.level_caches {
-            let Some((known, address, cache)) = cell.get() else {
+            let Some((known, cache)) = cell.get() else {
                 break;
             };
-            let same = (*address == target.as_ptr() as usize && known.len() == target.len())
-                || known == target;
-            if !same {
+            if known != target {
                 continue;
             }
             let cache = cache.as_ref()?;
@@ -118,9 +114,9 @@ impl GatedLogger {
             .ok()
             .and_then(|c| c.cast_into::<PyDict>().ok())
             .map(Bound::unbind);
-        let mut entry = (target.to_owned(), target.as_ptr() as usize, cache);
+        let mut entry = (target.to_owned(), cache);
         for cell in &self.level_caches {
-            if cell.get().is_some_and(|(known, _, _)| known == target) {
+            if cell.get().is_some_and(|(known, _)| known == target) {
                 return;
             }
             // A cell another thread filled first is skipped; the first cell
