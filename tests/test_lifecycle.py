@@ -116,6 +116,54 @@ def test_a_forked_child_holds_a_stopped_dispatcher_with_free_locks():
         dispatcher.stop(timeout=0)
 
 
+_FORK_AT_FIRST_TICK = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from tests.fakes import build, make_task
+from necrocode_dispatch import SystemClock
+
+dispatcher, _ = build(
+    [make_task(f"t{i}") for i in range(3)], clock=SystemClock(), poll_interval=0.0005
+)
+dispatcher.start()
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            dispatcher.get_status()
+            dispatcher.tick()
+            dispatcher.stop(timeout=0)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 10
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("a forked child hung")
+            os._exit(1)
+        time.sleep(0.001)
+dispatcher.stop(timeout=0)
+print("ok")
+"""
+
+
+@posix_only
+def test_a_fork_while_the_loop_makes_its_names_leaves_a_working_child():
+    """In a fresh interpreter every name the core interns is made on first use,
+    often by the loop thread; a fork taken meanwhile must not leave the child
+    waiting for a name whose maker it does not have (it did, one run in four)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for _ in range(3):
+        run = subprocess.run(
+            [sys.executable, "-c", _FORK_AT_FIRST_TICK, root],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
 # -- finding 5: start() and stop() from several threads ---------------------------------
 
 

@@ -5,25 +5,27 @@
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyString, PyTuple};
 
-/// A call site's keyword names, as a tuple of interned strings made once.
+use crate::bindings::names::RaceCell;
+
+/// A call site's keyword names, as a tuple of interned strings made once
+/// (without waiting on another thread: see `names`).
 pub struct KeywordNames {
     names: &'static [&'static str],
-    tuple: PyOnceLock<Py<PyTuple>>,
+    tuple: RaceCell<PyTuple>,
 }
 
 impl KeywordNames {
     pub const fn new(names: &'static [&'static str]) -> Self {
         KeywordNames {
             names,
-            tuple: PyOnceLock::new(),
+            tuple: RaceCell::new(),
         }
     }
 
     fn tuple<'py>(&self, py: Python<'py>) -> PyResult<&Bound<'py, PyTuple>> {
-        let tuple = self.tuple.get_or_try_init(py, || {
+        let tuple = self.tuple.get_or_try_init(|| {
             let names = self.names.iter().map(|n| PyString::intern(py, n));
             PyTuple::new(py, names).map(Bound::unbind)
         })?;

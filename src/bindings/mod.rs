@@ -7,6 +7,7 @@ mod dispatch;
 mod events;
 mod files;
 mod logging;
+pub(crate) mod names;
 #[cfg(unix)]
 mod process;
 mod retry;

@@ -33,6 +33,7 @@ use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta
 
 use crate::bindings::args;
 use crate::bindings::files;
+use crate::bindings::names::name;
 use crate::bindings::retry::options as retry_options;
 use crate::bindings::retry::{self, PyRetryManager};
 use crate::bindings::time::{clock, datetime};
@@ -158,7 +159,7 @@ impl PyDispatcherCore {
         }
         let mut returned = Vec::new();
         let result = (|| -> PyResult<()> {
-            let tasks = source.call_method0(pyo3::intern!(py, "poll_ready_tasks"))?;
+            let tasks = source.call_method0(name!(py, "poll_ready_tasks"))?;
             for task in tasks.try_iter()? {
                 returned.push(task?);
             }
@@ -170,7 +171,7 @@ impl PyDispatcherCore {
             }
             log::error!(target: LOG_TARGET, "poll_ready_tasks failed: {e}");
         }
-        let id_name = pyo3::intern!(py, "id");
+        let id_name = name!(py, "id");
         let ids: Vec<Option<Bound<'_, PyAny>>> = returned
             .iter()
             .map(|task| settings::attr_opt(task, id_name).ok().flatten())

@@ -4,7 +4,6 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3::IntoPyObjectExt;
@@ -13,6 +12,7 @@ use super::delivery::is_interrupt;
 use super::settings::{attr_opt, optional_arc};
 use super::{PyDispatcherCore, LOG_TARGET};
 use crate::bindings::call::{call_method, KeywordNames};
+use crate::bindings::names::name;
 use crate::bindings::{args, time::datetime};
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::state::{
@@ -223,12 +223,12 @@ impl PyDispatcherCore {
         }
         static METADATA: KeywordNames = KeywordNames::new(&["metadata"]);
         let metadata = PyDict::new(py);
-        metadata.set_item(intern!(py, "task_id"), meta.id.as_ref())?;
-        metadata.set_item(intern!(py, "spec_name"), meta.spec_name.as_ref())?;
-        metadata.set_item(intern!(py, "pool_name"), pool_name)?;
+        metadata.set_item(name!(py, "task_id"), meta.id.as_ref())?;
+        metadata.set_item(name!(py, "spec_name"), meta.spec_name.as_ref())?;
+        metadata.set_item(name!(py, "pool_name"), pool_name)?;
         let slot = call_method(
             &manager,
-            intern!(py, "allocate_slot"),
+            name!(py, "allocate_slot"),
             &[PyString::new(py, &meta.repo_name).into_any()],
             &METADATA,
             &[metadata.into_any()],
@@ -236,8 +236,7 @@ impl PyDispatcherCore {
         if slot.is_none() {
             return Ok(None);
         }
-        let (raw_id, id) =
-            id_attribute(&slot, intern!(py, "slot_id"), "slot", "the allocated slot")?;
+        let (raw_id, id) = id_attribute(&slot, name!(py, "slot_id"), "slot", "the allocated slot")?;
         let id = match id {
             Ok(id) => id,
             Err(e) => {
@@ -270,10 +269,10 @@ impl PyDispatcherCore {
         pool: Py<PyAny>,
     ) -> PyResult<NewRunner> {
         let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
-        let runner = launcher.call_method1(intern!(py, "launch"), (task, &slot.object, pool))?;
+        let runner = launcher.call_method1(name!(py, "launch"), (task, &slot.object, pool))?;
         let (raw_id, runner_id) = id_attribute(
             &runner,
-            intern!(py, "runner_id"),
+            name!(py, "runner_id"),
             "runner",
             "the launched runner",
         )?;
@@ -282,7 +281,7 @@ impl PyDispatcherCore {
             Err(e) => {
                 // A runner the core cannot track is stopped, so it does not
                 // run on unwatched.
-                let stop = intern!(py, "stop");
+                let stop = name!(py, "stop");
                 match raw_id {
                     Some(raw) if launcher.hasattr(stop).unwrap_or(false) => {
                         if let Err(stop_err) = launcher.call_method1(stop, (&raw,)) {
@@ -305,23 +304,20 @@ impl PyDispatcherCore {
                 .flatten()
                 .filter(|v| !v.is_none())
         };
-        let pid = optional(intern!(py, "pid"))
+        let pid = optional(name!(py, "pid"))
             .and_then(|p| lenient("pid", args::saturating_int("runner.pid", &p).map(Some)));
         let container_id = lenient(
             "container_id",
             optional_arc(
                 "runner.container_id",
-                optional(intern!(py, "container_id")).as_ref(),
+                optional(name!(py, "container_id")).as_ref(),
             ),
         );
         let job_name = lenient(
             "job_name",
-            optional_arc(
-                "runner.job_name",
-                optional(intern!(py, "job_name")).as_ref(),
-            ),
+            optional_arc("runner.job_name", optional(name!(py, "job_name")).as_ref()),
         );
-        let started_at = optional(intern!(py, "started_at")).and_then(|s| {
+        let started_at = optional(name!(py, "started_at")).and_then(|s| {
             lenient(
                 "started_at",
                 datetime::optional_from_py("runner.started_at", &s),
@@ -489,37 +485,34 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 pool_name,
                 started_at,
             } => {
-                d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
+                d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
                 d.set_item(
-                    intern!(py, "assigned_slot"),
+                    name!(py, "assigned_slot"),
                     self.optional_text(py, assigned_slot),
                 )?;
-                d.set_item(intern!(py, "pool_name"), self.text(py, pool_name))?;
-                d.set_item(
-                    intern!(py, "started_at"),
-                    datetime::iso_str(py, *started_at)?,
-                )?;
+                d.set_item(name!(py, "pool_name"), self.text(py, pool_name))?;
+                d.set_item(name!(py, "started_at"), datetime::iso_str(py, *started_at)?)?;
             }
             StateMetadata::Retry {
                 retry_count,
                 next_retry_at,
                 failure_reason,
             } => {
-                d.set_item(intern!(py, "retry_count"), retry_count)?;
+                d.set_item(name!(py, "retry_count"), retry_count)?;
                 d.set_item(
-                    intern!(py, "next_retry_at"),
+                    name!(py, "next_retry_at"),
                     datetime::iso_str(py, *next_retry_at)?,
                 )?;
-                d.set_item(intern!(py, "failure_reason"), self.text(py, failure_reason))?;
+                d.set_item(name!(py, "failure_reason"), self.text(py, failure_reason))?;
             }
-            StateMetadata::Interrupted => d.set_item(intern!(py, "interrupted"), true)?,
+            StateMetadata::Interrupted => d.set_item(name!(py, "interrupted"), true)?,
             StateMetadata::Done {
                 runner_id,
                 completed_at,
             } => {
-                d.set_item(intern!(py, "runner_id"), self.text(py, runner_id))?;
+                d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
                 d.set_item(
-                    intern!(py, "completed_at"),
+                    name!(py, "completed_at"),
                     datetime::iso_str(py, *completed_at)?,
                 )?;
             }
@@ -528,9 +521,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 retries,
                 runner_id,
             } => {
-                d.set_item(intern!(py, "reason"), self.text(py, reason))?;
-                d.set_item(intern!(py, "retries"), retries)?;
-                d.set_item(intern!(py, "runner_id"), self.optional_text(py, runner_id))?;
+                d.set_item(name!(py, "reason"), self.text(py, reason))?;
+                d.set_item(name!(py, "retries"), retries)?;
+                d.set_item(name!(py, "runner_id"), self.optional_text(py, runner_id))?;
             }
         }
         Ok(d)
@@ -554,7 +547,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     let result = (|| {
                         call_method(
                             pool,
-                            intern!(py, "release_slot"),
+                            name!(py, "release_slot"),
                             &[self.text(py, slot_id).into_any()],
                             &CLEANUP,
                             &[any(py, true)?],
@@ -591,7 +584,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     ];
                     call_method(
                         registry,
-                        intern!(py, "update_task_state"),
+                        name!(py, "update_task_state"),
                         &[],
                         &NAMES,
                         &values,
@@ -621,7 +614,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     "pool_name",
                     "timestamp",
                 ]);
-                self.record_event(py, intern!(py, "record_task_assigned"), &NAMES, || {
+                self.record_event(py, name!(py, "record_task_assigned"), &NAMES, || {
                     Ok([
                         self.text(py, spec_name).into_any(),
                         self.text(py, task_id).into_any(),
@@ -653,7 +646,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     "job_name",
                     "timestamp",
                 ]);
-                self.record_event(py, intern!(py, "record_runner_started"), &NAMES, || {
+                self.record_event(py, name!(py, "record_runner_started"), &NAMES, || {
                     Ok([
                         self.text(py, spec_name).into_any(),
                         self.text(py, task_id).into_any(),
@@ -686,7 +679,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     "execution_time_seconds",
                     "failure_reason",
                 ]);
-                self.record_event(py, intern!(py, "record_runner_finished"), &NAMES, || {
+                self.record_event(py, name!(py, "record_runner_finished"), &NAMES, || {
                     Ok([
                         self.text(py, spec_name).into_any(),
                         self.text(py, task_id).into_any(),
@@ -712,7 +705,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     "execution_time_seconds",
                 ]);
                 log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
-                self.record_event(py, intern!(py, "record_task_completed"), &NAMES, || {
+                self.record_event(py, name!(py, "record_task_completed"), &NAMES, || {
                     Ok([
                         self.text(py, spec_name).into_any(),
                         self.text(py, task_id).into_any(),
@@ -736,7 +729,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     "failure_reason",
                     "retry_count",
                 ]);
-                self.record_event(py, intern!(py, "record_task_failed"), &NAMES, || {
+                self.record_event(py, name!(py, "record_task_failed"), &NAMES, || {
                     Ok([
                         self.text(py, spec_name).into_any(),
                         self.text(py, task_id).into_any(),
@@ -749,9 +742,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             }
             Effect::StopRunner { runner_id, .. } => {
                 if let Some(launcher) = self.port(|p| &p.runner_launcher) {
-                    if launcher.hasattr(intern!(py, "stop")).unwrap_or(false) {
+                    if launcher.hasattr(name!(py, "stop")).unwrap_or(false) {
                         launcher
-                            .call_method1(intern!(py, "stop"), (runner_id.as_ref(),))
+                            .call_method1(name!(py, "stop"), (runner_id.as_ref(),))
                             .map_err(|e| fail(&format!("stop({runner_id:?})"), e))?;
                     }
                 }

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
 use super::errors::PoolNotFoundError;
+use crate::bindings::names::name;
 use crate::bindings::retry::options::{self as retry_options, OptionArgs, CONFIG_NAMES};
 use crate::bindings::{args, time::datetime};
 use crate::dispatch::pools::{PoolState, Pools};
@@ -26,7 +26,7 @@ pub fn getattr_opt<'py>(
 }
 
 /// What [`getattr_opt`] reads, by a name made once: per task and per runner
-/// the name is `intern!`ed, since a fresh `str` misses CPython's type
+/// the name is interned once (`name!`), since a fresh `str` misses CPython's type
 /// attribute cache (it keeps interned names only) and is compared by content.
 pub fn attr_opt<'py>(
     obj: &Bound<'py, PyAny>,
@@ -262,22 +262,22 @@ pub fn read_pools(config: &Bound<'_, PyAny>) -> PyResult<(Pools, Vec<Py<PyAny>>)
 /// A task object (or dict) as the core sees it.
 pub fn task_meta(task: &Bound<'_, PyAny>) -> PyResult<TaskMeta> {
     let py = task.py();
-    let id = attr_opt(task, intern!(py, "id"))?
+    let id = attr_opt(task, name!(py, "id"))?
         .ok_or_else(|| args::type_error("task", "an object or dict with an 'id'", task))?;
     let id: Arc<str> = Arc::from(args::string("task.id", &id)?.as_ref());
-    let priority = match attr_opt(task, intern!(py, "priority"))?.filter(|p| !p.is_none()) {
+    let priority = match attr_opt(task, name!(py, "priority"))?.filter(|p| !p.is_none()) {
         Some(p) => args::saturating_int("task.priority", &p)?,
         None => 0,
     };
-    let created_at = match attr_opt(task, intern!(py, "created_at"))? {
+    let created_at = match attr_opt(task, name!(py, "created_at"))? {
         Some(c) => datetime::optional_from_py("task.created_at", &c)?,
         None => None,
     };
-    let required_skill = match attr_opt(task, intern!(py, "required_skill"))? {
+    let required_skill = match attr_opt(task, name!(py, "required_skill"))? {
         Some(s) => optional_arc("task.required_skill", Some(&s))?,
         None => None,
     };
-    let metadata = attr_opt(task, intern!(py, "metadata"))?.filter(|m| !m.is_none());
+    let metadata = attr_opt(task, name!(py, "metadata"))?.filter(|m| !m.is_none());
     let lookup = |key: &Bound<'_, PyString>| -> PyResult<Option<Arc<str>>> {
         let Some(m) = &metadata else { return Ok(None) };
         match m.get_item(key) {
@@ -287,8 +287,8 @@ pub fn task_meta(task: &Bound<'_, PyAny>) -> PyResult<TaskMeta> {
             Err(e) => Err(e),
         }
     };
-    let spec_name = lookup(intern!(py, "spec_name"))?.unwrap_or_else(|| Arc::from("unknown"));
-    let repo_name = lookup(intern!(py, "repo_name"))?.unwrap_or_else(|| spec_name.clone());
+    let spec_name = lookup(name!(py, "spec_name"))?.unwrap_or_else(|| Arc::from("unknown"));
+    let repo_name = lookup(name!(py, "repo_name"))?.unwrap_or_else(|| spec_name.clone());
     Ok(TaskMeta {
         id,
         spec_name,

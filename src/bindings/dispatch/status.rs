@@ -11,6 +11,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
+use crate::bindings::names::name;
 use crate::bindings::time::datetime::iso_str;
 use crate::dispatch::state::DelayedTask;
 use crate::retry::state::InfoTable;
@@ -37,11 +38,11 @@ pub(super) fn task_lists<'py>(
     delayed: &[DelayedTask],
     infos: &InfoTable,
 ) -> PyResult<TaskLists<'py>> {
-    let task_id = pyo3::intern!(py, "task_id");
-    let retry_count = pyo3::intern!(py, "retry_count");
-    let last_retry_at = pyo3::intern!(py, "last_retry_at");
-    let next_retry_at = pyo3::intern!(py, "next_retry_at");
-    let failure_reason = pyo3::intern!(py, "failure_reason");
+    let task_id = name!(py, "task_id");
+    let retry_count = name!(py, "retry_count");
+    let last_retry_at = name!(py, "last_retry_at");
+    let next_retry_at = name!(py, "next_retry_at");
+    let failure_reason = name!(py, "failure_reason");
 
     let info_template = template(
         py,

@@ -5,12 +5,12 @@ pub mod options;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 
 use crate::bindings::args::{self, Arg};
 use crate::bindings::files::{io_error, path_arg};
+use crate::bindings::names::name;
 use crate::bindings::retry::options::{self as retry_options, OptionArgs, KEYWORD_NAMES};
 use crate::bindings::time::{clock, datetime};
 use crate::retry::backoff::{BackoffPolicy, InvalidSetting, Setting};
@@ -182,20 +182,17 @@ impl PyRetryInfo {
     /// "failure_reason"}`, datetimes as `isoformat()` strings or None.
     pub(crate) fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item(intern!(py, "task_id"), self.task_id.as_ref())?;
-        d.set_item(intern!(py, "retry_count"), self.retry_count)?;
+        d.set_item(name!(py, "task_id"), self.task_id.as_ref())?;
+        d.set_item(name!(py, "retry_count"), self.retry_count)?;
         d.set_item(
-            intern!(py, "last_retry_at"),
+            name!(py, "last_retry_at"),
             self.last_retry_at.map(|t| t.to_string()),
         )?;
         d.set_item(
-            intern!(py, "next_retry_at"),
+            name!(py, "next_retry_at"),
             self.next_retry_at.map(|t| t.to_string()),
         )?;
-        d.set_item(
-            intern!(py, "failure_reason"),
-            self.failure_reason.as_deref(),
-        )?;
+        d.set_item(name!(py, "failure_reason"), self.failure_reason.as_deref())?;
         Ok(d)
     }
 
