@@ -21,6 +21,7 @@ from necrocode_dispatch.local import (
     JsonlEventRecorder,
     LocalSlotPool,
     SubprocessLauncher,
+    _ExitGate,
 )
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local runner needs POSIX")
@@ -176,3 +177,29 @@ def test_an_incremental_registry_polls_only_what_became_ready_since():
     registry.add(Task(id="c"))
     assert [t.id for t in registry.poll_ready_tasks()] == ["a", "c"]
     assert sorted(t.id for t in InMemoryTaskRegistry([Task(id="x")]).poll_ready_tasks()) == ["x"]
+
+
+def test_the_exit_gate_waits_for_the_call_inside_then_lets_none_in():
+    """What the launchers' threads call the dispatcher through: shut at
+    interpreter exit, it waits for a call in progress and refuses the next."""
+    gate = _ExitGate()
+    inside, release, calls = threading.Event(), threading.Event(), []
+
+    def report(name):
+        calls.append(name)
+        inside.set()
+        release.wait()
+
+    caller = threading.Thread(target=gate.call, args=(report, "first"))
+    caller.start()
+    assert inside.wait(10)
+    shutting = threading.Thread(target=gate.shut, args=(10,))
+    shutting.start()
+    shutting.join(0.05)
+    assert shutting.is_alive()  # still waiting for "first"
+    release.set()
+    shutting.join(10)
+    caller.join(10)
+    assert not shutting.is_alive()
+    assert gate.call(report, "second") is False
+    assert calls == ["first"]

@@ -15,6 +15,7 @@ POSIX only (process groups). Nothing here is imported by ``import necrocode_disp
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from weakref import WeakSet
 
 from necrocode_dispatch import _core
 from necrocode_dispatch.models import Task, TaskState
@@ -775,8 +777,53 @@ class _Reaper:
                     live = list(self._live.values())
                 for process in live:
                     if not process.stopped and process.timed_out is None:
-                        self.launcher.dispatcher.update_heartbeat(process.runner.runner_id)
+                        self.launcher.gate.call(
+                            self.launcher.dispatcher.update_heartbeat, process.runner.runner_id
+                        )
                 next_beat = now + interval
+
+
+class _ExitGate:
+    """The door between a launcher's own threads and the dispatcher, shut at
+    interpreter exit. A daemon thread still inside the core when CPython
+    (before 3.14) finalizes is ended there by ``pthread_exit``, and that
+    unwind cannot pass the core's frames: the process aborts. So at exit no
+    new call goes in, and the calls being made are waited for (atexit runs
+    before finalization)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Condition()
+        self._closed = False
+        self._inside = 0
+        _GATES.add(self)
+
+    def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        """``method(*args, **kwargs)``, unless the gate is shut (False)."""
+        with self._done:
+            if self._closed:
+                return False
+            self._inside += 1
+        try:
+            method(*args, **kwargs)
+        finally:
+            with self._done:
+                self._inside -= 1
+                self._done.notify_all()
+        return True
+
+    def shut(self, timeout: float) -> None:
+        with self._done:
+            self._closed = True
+            self._done.wait_for(lambda: self._inside == 0, timeout)
+
+
+_GATES: WeakSet[_ExitGate] = WeakSet()
+
+
+@atexit.register
+def _shut_gates_at_exit() -> None:
+    for gate in list(_GATES):
+        gate.shut(timeout=5.0)
 
 
 #: Starts a task's shell in Rust (POSIX builds); the reaper reaps it.
@@ -839,6 +886,8 @@ class SubprocessLauncher:
         self._guard = OrphanGuard() if orphan_guard and os.name == "posix" else None
         # One thread watches every runner where pidfds exist; else a thread each.
         self._reaper = _Reaper(self) if _Reaper.available() else None
+        #: What those threads call the dispatcher through (shut at exit).
+        self.gate = _ExitGate()
 
     def launch(self, task: Any, slot: Any, pool: Any) -> LocalRunner:
         if self.dispatcher is None:
@@ -987,7 +1036,7 @@ class SubprocessLauncher:
                 self._kill(process)
                 code = process.popen.wait()
                 break
-            self.dispatcher.update_heartbeat(runner.runner_id)
+            self.gate.call(self.dispatcher.update_heartbeat, runner.runner_id)
         process.timed_out = reason
         self._finish(process, code)
 
@@ -1012,7 +1061,8 @@ class SubprocessLauncher:
         if reason is None and code != 0:
             reason = _exit_reason(code, runner.log_path)
         try:
-            self.dispatcher.handle_runner_completion(
+            self.gate.call(
+                self.dispatcher.handle_runner_completion,
                 runner.runner_id,
                 task_id=runner.task_id,
                 spec_name=runner.spec_name,

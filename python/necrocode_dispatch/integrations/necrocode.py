@@ -46,7 +46,7 @@ from necrocode.task_registry.models import TaskState
 
 from necrocode_dispatch._core import DispatcherCore as _Core
 from necrocode_dispatch.exceptions import DispatcherError
-from necrocode_dispatch.local import _last_line
+from necrocode_dispatch.local import _ExitGate, _last_line
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,8 @@ class WatchedLauncher:
         self.heartbeat_interval = heartbeat_interval
         self._lock = threading.Lock()
         self._watched: dict[str, _Watched] = {}
+        #: What the watchers call the dispatcher through (shut at exit).
+        self.gate = _ExitGate()
 
     def check_pools(self, pools: Any) -> None:
         """Refuses, before anything runs, pools whose client library is
@@ -311,7 +313,8 @@ class WatchedLauncher:
                 if watched.stopped.is_set():
                     code = watched.process.wait()
                     break
-                self.dispatcher.update_heartbeat(runner.runner_id)
+                if not self.gate.call(self.dispatcher.update_heartbeat, runner.runner_id):
+                    return
         try:
             os.killpg(watched.process.pid, signal.SIGKILL)  # what it left behind
         except OSError:
@@ -325,7 +328,8 @@ class WatchedLauncher:
             last = _last_line(watched.log_path)
             reason = f"exit code {code}" + (f": {last}" if last else "")
         try:
-            self.dispatcher.handle_runner_completion(
+            self.gate.call(
+                self.dispatcher.handle_runner_completion,
                 runner.runner_id,
                 task_id=runner.task_id,
                 success=code == 0,
