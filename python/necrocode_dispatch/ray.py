@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from necrocode_dispatch.local import _field, _safe_name
+from necrocode_dispatch.local import _ExitGate, _field, _safe_name
 
 __all__ = ["RayLauncher", "RayRunner", "check_address", "node_died"]
 
@@ -206,6 +206,8 @@ class RayLauncher:
         self._started_ray = False
         self._remote: Any = None
         self._monitor: threading.Thread | None = None
+        #: What the monitor calls the dispatcher through (shut at exit).
+        self.gate = _ExitGate()
         self._totals: tuple[float, dict[str, float]] | None = None
 
     # -- connection -----------------------------------------------------------------
@@ -385,7 +387,7 @@ class RayLauncher:
                     ]
                 for runner_id in beating:
                     try:
-                        self.dispatcher.update_heartbeat(runner_id)
+                        self.gate.call(self.dispatcher.update_heartbeat, runner_id)
                     except Exception:
                         logger.exception("heartbeat for %s failed", runner_id)
 
@@ -444,7 +446,8 @@ class RayLauncher:
         if stopped:
             return  # the dispatcher that stopped it already applied an outcome
         try:
-            self.dispatcher.handle_runner_completion(
+            self.gate.call(
+                self.dispatcher.handle_runner_completion,
                 runner.runner_id,
                 task_id=runner.task_id,
                 spec_name=runner.spec_name,
