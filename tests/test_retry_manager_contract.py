@@ -403,6 +403,16 @@ def test_debug_records_are_filtered_by_the_python_level(manager, caplog):
     assert [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
 
 
+def test_a_task_backing_off_says_how_long_it_must_wait(manager, clock, caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    manager.record_failure("t")
+    clock.advance(0.25)
+    caplog.clear()
+    assert not manager.should_retry("t")
+    waits = [r.getMessage() for r in caplog.records if "must wait" in r.getMessage()]
+    assert waits == ["Task t must wait 0.8s before retry"]
+
+
 def test_level_changes_take_effect_at_once(manager, caplog):
     # The core answers "is DEBUG enabled?" from the logger's own cache; every
     # level change must still be seen by the very next call.
@@ -418,9 +428,12 @@ def test_level_changes_take_effect_at_once(manager, caplog):
             manager.clear_retry_info("t")
             caplog.clear()
             manager.record_failure("t")
-            assert not manager.should_retry("t")  # backing off: a DEBUG record
+            # Backing off: a DEBUG record each time; the second call finds
+            # the level's answer remembered from the first.
+            assert not manager.should_retry("t")
+            assert not manager.should_retry("t")
             waits = [r for r in caplog.records if "must wait" in r.getMessage()]
-            assert len(waits) == expected, level
+            assert len(waits) == 2 * expected, level
         logging.disable(logging.CRITICAL)
         caplog.clear()
         manager.should_retry("t")

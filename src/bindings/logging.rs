@@ -9,7 +9,13 @@
 //! record whose level it marks disabled is dropped at once; anything else
 //! (enabled, or not cached yet) goes to pyo3-log, which decides as before and
 //! so also refills the cache.
+//!
+//! Where CPython keeps a dict's version tag (3.10-3.13: it changes with every
+//! change of the dict), a level found disabled is remembered with the tag it
+//! was read at, and the next record of that level compares one number
+//! instead of looking the level up (SPEC §6, `should_retry`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -21,7 +27,29 @@ use pyo3::types::PyDict;
 const TARGETS: usize = 8;
 
 /// A log target and its Python logger's `_cache` dict, if it has one.
-type TargetCache = (String, Option<Py<PyDict>>);
+struct TargetCache {
+    target: String,
+    cache: Option<Py<PyDict>>,
+    /// Per level (ERROR to TRACE): the dict's version tag when it last said
+    /// the level is disabled; 0 (never a tag) when it has not. Read and
+    /// written with the GIL held, which orders them.
+    disabled_at: [AtomicU64; 5],
+}
+
+/// The dict's version tag, where CPython has one that changes with every
+/// change of the dict (a new dict takes a tag never used before).
+#[cfg(not(any(Py_3_14, PyPy, GraalPy)))]
+fn version_tag(dict: &Py<PyDict>) -> Option<u64> {
+    // SAFETY: a live dict (we hold a reference), read with the GIL held.
+    #[allow(deprecated)]
+    let tag = unsafe { (*dict.as_ptr().cast::<pyo3::ffi::PyDictObject>()).ma_version_tag };
+    Some(tag)
+}
+
+#[cfg(any(Py_3_14, PyPy, GraalPy))]
+fn version_tag(_dict: &Py<PyDict>) -> Option<u64> {
+    None
+}
 
 pub struct GatedLogger {
     inner: pyo3_log::Logger,
@@ -66,13 +94,18 @@ impl GatedLogger {
     /// `False` itself.
     fn cached_enabled(&self, py: Python<'_>, target: &str, level: Level) -> Option<bool> {
         for cell in &self.level_caches {
-            let Some((known, cache)) = cell.get() else {
+            let Some(entry) = cell.get() else {
                 break;
             };
-            if known != target {
+            if entry.target != target {
                 continue;
             }
-            let cache = cache.as_ref()?;
+            let cache = entry.cache.as_ref()?;
+            let disabled_at = &entry.disabled_at[level as usize - 1];
+            let tag = version_tag(cache);
+            if tag.is_some_and(|t| t != 0 && disabled_at.load(Ordering::Relaxed) == t) {
+                return Some(false); // unchanged since it said so
+            }
             // A small int: CPython hands out its cached object.
             let key = python_level(level).into_pyobject(py).ok()?;
             // SAFETY: the GIL is held; both are live objects; the result is
@@ -87,6 +120,9 @@ impl GatedLogger {
             // SAFETY: as above; `Py_False`/`Py_True` are static objects.
             unsafe {
                 if found == pyo3::ffi::Py_False() {
+                    if let Some(t) = tag {
+                        disabled_at.store(t, Ordering::Relaxed);
+                    }
                     return Some(false);
                 }
                 if found == pyo3::ffi::Py_True() {
@@ -114,9 +150,13 @@ impl GatedLogger {
             .ok()
             .and_then(|c| c.cast_into::<PyDict>().ok())
             .map(Bound::unbind);
-        let mut entry = (target.to_owned(), cache);
+        let mut entry = TargetCache {
+            target: target.to_owned(),
+            cache,
+            disabled_at: Default::default(),
+        };
         for cell in &self.level_caches {
-            if cell.get().is_some_and(|(known, _)| known == target) {
+            if cell.get().is_some_and(|known| known.target == target) {
                 return;
             }
             // A cell another thread filled first is skipped; the first cell
