@@ -17,11 +17,26 @@ use crate::retry::snapshot::{self as retry_snapshot, RetryState, SnapshotError};
 use crate::retry::state::{
     BudgetStatus, RecordedFailure, RetryBook, RetryDecision, RetryOptions, RetrySnapshot, TaskId,
 };
-use crate::time::clock::{nanos_to_seconds, Clock};
+use crate::time::clock::{nanos_to_seconds, Clock, MonoNanos};
 
 /// The log target; pyo3-log maps it to the Python logger
 /// `necrocode_dispatch.retry_manager`.
 pub const LOG_TARGET: &str = "necrocode_dispatch::retry_manager";
+
+/// The seconds left until a due time, as a log message shows them: the clock
+/// is read only if the message is written (the decision may have come from
+/// its cheaper lagging reading).
+struct SecondsUntil<'a> {
+    due: MonoNanos,
+    clock: &'a dyn Clock,
+}
+
+impl std::fmt::Display for SecondsUntil<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let left = self.due.saturating_sub(self.clock.monotonic());
+        write!(f, "{:.1}", nanos_to_seconds(left))
+    }
+}
 
 /// Why [`RetryManager::load`] failed.
 #[derive(Debug)]
@@ -113,7 +128,7 @@ impl RetryManager {
     pub fn should_retry(&self, task_id: &str) -> bool {
         let decision = {
             let book = self.book.lock();
-            book.should_retry(task_id, self.clock.monotonic())
+            book.retry_check(task_id).read(&*self.clock)
         };
         match decision {
             RetryDecision::Retry => {}
@@ -129,10 +144,13 @@ impl RetryManager {
                 "Task {task_id} is not retried: {}",
                 why.explanation().unwrap_or("limit reached")
             ),
-            RetryDecision::BackingOff { remaining } => log::debug!(
+            RetryDecision::BackingOff { due } => log::debug!(
                 target: LOG_TARGET,
-                "Task {task_id} must wait {:.1}s before retry",
-                nanos_to_seconds(remaining)
+                "Task {task_id} must wait {}s before retry",
+                SecondsUntil {
+                    due,
+                    clock: &*self.clock
+                }
             ),
         }
         decision.allowed()

@@ -25,7 +25,7 @@ use crate::retry::backoff::BackoffPolicy;
 use crate::retry::budget::{BudgetSettings, RetryBudget};
 use crate::retry::failure_policy::{FailureClass, FailureClasses, GiveUp};
 use crate::retry::jitter::{Jitter, Rng};
-use crate::time::clock::{nanos_to_seconds, seconds_to_nanos, MonoNanos, Now};
+use crate::time::clock::{nanos_to_seconds, seconds_to_nanos, Clock, MonoNanos, Now};
 use crate::time::wall::{timedelta_micros, WallTime};
 
 /// Task ids as handed out to callers.
@@ -247,14 +247,46 @@ pub enum RetryDecision {
     },
     /// Not retried for a reason other than the limit.
     GaveUp(GiveUp),
+    /// Due at `due` (monotonic), not yet.
     BackingOff {
-        remaining: MonoNanos,
+        due: MonoNanos,
     },
 }
 
 impl RetryDecision {
     pub fn allowed(self) -> bool {
         matches!(self, RetryDecision::Retry)
+    }
+}
+
+/// [`RetryBook::retry_check`]'s answer: decided, or depending on whether a
+/// due time has come, which the caller reads its clock for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RetryCheck {
+    Decided(RetryDecision),
+    DueAt(MonoNanos),
+}
+
+impl RetryCheck {
+    pub fn at(self, now: MonoNanos) -> RetryDecision {
+        match self {
+            RetryCheck::Decided(decision) => decision,
+            RetryCheck::DueAt(due) if now < due => RetryDecision::BackingOff { due },
+            RetryCheck::DueAt(_) => RetryDecision::Retry,
+        }
+    }
+
+    /// Reads `clock` only if the answer needs it, and its exact reading only
+    /// when the due time is near (a task far from due is answered from the
+    /// cheaper lagging reading).
+    pub fn read(self, clock: &dyn Clock) -> RetryDecision {
+        match self {
+            RetryCheck::Decided(decision) => decision,
+            RetryCheck::DueAt(due) if clock.monotonic_lagging().is_before(due) => {
+                RetryDecision::BackingOff { due }
+            }
+            RetryCheck::DueAt(_) => self.at(clock.monotonic()),
+        }
     }
 }
 
@@ -633,33 +665,29 @@ impl RetryBook {
     }
 
     pub fn should_retry(&self, task_id: &str, now: MonoNanos) -> RetryDecision {
+        self.retry_check(task_id).at(now)
+    }
+
+    /// `should_retry` up to the reading of the clock.
+    pub fn retry_check(&self, task_id: &str) -> RetryCheck {
         let Some(slot) = self.find(task_id) else {
-            return if self.policy.max_attempts() == 0 {
+            return RetryCheck::Decided(if self.policy.max_attempts() == 0 {
                 RetryDecision::LimitReached {
                     retry_count: 0,
                     max_attempts: 0,
                 }
             } else {
                 RetryDecision::Retry
-            };
+            });
         };
         let r = &self.slots[slot as usize];
         match self.gave_up_of(slot, r) {
-            Some(GiveUp::MaxAttempts) => {
-                return RetryDecision::LimitReached {
-                    retry_count: u64::from(r.retry_count),
-                    max_attempts: self.limit_of(r),
-                }
-            }
-            Some(why) => return RetryDecision::GaveUp(why),
-            None => {}
-        }
-        if now < r.due {
-            RetryDecision::BackingOff {
-                remaining: r.due - now,
-            }
-        } else {
-            RetryDecision::Retry
+            Some(GiveUp::MaxAttempts) => RetryCheck::Decided(RetryDecision::LimitReached {
+                retry_count: u64::from(r.retry_count),
+                max_attempts: self.limit_of(r),
+            }),
+            Some(why) => RetryCheck::Decided(RetryDecision::GaveUp(why)),
+            None => RetryCheck::DueAt(r.due),
         }
     }
 
@@ -929,9 +957,63 @@ mod tests {
         b.record_failure("t", None, at(100));
         assert_eq!(
             b.should_retry("t", 100 * SECOND),
-            RetryDecision::BackingOff { remaining: SECOND }
+            RetryDecision::BackingOff { due: 101 * SECOND }
         );
         assert!(b.should_retry("t", 101 * SECOND).allowed());
+    }
+
+    /// A clock whose lagging reading is `lag` behind its exact one, counting
+    /// exact reads.
+    #[derive(Debug)]
+    struct LaggingClock {
+        exact: MonoNanos,
+        lag: MonoNanos,
+        exact_reads: std::sync::atomic::AtomicU32,
+    }
+
+    impl Clock for LaggingClock {
+        fn monotonic(&self) -> MonoNanos {
+            self.exact_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.exact
+        }
+        fn wall(&self) -> WallTime {
+            WallTime::MIN
+        }
+        fn monotonic_lagging(&self) -> crate::time::clock::LaggingReading {
+            crate::time::clock::LaggingReading {
+                at: self.exact - self.lag,
+                max_lag: 2 * self.lag,
+            }
+        }
+    }
+
+    #[test]
+    fn a_check_reads_the_exact_clock_only_near_the_due_time() {
+        let mut b = book(3);
+        b.record_failure("t", None, at(100)); // due at 101 s
+        let clock = |exact| LaggingClock {
+            exact,
+            lag: SECOND / 100,
+            exact_reads: Default::default(),
+        };
+        let reads = |c: &LaggingClock| c.exact_reads.load(std::sync::atomic::Ordering::Relaxed);
+        // Far from due: answered from the lagging reading alone.
+        let far = clock(100 * SECOND);
+        let due = RetryDecision::BackingOff { due: 101 * SECOND };
+        assert_eq!(b.retry_check("t").read(&far), due);
+        assert_eq!(reads(&far), 0);
+        // Within the lag bound: the exact reading decides, either way.
+        let near = clock(101 * SECOND - SECOND / 100);
+        assert_eq!(b.retry_check("t").read(&near), due);
+        assert_eq!(reads(&near), 1);
+        let come = clock(101 * SECOND);
+        assert!(b.retry_check("t").read(&come).allowed());
+        assert_eq!(reads(&come), 1);
+        // Decided without any time: no record, or past the limit.
+        let untouched = clock(0);
+        assert!(b.retry_check("other").read(&untouched).allowed());
+        assert_eq!(reads(&untouched), 0);
     }
 
     #[test]
