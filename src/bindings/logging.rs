@@ -37,8 +37,9 @@ struct TargetCache {
 }
 
 /// The dict's version tag, where CPython has one that changes with every
-/// change of the dict (a new dict takes a tag never used before).
-#[cfg(not(any(Py_3_14, PyPy, GraalPy)))]
+/// change of the dict (3.10-3.13 with the GIL; a new dict takes a tag never
+/// used before).
+#[cfg(not(any(Py_3_14, PyPy, GraalPy, Py_GIL_DISABLED)))]
 fn version_tag(dict: &Py<PyDict>) -> Option<u64> {
     // SAFETY: a live dict (we hold a reference), read with the GIL held.
     #[allow(deprecated)]
@@ -46,7 +47,7 @@ fn version_tag(dict: &Py<PyDict>) -> Option<u64> {
     Some(tag)
 }
 
-#[cfg(any(Py_3_14, PyPy, GraalPy))]
+#[cfg(any(Py_3_14, PyPy, GraalPy, Py_GIL_DISABLED))]
 fn version_tag(_dict: &Py<PyDict>) -> Option<u64> {
     None
 }
