@@ -6,5 +6,6 @@ pub mod budget;
 pub mod failure_policy;
 pub mod jitter;
 pub mod manager;
+pub mod slot_index;
 pub mod snapshot;
 pub mod state;

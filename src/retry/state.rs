@@ -18,13 +18,12 @@ use std::collections::BinaryHeap;
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
-use hashbrown::HashTable;
-
 use crate::hashing::{FastMap, FxHasher};
 use crate::retry::backoff::BackoffPolicy;
 use crate::retry::budget::{BudgetSettings, RetryBudget};
 use crate::retry::failure_policy::{FailureClass, FailureClasses, GiveUp};
 use crate::retry::jitter::{Jitter, Rng};
+use crate::retry::slot_index::SlotIndex;
 use crate::time::clock::{nanos_to_seconds, seconds_to_nanos, Clock, MonoNanos, Now};
 use crate::time::wall::{timedelta_micros, WallTime};
 
@@ -295,9 +294,8 @@ pub struct RetryBook {
     policy: BackoffPolicy,
     slots: Vec<RetryRecord>,
     free_slots: Vec<Slot>,
-    /// (slot, 32 bits of its id's hash): growing the table rehashes from
-    /// the stored bits instead of reading every record and id again.
-    by_id: HashTable<(Slot, u32)>,
+    /// Slots by their id's hash (one cache line a lookup; growing reads no id).
+    by_id: SlotIndex,
     ids: String,
     /// Arena bytes of forgotten ids, reclaimed by compaction.
     wasted_id_bytes: usize,
@@ -323,15 +321,10 @@ pub struct RetryBook {
     budget: Option<RetryBudget>,
 }
 
-/// 32 bits of an id's hash, kept in the table.
+/// 32 bits of an id's hash, kept in the index.
 fn short_hash(id: &str) -> u32 {
     use std::hash::BuildHasher;
     (BuildHasherDefault::<FxHasher>::default().hash_one(id) >> 32) as u32
-}
-
-/// The table's 64-bit hash, rebuilt from the stored 32 bits.
-fn table_hash(short: u32) -> u64 {
-    (u64::from(short) << 32) | u64::from(short)
 }
 
 impl RetryBook {
@@ -476,12 +469,9 @@ impl RetryBook {
     }
 
     fn find(&self, task_id: &str) -> Option<Slot> {
-        let short = short_hash(task_id);
-        self.by_id
-            .find(table_hash(short), |&(slot, h)| {
-                h == short && self.id_bytes(&self.slots[slot as usize]) == task_id.as_bytes()
-            })
-            .map(|&(slot, _)| slot)
+        self.by_id.find(short_hash(task_id), |slot| {
+            self.id_bytes(&self.slots[slot as usize]) == task_id.as_bytes()
+        })
     }
 
     fn record(&self, task_id: &str) -> Option<&RetryRecord> {
@@ -498,8 +488,34 @@ impl RetryBook {
             .is_some_and(|r| r.seq == entry.seq)
     }
 
-    /// A new record for `task_id`, with its id in the arena.
+    /// A new record for `task_id` (not tracked), with its id in the arena.
     fn insert_new(&mut self, task_id: &str) -> Slot {
+        let slot = self.new_record(task_id);
+        self.by_id.insert(short_hash(task_id), slot);
+        slot
+    }
+
+    /// The task's record slot, a new record if it has none: one hash and
+    /// one probe of the index either way.
+    fn find_or_insert(&mut self, task_id: &str) -> Slot {
+        let hash = short_hash(task_id);
+        let (slots, ids) = (&self.slots, &self.ids);
+        let vacant = match self.by_id.entry(hash, |slot| {
+            let r = &slots[slot as usize];
+            let start = r.id_start as usize;
+            &ids.as_bytes()[start..start + r.id_len as usize] == task_id.as_bytes()
+        }) {
+            Ok(slot) => return slot,
+            Err(vacant) => vacant,
+        };
+        // Only the records and the arena change: the index's room stays.
+        let slot = self.new_record(task_id);
+        self.by_id.insert_vacant(vacant, hash, slot);
+        slot
+    }
+
+    /// A record for `task_id` in a free slot, not yet in the index.
+    fn new_record(&mut self, task_id: &str) -> Slot {
         if self.wasted_id_bytes > 4096 && self.wasted_id_bytes > self.ids.len() / 2 {
             self.compact_ids();
         }
@@ -520,9 +536,6 @@ impl RetryBook {
                 (self.slots.len() - 1) as Slot
             }
         };
-        let short = short_hash(task_id);
-        self.by_id
-            .insert_unique(table_hash(short), (slot, short), |&(_, h)| table_hash(h));
         self.len += 1;
         slot
     }
@@ -547,10 +560,7 @@ impl RetryBook {
         failure_reason: Option<&str>,
         now: Now,
     ) -> RecordedFailure {
-        let slot = match self.find(task_id) {
-            Some(slot) => slot,
-            None => self.insert_new(task_id),
-        };
+        let slot = self.find_or_insert(task_id);
         let reason = match failure_reason {
             Some(text) => self.reasons.acquire(text, &self.options.classes),
             None => NO_REASON,
@@ -713,16 +723,14 @@ impl RetryBook {
 
     /// Forgets a task; false when it was not tracked.
     pub fn clear(&mut self, task_id: &str) -> bool {
-        let short = short_hash(task_id);
         let (slots, ids) = (&self.slots, &self.ids);
-        let Ok(entry) = self.by_id.find_entry(table_hash(short), |&(slot, h)| {
+        let Some(slot) = self.by_id.remove(short_hash(task_id), |slot| {
             let r = &slots[slot as usize];
             let start = r.id_start as usize;
-            h == short && &ids.as_bytes()[start..start + r.id_len as usize] == task_id.as_bytes()
+            &ids.as_bytes()[start..start + r.id_len as usize] == task_id.as_bytes()
         }) else {
             return false;
         };
-        let ((slot, _), _) = entry.remove();
         if self.retrying(slot, &self.slots[slot as usize]) {
             self.indexed -= 1;
         }
