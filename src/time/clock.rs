@@ -63,8 +63,14 @@ pub fn seconds_to_nanos(seconds: f64) -> MonoNanos {
     if seconds.is_nan() || seconds <= 0.0 {
         0
     } else {
+        let nanos = seconds * 1e9;
+        // Whole nanoseconds (any delay in whole milliseconds) need no
+        // rounding: `round` is a library call on x86-64.
+        if nanos < 9.0e18 && (nanos as u64) as f64 == nanos {
+            return nanos as u64;
+        }
         // `as` saturates at u64::MAX for huge values.
-        (seconds * 1e9).round() as u64
+        nanos.round() as u64
     }
 }
 
@@ -151,13 +157,20 @@ mod sys {
     use crate::time::wall::WallTime;
 
     #[cfg(unix)]
-    fn read(clock: libc::clockid_t) -> u64 {
+    fn read_timespec(clock: libc::clockid_t) -> libc::timespec {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: `ts` is a valid, writable timespec; the clock always exists.
         unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts
+    }
+
+    /// A clock that never reads before 1970 (monotonic ones), in nanoseconds.
+    #[cfg(unix)]
+    fn read(clock: libc::clockid_t) -> u64 {
+        let ts = read_timespec(clock);
         (ts.tv_sec as u64)
             .saturating_mul(1_000_000_000)
             .saturating_add(ts.tv_nsec as u64)
@@ -257,11 +270,7 @@ mod sys {
     /// broken down to local time by the C library, a leap second folded into
     /// second 59.
     pub fn local_now() -> WallTime {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let secs = since_epoch.as_secs() as i64;
-        let micros = since_epoch.subsec_micros();
+        let (secs, micros) = real_time();
         // Local time only changes offset at a whole second, so one
         // conversion per second (and thread) is enough.
         thread_local! {
@@ -277,6 +286,23 @@ mod sys {
             }
         };
         start.saturating_add_micros(i64::from(micros))
+    }
+
+    /// The real-time clock: Unix seconds, and microseconds floored.
+    #[cfg(unix)]
+    fn real_time() -> (i64, u32) {
+        // tv_nsec is in 0..10^9 also before 1970 (tv_sec then negative).
+        let ts = read_timespec(libc::CLOCK_REALTIME);
+        #[allow(clippy::unnecessary_cast)] // time_t is 32 bits on some targets
+        (ts.tv_sec as i64, (ts.tv_nsec / 1_000) as u32)
+    }
+
+    #[cfg(not(unix))]
+    fn real_time() -> (i64, u32) {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (since_epoch.as_secs() as i64, since_epoch.subsec_micros())
     }
 
     /// The local time at the start of the Unix second `secs`.
@@ -431,6 +457,11 @@ mod tests {
         assert_eq!(seconds_to_nanos(1.0), 1_000_000_000);
         assert_eq!(seconds_to_nanos(-3.0), 0);
         assert_eq!(seconds_to_nanos(1e300), u64::MAX);
+        assert_eq!(seconds_to_nanos(f64::INFINITY), u64::MAX);
+        assert_eq!(seconds_to_nanos(0.1), 100_000_000);
+        assert_eq!(seconds_to_nanos(1.5e-9), 2); // not whole: rounded
+        assert_eq!(seconds_to_nanos(2.5e-9), 3); // half away from zero
+        assert_eq!(seconds_to_nanos(8.9e9), 8_900_000_000_000_000_000);
         assert_eq!(nanos_to_seconds(2_500_000_000), 2.5);
     }
 }

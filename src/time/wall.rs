@@ -227,6 +227,15 @@ pub fn timedelta_micros(seconds: f64) -> i64 {
     if seconds.is_nan() {
         return 0;
     }
+    // Whole seconds (every delay of the default backoff) are exact: what
+    // the general path below gives them, without its i128 and rounding.
+    // (`as` conversions only: `trunc` is a library call on x86-64.)
+    if seconds.abs() < 9.0e12 {
+        let whole = seconds as i64;
+        if whole as f64 == seconds {
+            return whole * MICROS_PER_SECOND;
+        }
+    }
     let whole_seconds = seconds.trunc();
     let mut micros = (whole_seconds as i128).saturating_mul(i128::from(MICROS_PER_SECOND));
     let scaled_fraction = (seconds - whole_seconds) * 1e6;
@@ -391,6 +400,10 @@ mod tests {
         assert_eq!(timedelta_micros(300.0), 300_000_000);
         assert_eq!(timedelta_micros(0.0), 0);
         assert_eq!(timedelta_micros(1e300), i64::MAX);
+        assert_eq!(timedelta_micros(-2.0), -2_000_000);
+        assert_eq!(timedelta_micros(8.9e12), 8_900_000_000_000_000_000);
+        assert_eq!(timedelta_micros(9.3e12), i64::MAX);
+        assert_eq!(timedelta_micros(-1e300), i64::MIN);
     }
 
     #[test]
