@@ -20,8 +20,15 @@ pub const OTHER: &str = "other";
 /// flaky test" counts as "exit code 1"), so that free text in reasons does not
 /// make a label per failure. At most 100 characters.
 pub fn reason_label(reason: &str) -> &str {
-    let class = reason.split(':').next().unwrap_or("").trim();
+    let class = match reason.as_bytes().iter().position(|&b| b == b':') {
+        Some(colon) => &reason[..colon],
+        None => reason,
+    }
+    .trim();
     let class = if class.is_empty() { "unknown" } else { class };
+    if class.len() <= 100 {
+        return class; // no more characters than bytes
+    }
     match class.char_indices().nth(100) {
         Some((end, _)) => &class[..end],
         None => class,
@@ -107,6 +114,10 @@ mod tests {
         assert_eq!(reason_label("timeout after 2 s"), "timeout after 2 s");
         assert_eq!(reason_label(": odd"), "unknown");
         assert_eq!(reason_label(&"x".repeat(300)).len(), 100);
+        // 100 characters, counted as characters: 60 two-byte ones stay whole.
+        assert_eq!(reason_label(&"é".repeat(60)), "é".repeat(60));
+        assert_eq!(reason_label(&"é".repeat(160)), "é".repeat(100));
+        assert_eq!(reason_label("  spaced  : x"), "spaced");
     }
 
     #[test]
