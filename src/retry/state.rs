@@ -321,6 +321,15 @@ pub struct RetryBook {
     budget: Option<RetryBudget>,
 }
 
+/// The id bytes of the record in `slot` (bytes: comparing them skips the
+/// char-boundary checks of slicing a `str`, on every lookup). A free
+/// function, so that a caller changing the index can read records and arena.
+fn stored_id<'a>(slots: &'a [RetryRecord], ids: &'a str, slot: Slot) -> &'a [u8] {
+    let r = &slots[slot as usize];
+    let start = r.id_start as usize;
+    &ids.as_bytes()[start..start + r.id_len as usize]
+}
+
 /// 32 bits of an id's hash, kept in the index.
 fn short_hash(id: &str) -> u32 {
     use std::hash::BuildHasher;
@@ -461,16 +470,9 @@ impl RetryBook {
         &self.ids[start..start + record.id_len as usize]
     }
 
-    /// The id's bytes: comparing bytes skips the char-boundary checks of
-    /// slicing a `str`, on every lookup.
-    fn id_bytes(&self, record: &RetryRecord) -> &[u8] {
-        let start = record.id_start as usize;
-        &self.ids.as_bytes()[start..start + record.id_len as usize]
-    }
-
     fn find(&self, task_id: &str) -> Option<Slot> {
         self.by_id.find(short_hash(task_id), |slot| {
-            self.id_bytes(&self.slots[slot as usize]) == task_id.as_bytes()
+            stored_id(&self.slots, &self.ids, slot) == task_id.as_bytes()
         })
     }
 
@@ -501,9 +503,7 @@ impl RetryBook {
         let hash = short_hash(task_id);
         let (slots, ids) = (&self.slots, &self.ids);
         let vacant = match self.by_id.entry(hash, |slot| {
-            let r = &slots[slot as usize];
-            let start = r.id_start as usize;
-            &ids.as_bytes()[start..start + r.id_len as usize] == task_id.as_bytes()
+            stored_id(slots, ids, slot) == task_id.as_bytes()
         }) {
             Ok(slot) => return slot,
             Err(vacant) => vacant,
@@ -725,9 +725,7 @@ impl RetryBook {
     pub fn clear(&mut self, task_id: &str) -> bool {
         let (slots, ids) = (&self.slots, &self.ids);
         let Some(slot) = self.by_id.remove(short_hash(task_id), |slot| {
-            let r = &slots[slot as usize];
-            let start = r.id_start as usize;
-            &ids.as_bytes()[start..start + r.id_len as usize] == task_id.as_bytes()
+            stored_id(slots, ids, slot) == task_id.as_bytes()
         }) else {
             return false;
         };
