@@ -2,6 +2,7 @@
 
 import random
 import threading
+import time
 from collections import Counter
 
 from necrocode_dispatch import ManualClock, RetryManager
@@ -125,3 +126,39 @@ def test_the_retry_budget_is_never_spent_twice_under_concurrent_failures():
     for t in threads:
         t.join()
     assert manager.get_status()["retry_budget"]["tokens"] == capacity
+
+
+def test_on_the_system_clock_a_retry_is_never_allowed_early():
+    """The system clock answers a task far from due from a cheaper, lagging
+    reading: many threads failing tasks and asking at once must still never
+    see True before the backoff has passed (time.monotonic() is the clock's
+    exact reading), and must see it soon after."""
+    delay = 0.03
+    manager = RetryManager(max_attempts=1_000, initial_delay=delay, backoff_base=1.0)
+    barrier = threading.Barrier(THREADS)
+    errors = []
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait()
+            for round_ in range(5):
+                task = f"w{index}-{round_}"
+                failed_at = time.monotonic()
+                manager.record_failure(task, "exit 1")
+                while not manager.should_retry(task):
+                    assert time.monotonic() - failed_at < 5, "still backing off after 5 s"
+                allowed_at = time.monotonic()
+                assert allowed_at - failed_at >= delay, (task, allowed_at - failed_at)
+                # Far from due again: answered from the lagging reading.
+                manager.record_failure(task, "exit 1")
+                assert not manager.should_retry(task) or time.monotonic() - allowed_at >= delay
+        except BaseException as exc:  # reported below, with the thread that raised it
+            errors.append((index, exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
