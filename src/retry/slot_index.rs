@@ -52,20 +52,26 @@ impl SlotIndex {
         hash as usize & self.mask()
     }
 
-    /// The position of the entry for `hash` whose slot `is_key` accepts.
-    fn position(&self, hash: u32, mut is_key: impl FnMut(Slot) -> bool) -> Option<usize> {
+    /// The position of the entry for `hash` whose slot `is_key` accepts, or
+    /// else of the empty entry that ended the probe (None: no entries).
+    fn probe(
+        &self,
+        hash: u32,
+        mut is_key: impl FnMut(Slot) -> bool,
+    ) -> Result<usize, Option<usize>> {
         if self.entries.is_empty() {
-            return None;
+            return Err(None);
         }
         let mask = self.mask();
         let mut i = self.home(hash);
         loop {
+            // Never endless: the table always keeps an eighth empty.
             let e = self.entries[i];
             if e.slot == EMPTY {
-                return None;
+                return Err(Some(i));
             }
             if e.hash == hash && is_key(e.slot) {
-                return Some(i);
+                return Ok(i);
             }
             i = (i + 1) & mask;
         }
@@ -73,28 +79,16 @@ impl SlotIndex {
 
     /// The slot filed under `hash` that `is_key` accepts.
     pub fn find(&self, hash: u32, is_key: impl FnMut(Slot) -> bool) -> Option<Slot> {
-        self.position(hash, is_key).map(|i| self.entries[i].slot)
+        self.probe(hash, is_key).ok().map(|i| self.entries[i].slot)
     }
 
     /// The slot filed under `hash` that `is_key` accepts, or where the key
     /// would go, for [`SlotIndex::insert_vacant`]: one probe for a lookup
     /// that may insert.
-    pub fn entry(&self, hash: u32, mut is_key: impl FnMut(Slot) -> bool) -> Result<Slot, Vacant> {
-        if self.entries.is_empty() {
-            return Err(Vacant(None));
-        }
-        let mask = self.mask();
-        let mut i = self.home(hash);
-        loop {
-            let e = self.entries[i];
-            if e.slot == EMPTY {
-                return Err(Vacant(Some(i)));
-            }
-            if e.hash == hash && is_key(e.slot) {
-                return Ok(e.slot);
-            }
-            i = (i + 1) & mask;
-        }
+    pub fn entry(&self, hash: u32, is_key: impl FnMut(Slot) -> bool) -> Result<Slot, Vacant> {
+        self.probe(hash, is_key)
+            .map(|i| self.entries[i].slot)
+            .map_err(Vacant)
     }
 
     /// Files `slot` under `hash`; the caller knows its key is not filed yet.
@@ -138,7 +132,7 @@ impl SlotIndex {
 
     /// Takes out the slot filed under `hash` that `is_key` accepts.
     pub fn remove(&mut self, hash: u32, is_key: impl FnMut(Slot) -> bool) -> Option<Slot> {
-        let found = self.position(hash, is_key)?;
+        let found = self.probe(hash, is_key).ok()?;
         let slot = self.entries[found].slot;
         // Backward-shift deletion: entries after the hole that may sit in it
         // (their home is not between the hole and them) move back, so every

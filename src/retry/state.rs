@@ -23,14 +23,13 @@ use crate::retry::backoff::BackoffPolicy;
 use crate::retry::budget::{BudgetSettings, RetryBudget};
 use crate::retry::failure_policy::{FailureClass, FailureClasses, GiveUp};
 use crate::retry::jitter::{Jitter, Rng};
-use crate::retry::slot_index::SlotIndex;
+use crate::retry::slot_index::{Slot, SlotIndex};
 use crate::time::clock::{nanos_to_seconds, seconds_to_nanos, Clock, MonoNanos, Now};
 use crate::time::wall::{timedelta_micros, WallTime};
 
 /// Task ids as handed out to callers.
 pub type TaskId = Arc<str>;
 
-type Slot = u32;
 const NO_REASON: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, Default)]
