@@ -217,6 +217,19 @@ pub struct Filed<T> {
     pub discards: Vec<T>,
 }
 
+/// What [`DispatcherState::file_and_take`] did with an outcome's effects.
+#[derive(Debug)]
+pub enum Filing<T> {
+    /// Every report was for `task`, which had no lane: taken for delivery.
+    /// The handle, if any, is dropped once the lock is released.
+    Taken {
+        task: TaskId,
+        reports: std::collections::VecDeque<Effect<T>>,
+        discard: Option<T>,
+    },
+    Filed(Filed<T>),
+}
+
 /// What a failure, completion or timeout did.
 #[derive(Debug)]
 pub struct Outcome<T> {
@@ -437,48 +450,39 @@ impl<T> DispatcherState<T> {
     }
 
     /// [`Self::file`], but when every report is for one task that has no
-    /// lane yet (the usual case) they are taken for delivery at once:
-    /// returned as `Ok`, the lane busy until [`Self::finish_reports`].
-    #[allow(clippy::type_complexity)]
-    pub fn file_and_take(
-        &mut self,
-        effects: Vec<Effect<T>>,
-    ) -> (Filed<T>, Option<std::collections::VecDeque<Effect<T>>>) {
-        // Handles are dropped by the caller, after the lock.
-        let mut discards = Vec::new();
-        let mut effects: Vec<Effect<T>> = effects
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::Discard(handle) => {
-                    discards.push(handle);
-                    None
-                }
-                e => Some(e),
-            })
-            .collect();
-        let single = match effects.first().and_then(Effect::task_id) {
-            Some(first) if effects.iter().all(|e| e.task_id() == Some(first)) => {
-                Some(first.clone())
-            }
+    /// lane yet (the usual case) they are taken for delivery at once, the
+    /// lane busy until [`Self::finish_reports`].
+    pub fn file_and_take(&mut self, mut effects: Vec<Effect<T>>) -> Filing<T> {
+        // An outcome hands back at most one task handle, as its last effect.
+        let discard = match effects.last() {
+            Some(Effect::Discard(_)) => match effects.pop() {
+                Some(Effect::Discard(handle)) => Some(handle),
+                _ => None,
+            },
             _ => None,
         };
-        if let Some(task) = single {
+        // An outcome's reports share their task's `Arc`: compared by address
+        // before by text.
+        let single = effects.first().and_then(Effect::task_id).filter(|first| {
+            effects.iter().all(|e| {
+                e.task_id()
+                    .is_some_and(|id| Arc::ptr_eq(id, first) || id == *first)
+            })
+        });
+        if let Some(task) = single.cloned() {
             match self.outbox.push_and_take(&task, effects.into()) {
-                Ok(taken) => {
-                    return (
-                        Filed {
-                            lanes: vec![task],
-                            discards,
-                        },
-                        Some(taken),
-                    )
+                Ok(reports) => {
+                    return Filing::Taken {
+                        task,
+                        reports,
+                        discard,
+                    }
                 }
                 Err(back) => effects = back.into(),
             }
         }
-        let mut filed = self.file(effects);
-        filed.discards.append(&mut discards);
-        (filed, None)
+        effects.extend(discard.map(Effect::Discard));
+        Filing::Filed(self.file(effects))
     }
 
     /// Takes `task`'s pending reports for delivery (see [`Outbox::take`]).

@@ -12,7 +12,7 @@ use super::{PyDispatcherCore, LOG_TARGET};
 use crate::time::clock::Now;
 use std::collections::VecDeque;
 
-use crate::dispatch::state::{DispatcherState, Effect, Outcome};
+use crate::dispatch::state::{DispatcherState, Effect, Filing, Outcome};
 use crate::retry::manager::log_failure;
 use crate::retry::state::{RecordedFailure, RetryBook, TaskId};
 
@@ -30,18 +30,28 @@ impl PyDispatcherCore {
         known: KnownTexts<'a, 'py>,
         decide: impl FnOnce(&mut DispatcherState<Py<PyAny>>, &mut RetryBook, Now) -> Outcome<Py<PyAny>>,
     ) -> PyResult<bool> {
-        let (applied, failures, filed, taken) = self.decide(|state, book, now| {
+        let (applied, failures, filing) = self.decide(|state, book, now| {
             let outcome = decide(state, book, now);
             // The usual case, one task with no reports waiting: they are
             // taken for delivery at once, saving a round trip through the lock.
-            let (filed, taken) = state.file_and_take(outcome.effects);
-            (outcome.applied, outcome.failure, filed, taken)
+            let filing = state.file_and_take(outcome.effects);
+            (outcome.applied, outcome.failure, filing)
         });
-        drop(filed.discards);
-        self.note_failures(failures.iter());
-        match (taken, filed.lanes.as_slice()) {
-            (Some(reports), [only]) => self.deliver_lane(py, only, Some(reports), known, false)?,
-            _ => self.deliver(py, &filed.lanes, known, false)?,
+        match filing {
+            Filing::Taken {
+                task,
+                reports,
+                discard,
+            } => {
+                drop(discard);
+                self.note_failures(failures.iter());
+                self.deliver_lane(py, &task, Some(reports), known, false)?;
+            }
+            Filing::Filed(filed) => {
+                drop(filed.discards);
+                self.note_failures(failures.iter());
+                self.deliver(py, &filed.lanes, known, false)?;
+            }
         }
         Ok(applied)
     }
