@@ -47,17 +47,6 @@ impl<V: Keyed> KeyedSlab<V> {
         self.index.is_empty()
     }
 
-    fn slot_of(&self, key: &str) -> Option<u32> {
-        let slots = &self.slots;
-        self.index
-            .find(hash(key), |&slot| {
-                slots[slot as usize]
-                    .as_ref()
-                    .is_some_and(|v| v.key() == key)
-            })
-            .copied()
-    }
-
     pub fn contains_key(&self, key: &str) -> bool {
         self.slot_of(key).is_some()
     }
@@ -72,10 +61,36 @@ impl<V: Keyed> KeyedSlab<V> {
         self.slots[slot as usize].as_mut()
     }
 
+    /// The slot of the entry under `key`: its number until it is removed.
+    pub fn slot_of(&self, key: &str) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(hash(key), |&slot| {
+                slots[slot as usize]
+                    .as_ref()
+                    .is_some_and(|v| v.key() == key)
+            })
+            .copied()
+    }
+
+    /// The entry in `slot`, if one is there.
+    pub fn at(&self, slot: u32) -> Option<&V> {
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    pub fn at_mut(&mut self, slot: u32) -> Option<&mut V> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
     /// Holds `value` under its key; returns the entry it replaces, if any.
     pub fn insert(&mut self, value: V) -> Option<V> {
+        self.insert_in_slot(value).1
+    }
+
+    /// [`Self::insert`], also telling the slot the entry went to.
+    pub fn insert_in_slot(&mut self, value: V) -> (u32, Option<V>) {
         if let Some(slot) = self.slot_of(value.key()) {
-            return self.slots[slot as usize].replace(value);
+            return (slot, self.slots[slot as usize].replace(value));
         }
         let h = hash(value.key());
         let slot = match self.free.pop() {
@@ -93,10 +108,15 @@ impl<V: Keyed> KeyedSlab<V> {
         self.index.insert_unique(h, slot, |&s| {
             slots[s as usize].as_ref().map_or(0, |v| hash(v.key()))
         });
-        None
+        (slot, None)
     }
 
     pub fn remove(&mut self, key: &str) -> Option<V> {
+        self.remove_from_slot(key).map(|(_, value)| value)
+    }
+
+    /// [`Self::remove`], also telling the slot the entry was in.
+    pub fn remove_from_slot(&mut self, key: &str) -> Option<(u32, V)> {
         let slots = &self.slots;
         let entry = self
             .index
@@ -107,13 +127,13 @@ impl<V: Keyed> KeyedSlab<V> {
             })
             .ok()?;
         let (slot, _) = entry.remove();
-        let value = self.slots[slot as usize].take();
+        let value = self.slots[slot as usize].take()?;
         if slot as usize + 1 == self.slots.len() {
             self.slots.pop();
         } else {
             self.free.push(slot);
         }
-        value
+        Some((slot, value))
     }
 
     /// Every entry, in no particular order.

@@ -41,9 +41,11 @@ impl Keyed for TrackedRunner {
 #[derive(Debug, Default)]
 pub struct Runners {
     by_id: KeyedSlab<TrackedRunner>,
-    /// (last heartbeat, runner), oldest first: a heartbeat check reads only
-    /// the runners it times out, O(expired + log n), not every runner.
-    by_heartbeat: BTreeSet<(MonoNanos, Arc<str>)>,
+    /// (last heartbeat, the runner's slot in `by_id`), oldest first: a
+    /// heartbeat check reads only the runners it times out, O(expired +
+    /// log n), not every runner. Slot numbers compare as integers, where
+    /// ids would compare as text on every step of a search.
+    by_heartbeat: BTreeSet<(MonoNanos, u32)>,
 }
 
 impl Runners {
@@ -52,18 +54,17 @@ impl Runners {
         if self.by_id.contains_key(&runner.runner_id) {
             return false;
         }
-        self.by_heartbeat
-            .insert((runner.last_heartbeat, runner.runner_id.clone()));
-        self.by_id.insert(runner);
+        let heartbeat = runner.last_heartbeat;
+        let (slot, _) = self.by_id.insert_in_slot(runner);
+        self.by_heartbeat.insert((heartbeat, slot));
         true
     }
 
     /// Stops tracking a runner and hands back what was known of it. Whoever
     /// gets `Some` here owns the runner's outcome; everyone after gets `None`.
     pub fn take(&mut self, runner_id: &str) -> Option<TrackedRunner> {
-        let runner = self.by_id.remove(runner_id)?;
-        self.by_heartbeat
-            .remove(&(runner.last_heartbeat, runner.runner_id.clone()));
+        let (slot, runner) = self.by_id.remove_from_slot(runner_id)?;
+        self.by_heartbeat.remove(&(runner.last_heartbeat, slot));
         Some(runner)
     }
 
@@ -72,19 +73,19 @@ impl Runners {
     }
 
     pub fn heartbeat(&mut self, runner_id: &str, mono: MonoNanos, wall: WallTime) -> bool {
-        match self.by_id.get_mut(runner_id) {
-            Some(r) => {
-                if mono > r.last_heartbeat {
-                    self.by_heartbeat
-                        .remove(&(r.last_heartbeat, r.runner_id.clone()));
-                    r.last_heartbeat = mono;
-                    self.by_heartbeat.insert((mono, r.runner_id.clone()));
-                }
-                r.last_heartbeat_at = wall;
-                true
-            }
-            None => false,
+        let Some(slot) = self.by_id.slot_of(runner_id) else {
+            return false;
+        };
+        let Some(r) = self.by_id.at_mut(slot) else {
+            return false;
+        };
+        if mono > r.last_heartbeat {
+            self.by_heartbeat.remove(&(r.last_heartbeat, slot));
+            r.last_heartbeat = mono;
+            self.by_heartbeat.insert((mono, slot));
         }
+        r.last_heartbeat_at = wall;
+        true
     }
 
     /// Runners silent for longer than `timeout` at `now`, longest silent
@@ -93,7 +94,8 @@ impl Runners {
         self.by_heartbeat
             .iter()
             .take_while(|(last, _)| now.saturating_sub(*last) > timeout)
-            .map(|(_, id)| id.clone())
+            .filter_map(|&(_, slot)| self.by_id.at(slot))
+            .map(|r| r.runner_id.clone())
             .collect()
     }
 
@@ -161,6 +163,13 @@ mod tests {
         );
         runners.take("new");
         assert_eq!(runners.silent_since(200, 60), vec![Arc::from("old")]);
+        assert_eq!(runners.by_heartbeat.len(), runners.len());
+        // A slot freed by "new" and taken by another runner is its own.
+        runners.insert(runner("newer", 150));
+        assert_eq!(
+            runners.silent_since(300, 60),
+            vec![Arc::from("old"), Arc::from("newer")]
+        );
         assert_eq!(runners.by_heartbeat.len(), runners.len());
     }
 }
