@@ -10,7 +10,9 @@
 //!   state machine, its outbox of reports, dependencies, snapshots.
 //! - `time`: naive local wall time and the clocks.
 //! - `metrics`: failure statistics and the Prometheus text format.
-//! - `persist`: atomic, safe file writes; `hashing`: the id maps' hasher.
+//! - `persist`: atomic, safe file writes; `hashing`: the id maps' hasher;
+//!   `interning`: spec, repo and skill names held once, however many tasks
+//!   carry them.
 //! - `directory`: emptying a slot's directory; `events`: the local event
 //!   log's JSON lines.
 //! - `process`: starting a task's shell for the local launcher (Unix).
@@ -19,6 +21,7 @@ pub mod directory;
 pub mod dispatch;
 pub mod events;
 pub mod hashing;
+pub mod interning;
 pub mod metrics;
 pub mod persist;
 #[cfg(unix)]

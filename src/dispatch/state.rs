@@ -20,6 +20,7 @@ use crate::dispatch::pools::{PoolIndex, PoolState, Pools};
 use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
 use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
+use crate::interning::shared_name;
 use crate::metrics::FailureStats;
 use crate::retry::state::{RecordIndex, RecordedFailure, RetryBook, TaskId};
 use crate::time::clock::{nanos_to_seconds, MonoNanos, Now};
@@ -697,7 +698,7 @@ impl<T> DispatcherState<T> {
                 let spec = self
                     .tasks
                     .get(id)
-                    .map_or_else(|| Arc::from("unknown"), |t| t.meta.spec_name.clone());
+                    .map_or_else(|| shared_name("unknown"), |t| t.meta.spec_name.clone());
                 (id.clone(), spec, *due)
             })
             .collect()
@@ -952,8 +953,8 @@ impl<T> DispatcherState<T> {
                 runner
                     .as_ref()
                     .map(|r| r.spec_name.clone())
-                    .or_else(|| spec_name.map(Arc::from))
-                    .unwrap_or_else(|| Arc::from("unknown")),
+                    .or_else(|| spec_name.map(shared_name))
+                    .unwrap_or_else(|| shared_name("unknown")),
                 Arc::from(task_id),
             ),
         };

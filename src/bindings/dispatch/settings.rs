@@ -13,6 +13,7 @@ use crate::bindings::{args, time::datetime};
 use crate::dispatch::pools::{PoolState, Pools};
 use crate::dispatch::scheduling::{Policy, SkillMapping};
 use crate::dispatch::state::{Limits, TaskMeta};
+use crate::interning::shared_name;
 use crate::retry::backoff::{python_float_repr, BackoffPolicy};
 use crate::retry::state::RetryOptions;
 use crate::time::clock::seconds_to_nanos;
@@ -274,20 +275,20 @@ pub fn task_meta(task: &Bound<'_, PyAny>) -> PyResult<TaskMeta> {
         None => None,
     };
     let required_skill = match attr_opt(task, name!(py, "required_skill"))? {
-        Some(s) => optional_arc("task.required_skill", Some(&s))?,
+        Some(s) => args::optional_string("task.required_skill", Some(&s))?.map(|s| shared_name(&s)),
         None => None,
     };
     let metadata = attr_opt(task, name!(py, "metadata"))?.filter(|m| !m.is_none());
     let lookup = |key: &Bound<'_, PyString>| -> PyResult<Option<Arc<str>>> {
         let Some(m) = &metadata else { return Ok(None) };
         match m.get_item(key) {
-            Ok(v) if !v.is_none() => Ok(Some(Arc::from(v.str()?.to_cow()?.as_ref()))),
+            Ok(v) if !v.is_none() => Ok(Some(shared_name(&v.str()?.to_cow()?))),
             Ok(_) => Ok(None),
             Err(e) if e.is_instance_of::<PyKeyError>(py) => Ok(None),
             Err(e) => Err(e),
         }
     };
-    let spec_name = lookup(name!(py, "spec_name"))?.unwrap_or_else(|| Arc::from("unknown"));
+    let spec_name = lookup(name!(py, "spec_name"))?.unwrap_or_else(|| shared_name("unknown"));
     let repo_name = lookup(name!(py, "repo_name"))?.unwrap_or_else(|| spec_name.clone());
     Ok(TaskMeta {
         id,
