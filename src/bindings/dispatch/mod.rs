@@ -600,21 +600,14 @@ impl PyDispatcherCore {
         slot_id: Option<&Bound<'_, PyAny>>,
         pool_name: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        let task_id_text = args::string("task_id", task_id)?;
-        let spec_text = args::optional_string("spec_name", spec_name)?;
-        let reason = args::optional_string("failure_reason", failure_reason)?;
-        let runner_text = args::optional_string("runner_id", runner_id)?;
+        let mut known = KnownTexts::default();
+        let task_id_text = known.string("task_id", task_id)?;
+        let spec_text = known.optional_string("spec_name", spec_name)?;
+        let reason = known.optional_string("failure_reason", failure_reason)?;
+        let runner_text = known.optional_string("runner_id", runner_id)?;
         // Known from the tracked runner; checked for type only.
-        args::optional_string("slot_id", slot_id)?;
-        args::optional_string("pool_name", pool_name)?;
-        let known = KnownTexts::of(&[
-            Some(task_id),
-            spec_name,
-            failure_reason,
-            runner_id,
-            slot_id,
-            pool_name,
-        ]);
+        known.optional_string("slot_id", slot_id)?;
+        known.optional_string("pool_name", pool_name)?;
         let mut refused = None;
         let applied = self.settle(py, known, |state, book, now| {
             state
@@ -660,14 +653,15 @@ impl PyDispatcherCore {
         failure_reason: Option<&Bound<'_, PyAny>>,
         timed_out: bool,
     ) -> PyResult<bool> {
-        let runner_text = args::string("runner_id", runner_id)?;
-        let task_text = args::optional_string("task_id", task_id)?;
+        let mut known = KnownTexts::default();
+        let runner_text = known.string("runner_id", runner_id)?;
+        let task_text = known.optional_string("task_id", task_id)?;
         for (name, value) in [
             ("spec_name", spec_name),
             ("slot_id", slot_id),
             ("pool_name", pool_name),
         ] {
-            args::optional_string(name, value)?;
+            known.optional_string(name, value)?;
         }
         let success = match success {
             Some(s) if s.is_instance_of::<PyBool>() => s.is_truthy()?,
@@ -678,15 +672,7 @@ impl PyDispatcherCore {
                 ))
             }
         };
-        let reason = args::optional_string("failure_reason", failure_reason)?;
-        let known = KnownTexts::of(&[
-            Some(runner_id),
-            task_id,
-            spec_name,
-            slot_id,
-            pool_name,
-            failure_reason,
-        ]);
+        let reason = known.optional_string("failure_reason", failure_reason)?;
         let applied = self.settle(py, known, |state, book, now| {
             state.complete(
                 &runner_text,

@@ -1,6 +1,7 @@
 //! Calling the ports: the effects the core decided, and the slot allocation
 //! and launch of an assignment. Every call here happens with no lock held.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -393,18 +394,28 @@ pub struct KnownTexts<'a, 'py> {
 }
 
 impl<'a, 'py> KnownTexts<'a, 'py> {
-    /// The `str` objects among a call's (already type-checked) arguments.
-    pub fn of(arguments: &[Option<&'a Bound<'py, PyAny>>]) -> Self {
-        let mut known = KnownTexts::default();
-        let strings = arguments
-            .iter()
-            .flatten()
-            .filter_map(|a| a.cast::<PyString>().ok())
-            .filter_map(|s| Some((s.to_str().ok()?, s)));
-        for (entry, string) in known.entries.iter_mut().zip(strings) {
-            *entry = Some(string);
+    /// [`args::string`], remembering the argument when its text was read
+    /// from the `str` itself (no second read of each argument's UTF-8).
+    pub fn string(&mut self, name: &str, obj: &'a Bound<'py, PyAny>) -> PyResult<Cow<'a, str>> {
+        let text = args::string(name, obj)?;
+        if let (Cow::Borrowed(borrowed), Ok(string)) = (&text, obj.cast::<PyString>()) {
+            if let Some(free) = self.entries.iter_mut().find(|e| e.is_none()) {
+                *free = Some((*borrowed, string));
+            }
         }
-        known
+        Ok(text)
+    }
+
+    /// [`Self::string`] for an argument that may be absent or None.
+    pub fn optional_string(
+        &mut self,
+        name: &str,
+        obj: Option<&'a Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Cow<'a, str>>> {
+        match obj {
+            Some(o) if !o.is_none() => self.string(name, o).map(Some),
+            _ => Ok(None),
+        }
     }
 
     fn find(&self, text: &str) -> Option<&'a Bound<'py, PyString>> {
