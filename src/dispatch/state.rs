@@ -454,7 +454,8 @@ impl<T> DispatcherState<T> {
     /// lane yet (the usual case) they are taken for delivery at once, the
     /// lane busy until [`Self::finish_reports`].
     pub fn file_and_take(&mut self, mut effects: Vec<Effect<T>>) -> Filing<T> {
-        // An outcome hands back at most one task handle, as its last effect.
+        // An outcome hands back its task's handle, if at all, as its last
+        // effect; any other shape takes the general path below.
         let discard = match effects.last() {
             Some(Effect::Discard(_)) => match effects.pop() {
                 Some(Effect::Discard(handle)) => Some(handle),

@@ -1,5 +1,6 @@
 use super::*;
 use crate::retry::backoff::BackoffPolicy;
+use std::collections::VecDeque;
 
 const SECOND: MonoNanos = 1_000_000_000;
 
@@ -199,6 +200,68 @@ fn successful_completion_reports_done_and_clears_retries() {
     );
     assert!(!book.contains("t1"));
     assert_eq!(s.place_of("t1"), None);
+}
+
+#[test]
+fn an_outcome_for_one_task_is_taken_at_once_and_its_handle_set_apart() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(5))
+        .unwrap();
+    let out = s.complete("r1", None, true, false, None, &mut book, at(7));
+    match s.file_and_take(out.effects) {
+        Filing::Taken {
+            task,
+            reports,
+            discard,
+        } => {
+            assert_eq!(&*task, "t1");
+            assert_eq!(discard, Some("h1"));
+            assert_eq!(reports.len(), 4);
+            assert!(reports.iter().all(|e| !matches!(e, Effect::Discard(_))));
+            // The lane stays busy until the delivery ends: a report filed
+            // meanwhile waits behind the ones taken.
+            let later = vec![Effect::StopRunner {
+                task_id: "t1".into(),
+                runner_id: "r1".into(),
+            }];
+            assert!(matches!(s.file_and_take(later), Filing::Filed(_)));
+            assert!(s.finish_reports("t1", 4, VecDeque::new(), 0));
+        }
+        Filing::Filed(_) => panic!("one task's outcome is taken at once"),
+    }
+}
+
+#[test]
+fn an_outcome_of_another_shape_is_filed_lane_by_lane() {
+    let mut s = state();
+    let effects = vec![
+        Effect::StopRunner {
+            task_id: "a".into(),
+            runner_id: "ra".into(),
+        },
+        Effect::Discard("ha"),
+        Effect::StopRunner {
+            task_id: "b".into(),
+            runner_id: "rb".into(),
+        },
+        Effect::Discard("hb"),
+    ];
+    match s.file_and_take(effects) {
+        Filing::Filed(filed) => {
+            let lanes: Vec<&str> = filed.lanes.iter().map(|l| &**l).collect();
+            assert_eq!(lanes, ["a", "b"]);
+            assert_eq!(filed.discards, ["ha", "hb"]);
+        }
+        Filing::Taken { .. } => panic!("two tasks' reports are not taken at once"),
+    }
+    // A task whose lane exists has its reports filed behind the waiting ones.
+    let again = vec![Effect::StopRunner {
+        task_id: "a".into(),
+        runner_id: "ra2".into(),
+    }];
+    assert!(matches!(s.file_and_take(again), Filing::Filed(_)));
+    assert_eq!(s.take_reports("a", 0, false).map(|r| r.len()), Some(2));
 }
 
 #[test]
