@@ -5,8 +5,9 @@
 //! arrives and freed when it finishes). Each thread keeps its own table, so
 //! interning takes no lock (and a fork cannot catch one held). The table
 //! forgets names nothing else holds any more once it has doubled since its
-//! last sweep, so it stays within twice the names in use (at least
-//! [`SWEEP_FLOOR`]), however many distinct names pass through.
+//! last sweep, and keeps at most [`MAX_NAMES`]: past that a name is made
+//! afresh (not shared) until a sweep makes room, so a thread's table never
+//! holds more than a few hundred kilobytes, however many names pass through.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -18,6 +19,9 @@ use crate::hashing::FxHasher;
 /// Table size below which no sweep happens.
 pub const SWEEP_FLOOR: usize = 256;
 
+/// The most names a table keeps.
+pub const MAX_NAMES: usize = 4096;
+
 /// Longer texts are not names: they are not kept.
 pub const LONGEST_NAME: usize = 128;
 
@@ -25,6 +29,8 @@ pub const LONGEST_NAME: usize = 128;
 pub struct NameTable {
     names: HashSet<Arc<str>, BuildHasherDefault<FxHasher>>,
     sweep_at: usize,
+    /// Names not kept since the last sweep, the table being full.
+    refused: usize,
 }
 
 impl Default for NameTable {
@@ -32,6 +38,7 @@ impl Default for NameTable {
         NameTable {
             names: HashSet::default(),
             sweep_at: SWEEP_FLOOR,
+            refused: 0,
         }
     }
 }
@@ -46,13 +53,20 @@ impl NameTable {
         if text.len() > LONGEST_NAME {
             return name;
         }
-        if self.names.len() >= self.sweep_at {
+        // A full table of names in use is swept again only after as many
+        // refusals as it holds: a sweep costs O(1) a name, amortized.
+        if self.names.len() >= self.sweep_at || self.refused >= MAX_NAMES {
             // A count of 1 is the table's own reference; being thread-local,
             // no other thread can clone it meanwhile.
             self.names.retain(|n| Arc::strong_count(n) > 1);
             self.sweep_at = (2 * self.names.len()).max(SWEEP_FLOOR);
+            self.refused = 0;
         }
-        self.names.insert(Arc::clone(&name));
+        if self.names.len() < MAX_NAMES {
+            self.names.insert(Arc::clone(&name));
+        } else {
+            self.refused += 1;
+        }
         name
     }
 
@@ -71,11 +85,13 @@ thread_local! {
 
 /// The `Arc` this thread shares for the name `text`.
 pub fn shared_name(text: &str) -> Arc<str> {
-    NAMES.with(|table| match table.try_borrow_mut() {
-        Ok(mut table) => table.name(text),
-        // Not reentered in practice (nothing here calls out); never panic.
-        Err(_) => Arc::from(text),
-    })
+    // Never panics: while the thread's table is being destroyed (its exit),
+    // or if it were ever reentered, the name is made afresh.
+    NAMES
+        .try_with(|table| table.try_borrow_mut().ok().map(|mut t| t.name(text)))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Arc::from(text))
 }
 
 #[cfg(test)]
@@ -105,6 +121,24 @@ mod tests {
         for (i, name) in kept.iter().enumerate() {
             assert!(Arc::ptr_eq(name, &table.name(&format!("kept-{i}"))));
         }
+    }
+
+    #[test]
+    fn a_table_full_of_names_in_use_stops_growing_and_recovers_when_they_go() {
+        let mut table = NameTable::default();
+        let mut held: Vec<Arc<str>> = (0..3 * MAX_NAMES)
+            .map(|i| table.name(&format!("live-{i}")))
+            .collect();
+        assert_eq!(table.len(), MAX_NAMES);
+        // Names past the limit are still right, just not shared.
+        assert_eq!(&*held[2 * MAX_NAMES], format!("live-{}", 2 * MAX_NAMES));
+        held.clear();
+        for i in 0..MAX_NAMES + 1 {
+            table.name(&format!("new-{i}"));
+        }
+        let a = table.name("shared again");
+        assert!(Arc::ptr_eq(&a, &table.name("shared again")));
+        assert!(table.len() <= MAX_NAMES);
     }
 
     #[test]
