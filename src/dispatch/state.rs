@@ -78,7 +78,27 @@ struct HeldTask<T> {
     meta: TaskMeta,
     payload: Option<T>,
     place: Place,
-    order: QueueOrder,
+    arrival: Arrival,
+}
+
+/// When a task arrived, for its place in the queue (its priority is read
+/// from its meta, so that it is held once).
+#[derive(Clone, Copy, Debug)]
+struct Arrival {
+    /// Microseconds of `created_at`, or of when it was first queued.
+    age: i64,
+    /// Arrival order, unique per task.
+    seq: u64,
+}
+
+impl<T> HeldTask<T> {
+    fn order(&self) -> QueueOrder {
+        QueueOrder {
+            priority: self.meta.priority,
+            age: self.arrival.age,
+            seq: self.arrival.seq,
+        }
+    }
 }
 
 impl<T> Keyed for HeldTask<T> {
@@ -633,11 +653,10 @@ impl<T> DispatcherState<T> {
         self.queue.ids_in_order()
     }
 
-    fn new_order(&mut self, meta: &TaskMeta, now: Now) -> QueueOrder {
+    fn new_arrival(&mut self, meta: &TaskMeta, now: Now) -> Arrival {
         let seq = self.next_seq;
         self.next_seq += 1;
-        QueueOrder {
-            priority: meta.priority,
+        Arrival {
             age: meta.created_at.unwrap_or(now.wall).micros(),
             seq,
         }
@@ -669,21 +688,21 @@ impl<T> DispatcherState<T> {
                 return Err(payload);
             }
             // The task as polled replaces what the placeholder knew of it.
-            let order = self.new_order(&meta, now);
+            let arrival = self.new_arrival(&meta, now);
             let held = self.tasks.get_mut(&meta.id).expect("held above");
             held.meta = meta;
-            held.order = order;
+            held.arrival = arrival;
             held.payload = Some(payload);
             return Ok(());
         }
         // The registry handed a finished task back: it runs anew.
         self.finished.remove(&meta.id);
-        let order = self.new_order(&meta, now);
+        let arrival = self.new_arrival(&meta, now);
         let held = HeldTask {
             meta,
             payload: Some(payload),
             place: Place::Queued,
-            order,
+            arrival,
         };
         enqueue(&mut self.queue, &self.scheduler, &held);
         self.tasks.insert(held);
@@ -726,13 +745,13 @@ impl<T> DispatcherState<T> {
             created_at: None,
             required_skill: None,
         };
-        let order = self.new_order(&meta, now);
+        let arrival = self.new_arrival(&meta, now);
         self.delayed.insert((due, id.clone()));
         self.tasks.insert(HeldTask {
             meta,
             payload: None,
             place: Place::Delayed { due },
-            order,
+            arrival,
         });
         true
     }
@@ -798,8 +817,8 @@ impl<T> DispatcherState<T> {
             return Err(Refusal::PoolFull(pool_name.to_owned()));
         }
         self.global_running += 1;
-        let order = self.new_order(&meta, now);
-        self.start_runner(meta, payload, order, pool, runner, now);
+        let arrival = self.new_arrival(&meta, now);
+        self.start_runner(meta, payload, arrival, pool, runner, now);
         Ok(())
     }
 
@@ -807,7 +826,7 @@ impl<T> DispatcherState<T> {
         &mut self,
         meta: TaskMeta,
         payload: Option<T>,
-        order: QueueOrder,
+        arrival: Arrival,
         pool: PoolIndex,
         runner: NewRunner,
         now: Now,
@@ -830,7 +849,7 @@ impl<T> DispatcherState<T> {
             place: Place::Running {
                 runner_id: runner.runner_id,
             },
-            order,
+            arrival,
         });
         self.metrics.tasks_assigned += 1;
     }
@@ -1004,12 +1023,12 @@ impl<T> DispatcherState<T> {
                         created_at: None,
                         required_skill: None,
                     };
-                    let order = self.new_order(&meta, now);
+                    let arrival = self.new_arrival(&meta, now);
                     self.tasks.insert(HeldTask {
                         meta,
                         payload: None,
                         place: Place::Delayed { due },
-                        order,
+                        arrival,
                     });
                 }
             }
@@ -1323,7 +1342,7 @@ impl<T> DispatcherState<T> {
                 timestamp: now.wall,
             },
         ];
-        self.start_runner(held.meta, Some(payload), held.order, pool, runner, now);
+        self.start_runner(held.meta, Some(payload), held.arrival, pool, runner, now);
         let mut failure = None;
         if self.forced {
             self.interrupt(&runner_id, now, &mut effects);
@@ -1464,7 +1483,6 @@ impl<T> DispatcherState<T> {
             dequeue(&mut self.queue, &self.scheduler, held);
         }
         held.meta.priority = priority;
-        held.order.priority = priority;
         if queued {
             enqueue(&mut self.queue, &self.scheduler, held);
         }
@@ -1579,7 +1597,7 @@ fn dequeue<T>(queue: &mut ReadyQueue, scheduler: &Scheduler, held: &HeldTask<T>)
 
 fn queue_key<'a, T>(held: &'a HeldTask<T>, route: &'a Route) -> QueueKey<'a> {
     QueueKey {
-        order: held.order,
+        order: held.order(),
         route,
         spec: &held.meta.spec_name,
     }
