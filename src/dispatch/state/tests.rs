@@ -255,6 +255,24 @@ fn an_outcome_of_another_shape_is_filed_lane_by_lane() {
         }
         Filing::Taken { .. } => panic!("two tasks' reports are not taken at once"),
     }
+    // Two tasks' reports, no handle: each goes to its own lane.
+    let two = vec![
+        Effect::StopRunner {
+            task_id: "c".into(),
+            runner_id: "rc".into(),
+        },
+        Effect::StopRunner {
+            task_id: "d".into(),
+            runner_id: "rd".into(),
+        },
+    ];
+    match s.file_and_take(two) {
+        Filing::Filed(filed) => {
+            let lanes: Vec<&str> = filed.lanes.iter().map(|l| &**l).collect();
+            assert_eq!(lanes, ["c", "d"]);
+        }
+        Filing::Taken { .. } => panic!("two tasks' reports are not taken at once"),
+    }
     // A task whose lane exists has its reports filed behind the waiting ones.
     let again = vec![Effect::StopRunner {
         task_id: "a".into(),
