@@ -144,32 +144,38 @@ def test_a_refused_retry_report_is_delivered_and_the_task_polled_again():
     assert states(registry, "a") == [TaskState.RUNNING, TaskState.READY, TaskState.RUNNING]
 
 
+class FailingRecorder:
+    """An event recorder that notes each event's name, and raises for
+    `failing` while `fail` is set."""
+
+    def __init__(self, failing):
+        self.failing = failing
+        self.fail = True
+        self.calls = []
+
+    def __getattr__(self, name):
+        def record(**kwargs):
+            if name == self.failing and self.fail:
+                raise OSError("disk full")
+            self.calls.append(name)
+
+        return record
+
+
 def test_events_of_a_task_keep_their_order_behind_a_refused_one():
     """A failed event delivery holds back the task's later reports."""
-    calls = []
-
-    class Recorder:
-        fail = True
-
-        def __getattr__(self, name):
-            def record(**kwargs):
-                if name == "record_runner_started" and Recorder.fail:
-                    raise OSError("disk full")
-                calls.append(name)
-
-            return record
-
+    recorder = FailingRecorder("record_runner_started")
     dispatcher, ports = build([make_task("a")])
-    dispatcher.event_recorder = Recorder()
+    dispatcher.event_recorder = recorder
     dispatcher.tick()
     runner = ports.launcher.launches[0].runner_id
     dispatcher.handle_runner_completion(runner, task_id="a", success=True)
-    assert calls == ["record_task_assigned"]
+    assert recorder.calls == ["record_task_assigned"]
     assert ports.registry.states["a"] is TaskState.RUNNING
-    Recorder.fail = False
+    recorder.fail = False
     ports.clock.advance(1)
     dispatcher.tick()
-    assert calls == [
+    assert recorder.calls == [
         "record_task_assigned",
         "record_runner_started",
         "record_runner_finished",
@@ -414,3 +420,29 @@ def test_a_restored_running_report_is_dropped_and_the_task_runs_again():
     assert [launch.task_id for launch in fresh_ports.launcher.launches] == ["a"]
     assert states(restored_registry, "a") == [TaskState.RUNNING]
     assert fresh.get_status()["pending_reports"] == 0
+
+
+def test_a_completion_refused_midway_resumes_at_the_refused_call():
+    """A completion is four port calls (runner finished, task completed, slot
+    released, DONE). When one raises, those before it are not made again,
+    and the rest wait their turn: counted one per call still to make."""
+    recorder = FailingRecorder("record_task_completed")
+    dispatcher, ports = build([make_task("a")])
+    dispatcher.event_recorder = recorder
+    dispatcher.tick()
+    runner = ports.launcher.launches[0].runner_id
+    recorder.calls.clear()
+    assert dispatcher.handle_runner_completion(runner, task_id="a", success=True)
+    assert recorder.calls == ["record_runner_finished"]
+    assert not ports.slots.released
+    status = dispatcher.get_status()
+    assert (status["pending_reports"], status["pending_report_tasks"]) == (3, 1)
+    saved = [(r["report"], r.get("state")) for r in dispatcher.snapshot()["pending_reports"]]
+    assert saved == [("task_completed", None), ("release_slot", None), ("state", "done")]
+    recorder.fail = False
+    ports.clock.advance(1)
+    dispatcher.tick()
+    assert recorder.calls == ["record_runner_finished", "record_task_completed"]
+    assert ports.slots.each_released_once()
+    assert ports.registry.states["a"] is TaskState.DONE
+    assert dispatcher.get_status()["pending_reports"] == 0

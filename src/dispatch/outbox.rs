@@ -31,6 +31,13 @@ struct Lane<R> {
     failures: u32,
 }
 
+/// What the outbox files. Its counts are of port calls: a report may stand
+/// for several, delivered one by one.
+pub trait Report {
+    /// The port calls this report has still to make.
+    fn parts(&self) -> usize;
+}
+
 /// Counters for status and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutboxStats {
@@ -58,7 +65,7 @@ impl<R> Default for Outbox<R> {
     }
 }
 
-impl<R> Outbox<R> {
+impl<R: Report> Outbox<R> {
     /// Files `report` at the back of `task`'s lane.
     pub fn push(&mut self, task: &TaskId, report: R) {
         let lane = self.lanes.entry(task.clone()).or_insert_with(|| Lane {
@@ -67,8 +74,8 @@ impl<R> Outbox<R> {
             retry_at: None,
             failures: 0,
         });
+        self.pending += report.parts();
         lane.reports.push_back(report);
-        self.pending += 1;
     }
 
     /// Files `reports` for a task that has no lane and takes them for
@@ -82,7 +89,7 @@ impl<R> Outbox<R> {
         if self.lanes.contains_key(task) {
             return Err(reports);
         }
-        self.pending += reports.len();
+        self.pending += reports.iter().map(R::parts).sum::<usize>();
         self.lanes.insert(
             task.clone(),
             Lane {
@@ -100,7 +107,7 @@ impl<R> Outbox<R> {
         self.lanes.contains_key(task)
     }
 
-    /// Reports not yet delivered, in all lanes.
+    /// Port calls not yet made, in all lanes.
     pub fn pending(&self) -> usize {
         self.pending
     }
@@ -134,7 +141,7 @@ impl<R> Outbox<R> {
         Some(std::mem::take(&mut lane.reports))
     }
 
-    /// Ends a delivery of `task`'s lane: `delivered` reports landed;
+    /// Ends a delivery of `task`'s lane: `delivered` port calls landed;
     /// `undelivered` (the one that failed first, then the rest) go back to
     /// the front, and the lane waits `failures`-long backoff from `now`.
     /// A lane left empty is dropped: the task is no longer held here.
@@ -233,6 +240,42 @@ mod tests {
 
     fn id(s: &str) -> TaskId {
         TaskId::from(s)
+    }
+
+    impl Report for i32 {
+        fn parts(&self) -> usize {
+            1
+        }
+    }
+
+    /// A report of several port calls, `.0` of them still to make.
+    #[derive(Debug, PartialEq)]
+    struct Calls(usize);
+
+    impl Report for Calls {
+        fn parts(&self) -> usize {
+            self.0
+        }
+    }
+
+    #[test]
+    fn counts_are_of_port_calls_and_follow_a_report_delivered_in_part() {
+        let mut o = Outbox::default();
+        o.push(&id("a"), Calls(3));
+        o.push(&id("a"), Calls(1));
+        assert_eq!(o.pending(), 4);
+        let mut taken = o.take("a", 0, false).unwrap();
+        assert_eq!(taken.len(), 2);
+        // The first report's first two calls landed, its third raised.
+        taken[0] = Calls(1);
+        assert!(!o.finish("a", 2, taken, 10));
+        assert_eq!(o.pending(), 2);
+        assert_eq!(o.stats().delivered, 2);
+        let taken = o.take("a", 0, true).unwrap();
+        assert_eq!(taken, [Calls(1), Calls(1)]);
+        assert!(!o.finish("a", 2, VecDeque::new(), 20));
+        assert_eq!((o.pending(), o.stats().delivered), (0, 4));
+        assert!(!o.holds("a"));
     }
 
     #[test]

@@ -118,10 +118,26 @@ fn opt_arc(s: &Option<String>) -> Option<Arc<str>> {
     s.as_deref().map(Arc::from)
 }
 
-/// A pending report as saved; None for a handle (never pending).
-pub fn save<T>(effect: &Effect<T>) -> Option<SavedReport> {
+/// A pending report as saved: one entry per port call it has still to make
+/// (a completion's parts are saved as the single reports they stand for, so
+/// the saved form is the same whichever way they were filed); none for a
+/// handle (never pending).
+pub fn save<T>(effect: &Effect<T>) -> Vec<SavedReport> {
+    match effect {
+        Effect::Completed(c) => c
+            .remaining_reports::<T>()
+            .iter()
+            .filter_map(save_single)
+            .collect(),
+        single => save_single(single).into_iter().collect(),
+    }
+}
+
+/// A single report as saved.
+fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
     Some(match effect {
-        Effect::Discard(_) => return None,
+        // Not single: see `save`.
+        Effect::Discard(_) | Effect::Completed(_) => return None,
         Effect::ReleaseSlot { task_id, slot_id } => SavedReport::ReleaseSlot {
             task_id: text(task_id),
             slot_id: text(slot_id),
@@ -412,6 +428,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dispatch::state::Completion;
 
     #[test]
     fn every_kind_of_report_survives_a_round_trip_through_json() {
@@ -458,12 +475,57 @@ mod tests {
             },
         ];
         for effect in &effects {
-            let saved = save(effect).unwrap();
-            let json = serde_json::to_string(&saved).unwrap();
+            let saved = save(effect);
+            assert_eq!(saved.len(), 1);
+            let json = serde_json::to_string(&saved[0]).unwrap();
             let back: SavedReport = serde_json::from_str(&json).unwrap();
             let loaded: Effect<()> = load(&back).unwrap();
-            assert_eq!(save(&loaded), Some(saved));
+            assert_eq!(save(&loaded), saved);
         }
-        assert!(save(&Effect::Discard(())).is_none());
+        assert!(save(&Effect::Discard(())).is_empty());
+    }
+
+    fn completion(slot: Option<&str>, delivered: u8) -> Effect<()> {
+        Effect::Completed(Completion {
+            spec_name: "spec".into(),
+            task_id: "t".into(),
+            runner_id: "r".into(),
+            slot_id: slot.map(Arc::from),
+            execution_time_seconds: 1.5,
+            completed_at: WallTime::from_micros(63_900_000_000_000_000).unwrap(),
+            delivered,
+        })
+    }
+
+    fn kinds(saved: &[SavedReport]) -> Vec<&'static str> {
+        saved
+            .iter()
+            .map(|r| match r {
+                SavedReport::RunnerFinished { success: true, .. } => "finished",
+                SavedReport::TaskCompleted { .. } => "completed",
+                SavedReport::ReleaseSlot { .. } => "release",
+                SavedReport::State { state, .. } if state == "done" => "done",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_completion_is_saved_as_the_reports_it_has_still_to_make() {
+        let all = ["finished", "completed", "release", "done"];
+        assert_eq!(kinds(&save(&completion(Some("s"), 0))), all);
+        assert_eq!(kinds(&save(&completion(Some("s"), 2))), all[2..]);
+        assert_eq!(kinds(&save(&completion(Some("s"), 4))), [""; 0]);
+        // Without a slot there is nothing to release.
+        assert_eq!(
+            kinds(&save(&completion(None, 0))),
+            ["finished", "completed", "done"]
+        );
+        assert_eq!(kinds(&save(&completion(None, 2))), ["done"]);
+        // Each part loads back as the report it stands for.
+        for saved in save(&completion(Some("s"), 0)) {
+            let loaded: Effect<()> = load(&saved).unwrap();
+            assert_eq!(save(&loaded), [saved]);
+        }
     }
 }

@@ -63,7 +63,7 @@ pub fn capture<T>(state: &DispatcherState<T>, book: &RetryBook, now: Now) -> Dis
         pending_reports: state
             .outbox()
             .lanes()
-            .flat_map(|(_, reports)| reports.iter().filter_map(saved_reports::save))
+            .flat_map(|(_, reports)| reports.iter().flat_map(saved_reports::save))
             .collect(),
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::dispatch::finished::RecentlyFinished;
 use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
-use crate::dispatch::outbox::{Outbox, OutboxStats};
+use crate::dispatch::outbox::{Outbox, OutboxStats, Report};
 use crate::dispatch::pools::{PoolIndex, PoolState, Pools};
 use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
 use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
@@ -154,7 +154,7 @@ pub enum StateMetadata {
 }
 
 /// A side effect to perform after the lock is released, in order.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Effect<T> {
     ReleaseSlot {
         task_id: TaskId,
@@ -209,8 +209,99 @@ pub enum Effect<T> {
         details: RunnerDetails,
         timestamp: WallTime,
     },
+    /// A successful completion's reports in one (see [`Completion`]).
+    Completed(Completion),
     /// A task handle the state no longer holds.
     Discard(T),
+}
+
+impl<T> Report for Effect<T> {
+    fn parts(&self) -> usize {
+        match self {
+            Effect::Completed(c) => c.parts_left().len(),
+            Effect::Discard(_) => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// A successful completion's four reports, in order: the runner finished,
+/// the task completed, its slot released (when it had one), its state DONE.
+/// One report instead of four, so the finished runner's names are moved in
+/// rather than copied once per port call (a completion is on every task's
+/// path). `delivered` counts the parts that have landed: a port that raises
+/// leaves the report at the front of its lane, to resume at that part.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub spec_name: Arc<str>,
+    pub task_id: TaskId,
+    pub runner_id: Arc<str>,
+    pub slot_id: Option<Arc<str>>,
+    pub execution_time_seconds: f64,
+    pub completed_at: WallTime,
+    pub delivered: u8,
+}
+
+/// One part of a [`Completion`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionPart {
+    RunnerFinished,
+    TaskCompleted,
+    ReleaseSlot,
+    Done,
+}
+
+impl Completion {
+    /// The parts not delivered yet, in order.
+    pub fn parts_left(&self) -> &'static [CompletionPart] {
+        use CompletionPart::*;
+        let all: &'static [CompletionPart] = if self.slot_id.is_some() {
+            &[RunnerFinished, TaskCompleted, ReleaseSlot, Done]
+        } else {
+            &[RunnerFinished, TaskCompleted, Done]
+        };
+        all.get(usize::from(self.delivered)..).unwrap_or_default()
+    }
+
+    /// The parts not delivered yet, as the single reports they stand for
+    /// (what a snapshot saves).
+    pub fn remaining_reports<T>(&self) -> Vec<Effect<T>> {
+        self.parts_left()
+            .iter()
+            .filter_map(|part| {
+                Some(match part {
+                    CompletionPart::RunnerFinished => Effect::RunnerFinished {
+                        spec_name: self.spec_name.clone(),
+                        task_id: self.task_id.clone(),
+                        runner_id: self.runner_id.clone(),
+                        slot_id: self.slot_id.clone(),
+                        success: true,
+                        execution_time_seconds: self.execution_time_seconds,
+                        failure_reason: None,
+                    },
+                    CompletionPart::TaskCompleted => Effect::TaskCompleted {
+                        spec_name: self.spec_name.clone(),
+                        task_id: self.task_id.clone(),
+                        runner_id: self.runner_id.clone(),
+                        execution_time_seconds: self.execution_time_seconds,
+                    },
+                    CompletionPart::ReleaseSlot => Effect::ReleaseSlot {
+                        task_id: self.task_id.clone(),
+                        slot_id: self.slot_id.clone()?,
+                    },
+                    CompletionPart::Done => Effect::ReportState {
+                        spec_name: self.spec_name.clone(),
+                        task_id: self.task_id.clone(),
+                        state: ReportedState::Done,
+                        metadata: StateMetadata::Done {
+                            runner_id: self.runner_id.clone(),
+                            completed_at: self.completed_at,
+                        },
+                    },
+                })
+            })
+            .collect()
+    }
 }
 
 impl<T> Effect<T> {
@@ -225,7 +316,16 @@ impl<T> Effect<T> {
             | Effect::StopRunner { task_id, .. }
             | Effect::TaskAssigned { task_id, .. }
             | Effect::RunnerStarted { task_id, .. } => Some(task_id),
+            Effect::Completed(c) => Some(&c.task_id),
             Effect::Discard(_) => None,
+        }
+    }
+
+    /// As single reports, one per port call not yet made.
+    pub fn into_single_reports(self) -> Vec<Effect<T>> {
+        match self {
+            Effect::Completed(c) => c.remaining_reports(),
+            other => vec![other],
         }
     }
 }
@@ -867,10 +967,15 @@ impl<T> DispatcherState<T> {
         Some(held)
     }
 
-    /// Gives back the capacity a runner held; counts never go below zero.
-    fn release_runner(&mut self, runner: &TrackedRunner, effects: &mut Vec<Effect<T>>) {
+    /// Frees the pool and global capacity a runner held.
+    fn free_capacity(&mut self, runner: &TrackedRunner) {
         self.pools.release(runner.pool);
         self.global_running = self.global_running.saturating_sub(1);
+    }
+
+    /// Gives back the capacity a runner held; counts never go below zero.
+    fn release_runner(&mut self, runner: &TrackedRunner, effects: &mut Vec<Effect<T>>) {
+        self.free_capacity(runner);
         if let Some(slot_id) = &runner.slot_id {
             effects.push(Effect::ReleaseSlot {
                 task_id: runner.task_id.clone(),
@@ -1074,19 +1179,19 @@ impl<T> DispatcherState<T> {
             };
         };
         let execution_time = nanos_to_seconds(now.mono.saturating_sub(runner.started_mono));
-        // A completion makes up to six effects; one allocation for all.
-        let mut effects = Vec::with_capacity(6);
-        let reason = failure_reason.map(Arc::from);
-        effects.push(Effect::RunnerFinished {
-            spec_name: runner.spec_name.clone(),
-            task_id: runner.task_id.clone(),
-            runner_id: runner.runner_id.clone(),
-            slot_id: runner.slot_id.clone(),
-            success,
-            execution_time_seconds: execution_time,
-            failure_reason: if success { None } else { reason.clone() },
-        });
         if !success {
+            // A failure makes up to five effects; one allocation for all.
+            let mut effects = Vec::with_capacity(5);
+            let reason = failure_reason.map(Arc::from);
+            effects.push(Effect::RunnerFinished {
+                spec_name: runner.spec_name.clone(),
+                task_id: runner.task_id.clone(),
+                runner_id: runner.runner_id.clone(),
+                slot_id: runner.slot_id.clone(),
+                success,
+                execution_time_seconds: execution_time,
+                failure_reason: reason.clone(),
+            });
             if timed_out {
                 // Stopped at its time limit by the runner's own watcher.
                 self.metrics.runner_timeouts += 1;
@@ -1108,28 +1213,29 @@ impl<T> DispatcherState<T> {
                 failure: Some(failure),
             };
         }
-        effects.push(Effect::TaskCompleted {
-            spec_name: runner.spec_name.clone(),
-            task_id: runner.task_id.clone(),
-            runner_id: runner.runner_id.clone(),
-            execution_time_seconds: execution_time,
-        });
-        self.release_runner(&runner, &mut effects);
-        effects.push(Effect::ReportState {
-            spec_name: runner.spec_name.clone(),
-            task_id: runner.task_id.clone(),
-            state: ReportedState::Done,
-            metadata: StateMetadata::Done {
-                runner_id: runner.runner_id.clone(),
-                completed_at: now.wall,
-            },
-        });
-        if let Some(payload) = self.take_task(&runner.task_id).and_then(|h| h.payload) {
-            effects.push(Effect::Discard(payload));
-        }
+        self.free_capacity(&runner);
+        let handle = self.take_task(&runner.task_id).and_then(|h| h.payload);
         book.record_success(&runner.task_id);
         self.finished.insert(&runner.task_id);
         self.metrics.tasks_completed += 1;
+        let TrackedRunner {
+            runner_id,
+            task_id,
+            spec_name,
+            slot_id,
+            ..
+        } = runner;
+        let mut effects = Vec::with_capacity(2);
+        effects.push(Effect::Completed(Completion {
+            spec_name,
+            task_id,
+            runner_id,
+            slot_id,
+            execution_time_seconds: execution_time,
+            completed_at: now.wall,
+            delivered: 0,
+        }));
+        effects.extend(handle.map(Effect::Discard));
         Outcome {
             applied: true,
             effects,

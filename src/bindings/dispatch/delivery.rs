@@ -137,11 +137,12 @@ impl PyDispatcherCore {
             let Some(mut reports) = reports else {
                 return Ok(());
             };
+            ports.start_batch();
             let mut delivered = 0;
             let mut failed = None;
-            while let Some(report) = reports.pop_front() {
-                match ports.perform(py, &report) {
-                    Ok(()) => delivered += 1,
+            while let Some(mut report) = reports.pop_front() {
+                match ports.perform(py, &mut report, &mut delivered) {
+                    Ok(()) => {}
                     Err(failure) => {
                         reports.push_front(report);
                         failed = Some(failure);

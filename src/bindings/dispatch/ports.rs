@@ -17,8 +17,10 @@ use crate::bindings::names::name;
 use crate::bindings::{args, time::datetime};
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::state::{
-    Effect, NewRunner, ReportedState, Reservation, StateMetadata, TaskMeta,
+    Completion, CompletionPart, Effect, NewRunner, ReportedState, Reservation, StateMetadata,
+    TaskMeta,
 };
+use crate::time::wall::WallTime;
 
 /// The outside world, injected. Each may be None (its calls are skipped).
 pub struct Ports {
@@ -427,12 +429,16 @@ impl<'a, 'py> KnownTexts<'a, 'py> {
     }
 }
 
-/// The Python strings made for an outcome so far, by the `Arc` they came
-/// from. Fixed-size: an outcome carries a handful of distinct texts, and one
-/// that does not fit is simply made again.
+/// The Python strings made for a batch of reports so far, by the address of
+/// the `Arc` they came from. Sound only while every `Arc` seen is one of
+/// the batch's: those were all alive together when the batch was taken, so
+/// no two of them shared an address, whichever is dropped first. Cleared
+/// for each batch ([`EffectPorts::start_batch`]). Fixed-size: a batch
+/// carries a handful of distinct texts, and one that does not fit is simply
+/// made again.
 #[derive(Default)]
 struct TextMemo<'py> {
-    entries: [Option<(Arc<str>, Bound<'py, PyString>)>; 8],
+    entries: [Option<(*const u8, Bound<'py, PyString>)>; 8],
 }
 
 /// The ports an outcome's effects call.
@@ -449,14 +455,23 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         Some(pick(&self.ports).bind(self.py)).filter(|p| !p.is_none())
     }
 
-    /// The Python string for an id or name: made once per outcome, however
-    /// many effects carry it (an outcome's effects share their `Arc`s).
+    /// Starts a batch of reports taken together: the texts of the reports
+    /// before it are forgotten (their `Arc`s may be gone, and their
+    /// addresses reused).
+    pub(super) fn start_batch(&self) {
+        *self.texts.borrow_mut() = TextMemo::default();
+    }
+
+    /// The Python string for an id or name of the current batch's reports:
+    /// made once per batch, however many reports carry it (an outcome's
+    /// reports share their `Arc`s).
     fn text(&self, py: Python<'py>, text: &Arc<str>) -> Bound<'py, PyString> {
+        let address = Arc::as_ptr(text).cast::<u8>();
         let mut memo = self.texts.borrow_mut();
         let mut free = None;
         for entry in memo.entries.iter_mut() {
             match entry {
-                Some((t, s)) if Arc::ptr_eq(t, text) => return s.clone(),
+                Some((seen, s)) if *seen == address => return s.clone(),
                 Some(_) => {}
                 None => {
                     free = Some(entry);
@@ -468,9 +483,8 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             Some(known) => known.clone(),
             None => PyString::new(py, text),
         };
-        // Holding the Arc keeps its address from being reused meanwhile.
         if let Some(free) = free {
-            *free = Some((Arc::clone(text), s.clone()));
+            *free = Some((address, s.clone()));
         }
         s
     }
@@ -481,6 +495,22 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         text: &Option<Arc<str>>,
     ) -> Option<Bound<'py, PyString>> {
         text.as_ref().map(|t| self.text(py, t))
+    }
+
+    /// DONE's metadata: `{"runner_id", "completed_at"}`.
+    fn done_metadata(
+        &self,
+        py: Python<'py>,
+        runner_id: &Arc<str>,
+        completed_at: WallTime,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
+        d.set_item(
+            name!(py, "completed_at"),
+            datetime::iso_str(py, completed_at)?,
+        )?;
+        Ok(d)
     }
 
     fn metadata_dict(
@@ -520,13 +550,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             StateMetadata::Done {
                 runner_id,
                 completed_at,
-            } => {
-                d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
-                d.set_item(
-                    name!(py, "completed_at"),
-                    datetime::iso_str(py, *completed_at)?,
-                )?;
-            }
+            } => return self.done_metadata(py, runner_id, *completed_at),
             StateMetadata::Failed {
                 reason,
                 retries,
@@ -540,75 +564,85 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         Ok(d)
     }
 
+    /// Makes `report`'s port calls in order, adding each that lands to
+    /// `delivered`. On a failure the report keeps what is left to do.
     pub(super) fn perform(
+        &self,
+        py: Python<'py>,
+        report: &mut Effect<Py<PyAny>>,
+        delivered: &mut usize,
+    ) -> Result<(), FailedReport> {
+        if let Effect::Completed(completion) = report {
+            return self.perform_completion(py, completion, delivered);
+        }
+        self.perform_single(py, report)?;
+        *delivered += 1;
+        Ok(())
+    }
+
+    /// A completion's parts from the first not delivered; each one that
+    /// lands is counted in the report, so a retry resumes after it.
+    fn perform_completion(
+        &self,
+        py: Python<'py>,
+        c: &mut Completion,
+        delivered: &mut usize,
+    ) -> Result<(), FailedReport> {
+        for &part in c.parts_left() {
+            match part {
+                CompletionPart::RunnerFinished => self.runner_finished(
+                    py,
+                    &c.spec_name,
+                    &c.task_id,
+                    &c.runner_id,
+                    &c.slot_id,
+                    true,
+                    c.execution_time_seconds,
+                    &None,
+                )?,
+                CompletionPart::TaskCompleted => self.task_completed(
+                    py,
+                    &c.spec_name,
+                    &c.task_id,
+                    &c.runner_id,
+                    c.execution_time_seconds,
+                )?,
+                CompletionPart::ReleaseSlot => {
+                    if let Some(slot_id) = &c.slot_id {
+                        self.release_slot(py, slot_id)?;
+                    }
+                }
+                CompletionPart::Done => {
+                    self.report_state(py, &c.spec_name, &c.task_id, ReportedState::Done, || {
+                        self.done_metadata(py, &c.runner_id, c.completed_at)
+                    })?
+                }
+            }
+            c.delivered += 1;
+            *delivered += 1;
+        }
+        Ok(())
+    }
+
+    fn perform_single(
         &self,
         py: Python<'py>,
         effect: &Effect<Py<PyAny>>,
     ) -> Result<(), FailedReport> {
-        let fail = |what: &str, error: PyErr| FailedReport {
-            what: what.to_owned(),
-            error,
-        };
+        let fail = failed;
         match effect {
-            // Handles are dropped when filed; none reaches the outbox.
-            Effect::Discard(_) => {}
-            Effect::ReleaseSlot { slot_id, .. } => {
-                static CLEANUP: KeywordNames = KeywordNames::new(&["cleanup"]);
-                if let Some(pool) = self.port(|p| &p.repo_pool_manager) {
-                    let result = (|| {
-                        call_method(
-                            pool,
-                            name!(py, "release_slot"),
-                            &[self.text(py, slot_id).into_any()],
-                            &CLEANUP,
-                            &[any(py, true)?],
-                        )
-                    })();
-                    result.map_err(|e| fail(&format!("release_slot({slot_id:?})"), e))?;
-                }
-            }
+            // Handles are dropped when filed, and completions go part by
+            // part (`perform`): neither reaches here.
+            Effect::Discard(_) | Effect::Completed(_) => {}
+            Effect::ReleaseSlot { slot_id, .. } => self.release_slot(py, slot_id)?,
             Effect::ReportState {
                 spec_name,
                 task_id,
                 state,
                 metadata,
-            } => {
-                static NAMES: KeywordNames =
-                    KeywordNames::new(&["spec_name", "task_id", "new_state", "metadata"]);
-                let Some(registry) = self.port(|p| &p.task_registry) else {
-                    return Ok(());
-                };
-                let result = (|| -> PyResult<()> {
-                    let new_state = match &self.ports.states {
-                        Some(states) => states[state_index(*state)].bind(py).clone(),
-                        None => self
-                            .ports
-                            .task_state_type
-                            .bind(py)
-                            .call1((state.value(),))?,
-                    };
-                    let values = [
-                        self.text(py, spec_name).into_any(),
-                        self.text(py, task_id).into_any(),
-                        new_state,
-                        self.metadata_dict(py, metadata)?.into_any(),
-                    ];
-                    call_method(
-                        registry,
-                        name!(py, "update_task_state"),
-                        &[],
-                        &NAMES,
-                        &values,
-                    )?;
-                    Ok(())
-                })();
-                result.map_err(|e| {
-                    fail(
-                        &format!("update_task_state({task_id:?} -> {})", state.value()),
-                        e,
-                    )
-                })?;
-            }
+            } => self.report_state(py, spec_name, task_id, *state, || {
+                self.metadata_dict(py, metadata)
+            })?,
             Effect::TaskAssigned {
                 spec_name,
                 task_id,
@@ -680,52 +714,22 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 success,
                 execution_time_seconds,
                 failure_reason,
-            } => {
-                static NAMES: KeywordNames = KeywordNames::new(&[
-                    "spec_name",
-                    "task_id",
-                    "runner_id",
-                    "slot_id",
-                    "success",
-                    "execution_time_seconds",
-                    "failure_reason",
-                ]);
-                self.record_event(py, name!(py, "record_runner_finished"), &NAMES, || {
-                    Ok([
-                        self.text(py, spec_name).into_any(),
-                        self.text(py, task_id).into_any(),
-                        self.text(py, runner_id).into_any(),
-                        any(py, self.optional_text(py, slot_id))?,
-                        any(py, *success)?,
-                        any(py, *execution_time_seconds)?,
-                        any(py, self.optional_text(py, failure_reason))?,
-                    ])
-                })
-                .map_err(|e| fail("record_runner_finished", e))?
-            }
+            } => self.runner_finished(
+                py,
+                spec_name,
+                task_id,
+                runner_id,
+                slot_id,
+                *success,
+                *execution_time_seconds,
+                failure_reason,
+            )?,
             Effect::TaskCompleted {
                 spec_name,
                 task_id,
                 runner_id,
                 execution_time_seconds,
-            } => {
-                static NAMES: KeywordNames = KeywordNames::new(&[
-                    "spec_name",
-                    "task_id",
-                    "runner_id",
-                    "execution_time_seconds",
-                ]);
-                log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
-                self.record_event(py, name!(py, "record_task_completed"), &NAMES, || {
-                    Ok([
-                        self.text(py, spec_name).into_any(),
-                        self.text(py, task_id).into_any(),
-                        self.text(py, runner_id).into_any(),
-                        any(py, *execution_time_seconds)?,
-                    ])
-                })
-                .map_err(|e| fail("record_task_completed", e))?
-            }
+            } => self.task_completed(py, spec_name, task_id, runner_id, *execution_time_seconds)?,
             Effect::TaskFailed {
                 spec_name,
                 task_id,
@@ -764,6 +768,134 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         Ok(())
     }
 
+    /// `repo_pool_manager.release_slot(slot_id, cleanup=True)`.
+    fn release_slot(&self, py: Python<'py>, slot_id: &Arc<str>) -> Result<(), FailedReport> {
+        static CLEANUP: KeywordNames = KeywordNames::new(&["cleanup"]);
+        let Some(pool) = self.port(|p| &p.repo_pool_manager) else {
+            return Ok(());
+        };
+        let result = (|| {
+            call_method(
+                pool,
+                name!(py, "release_slot"),
+                &[self.text(py, slot_id).into_any()],
+                &CLEANUP,
+                &[any(py, true)?],
+            )
+        })();
+        result
+            .map(drop)
+            .map_err(|e| failed(&format!("release_slot({slot_id:?})"), e))
+    }
+
+    /// `task_registry.update_task_state(spec_name, task_id, new_state,
+    /// metadata)`; the metadata is made only when there is a registry.
+    fn report_state(
+        &self,
+        py: Python<'py>,
+        spec_name: &Arc<str>,
+        task_id: &Arc<str>,
+        state: ReportedState,
+        metadata: impl FnOnce() -> PyResult<Bound<'py, PyDict>>,
+    ) -> Result<(), FailedReport> {
+        static NAMES: KeywordNames =
+            KeywordNames::new(&["spec_name", "task_id", "new_state", "metadata"]);
+        let Some(registry) = self.port(|p| &p.task_registry) else {
+            return Ok(());
+        };
+        let result = (|| -> PyResult<()> {
+            let new_state = match &self.ports.states {
+                Some(states) => states[state_index(state)].bind(py).clone(),
+                None => self
+                    .ports
+                    .task_state_type
+                    .bind(py)
+                    .call1((state.value(),))?,
+            };
+            let values = [
+                self.text(py, spec_name).into_any(),
+                self.text(py, task_id).into_any(),
+                new_state,
+                metadata()?.into_any(),
+            ];
+            call_method(
+                registry,
+                name!(py, "update_task_state"),
+                &[],
+                &NAMES,
+                &values,
+            )?;
+            Ok(())
+        })();
+        result.map_err(|e| {
+            failed(
+                &format!("update_task_state({task_id:?} -> {})", state.value()),
+                e,
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn runner_finished(
+        &self,
+        py: Python<'py>,
+        spec_name: &Arc<str>,
+        task_id: &Arc<str>,
+        runner_id: &Arc<str>,
+        slot_id: &Option<Arc<str>>,
+        success: bool,
+        execution_time_seconds: f64,
+        failure_reason: &Option<Arc<str>>,
+    ) -> Result<(), FailedReport> {
+        static NAMES: KeywordNames = KeywordNames::new(&[
+            "spec_name",
+            "task_id",
+            "runner_id",
+            "slot_id",
+            "success",
+            "execution_time_seconds",
+            "failure_reason",
+        ]);
+        self.record_event(py, name!(py, "record_runner_finished"), &NAMES, || {
+            Ok([
+                self.text(py, spec_name).into_any(),
+                self.text(py, task_id).into_any(),
+                self.text(py, runner_id).into_any(),
+                any(py, self.optional_text(py, slot_id))?,
+                any(py, success)?,
+                any(py, execution_time_seconds)?,
+                any(py, self.optional_text(py, failure_reason))?,
+            ])
+        })
+        .map_err(|e| failed("record_runner_finished", e))
+    }
+
+    fn task_completed(
+        &self,
+        py: Python<'py>,
+        spec_name: &Arc<str>,
+        task_id: &Arc<str>,
+        runner_id: &Arc<str>,
+        execution_time_seconds: f64,
+    ) -> Result<(), FailedReport> {
+        static NAMES: KeywordNames = KeywordNames::new(&[
+            "spec_name",
+            "task_id",
+            "runner_id",
+            "execution_time_seconds",
+        ]);
+        log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
+        self.record_event(py, name!(py, "record_task_completed"), &NAMES, || {
+            Ok([
+                self.text(py, spec_name).into_any(),
+                self.text(py, task_id).into_any(),
+                self.text(py, runner_id).into_any(),
+                any(py, execution_time_seconds)?,
+            ])
+        })
+        .map_err(|e| failed("record_task_completed", e))
+    }
+
     /// `event_recorder.<method>(**values)`; the values are made only when
     /// there is a recorder.
     fn record_event<const N: usize>(
@@ -786,6 +918,13 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
 pub struct FailedReport {
     pub what: String,
     pub error: PyErr,
+}
+
+fn failed(what: &str, error: PyErr) -> FailedReport {
+    FailedReport {
+        what: what.to_owned(),
+        error,
+    }
 }
 
 /// Any value a port call passes on, as a Python object.

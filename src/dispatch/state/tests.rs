@@ -46,8 +46,19 @@ fn runner(id: &str) -> NewRunner {
     }
 }
 
-fn released(effects: &[Effect<&str>]) -> Vec<String> {
+/// The single reports `effects` stand for (a completion's parts included).
+fn singles(effects: &[Effect<&'static str>]) -> Vec<Effect<&'static str>> {
     effects
+        .iter()
+        .flat_map(|e| match e {
+            Effect::Completed(c) => c.remaining_reports(),
+            single => vec![single.clone()],
+        })
+        .collect()
+}
+
+fn released(effects: &[Effect<&'static str>]) -> Vec<String> {
+    singles(effects)
         .iter()
         .filter_map(|e| match e {
             Effect::ReleaseSlot { slot_id, .. } => Some(slot_id.to_string()),
@@ -56,8 +67,8 @@ fn released(effects: &[Effect<&str>]) -> Vec<String> {
         .collect()
 }
 
-fn reported(effects: &[Effect<&str>]) -> Vec<ReportedState> {
-    effects
+fn reported(effects: &[Effect<&'static str>]) -> Vec<ReportedState> {
+    singles(effects)
         .iter()
         .filter_map(|e| match e {
             Effect::ReportState { state, .. } => Some(*state),
@@ -176,8 +187,10 @@ fn successful_completion_reports_done_and_clears_retries() {
     s.track_running(meta("t1"), Some("h1"), "p", runner("r1"), at(5))
         .unwrap();
     let out = s.complete("r1", None, true, false, None, &mut book, at(7));
-    let kinds: Vec<&str> = out
-        .effects
+    // One report for the four port calls, then the handle.
+    assert_eq!(out.effects.len(), 2);
+    assert!(matches!(out.effects[0], Effect::Completed(_)));
+    let kinds: Vec<&str> = singles(&out.effects)
         .iter()
         .map(|e| match e {
             Effect::RunnerFinished {
@@ -217,7 +230,8 @@ fn an_outcome_for_one_task_is_taken_at_once_and_its_handle_set_apart() {
         } => {
             assert_eq!(&*task, "t1");
             assert_eq!(discard, Some("h1"));
-            assert_eq!(reports.len(), 4);
+            assert_eq!(reports.len(), 1);
+            assert_eq!(reports.iter().map(Report::parts).sum::<usize>(), 4);
             assert!(reports.iter().all(|e| !matches!(e, Effect::Discard(_))));
             // The lane stays busy until the delivery ends: a report filed
             // meanwhile waits behind the ones taken.
