@@ -123,21 +123,19 @@ fn opt_arc(s: &Option<String>) -> Option<Arc<str>> {
 /// the saved form is the same whichever way they were filed); none for a
 /// handle (never pending).
 pub fn save<T>(effect: &Effect<T>) -> Vec<SavedReport> {
-    match effect {
-        Effect::Completed(c) => c
-            .remaining_reports::<T>()
-            .iter()
-            .filter_map(save_single)
-            .collect(),
-        single => save_single(single).into_iter().collect(),
-    }
+    let singles = match effect {
+        Effect::Started(start) => start.remaining_reports::<T>(),
+        Effect::Completed(c) => c.remaining_reports::<T>(),
+        single => return save_single(single).into_iter().collect(),
+    };
+    singles.iter().filter_map(save_single).collect()
 }
 
 /// A single report as saved.
 fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
     Some(match effect {
         // Not single: see `save`.
-        Effect::Discard(_) | Effect::Completed(_) => return None,
+        Effect::Discard(_) | Effect::Started(_) | Effect::Completed(_) => return None,
         Effect::ReleaseSlot { task_id, slot_id } => SavedReport::ReleaseSlot {
             task_id: text(task_id),
             slot_id: text(slot_id),
@@ -428,7 +426,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::state::Completion;
+    use crate::dispatch::state::{Completion, Start};
 
     #[test]
     fn every_kind_of_report_survives_a_round_trip_through_json() {
@@ -501,6 +499,9 @@ mod tests {
         saved
             .iter()
             .map(|r| match r {
+                SavedReport::State { state, .. } if state == "running" => "running",
+                SavedReport::TaskAssigned { .. } => "assigned",
+                SavedReport::RunnerStarted { .. } => "started",
                 SavedReport::RunnerFinished { success: true, .. } => "finished",
                 SavedReport::TaskCompleted { .. } => "completed",
                 SavedReport::ReleaseSlot { .. } => "release",
@@ -524,6 +525,31 @@ mod tests {
         assert_eq!(kinds(&save(&completion(None, 2))), ["done"]);
         // Each part loads back as the report it stands for.
         for saved in save(&completion(Some("s"), 0)) {
+            let loaded: Effect<()> = load(&saved).unwrap();
+            assert_eq!(save(&loaded), [saved]);
+        }
+    }
+
+    #[test]
+    fn a_launch_is_saved_as_the_reports_it_has_still_to_make() {
+        let at = WallTime::from_micros(63_900_000_000_000_000).unwrap();
+        let start = |delivered| -> Effect<()> {
+            Effect::Started(Start {
+                spec_name: "spec".into(),
+                task_id: "t".into(),
+                runner_id: "r".into(),
+                slot_id: None,
+                pool_name: "p".into(),
+                details: RunnerDetails::default(),
+                started_at: at,
+                confirmed_at: at,
+                delivered,
+            })
+        };
+        assert_eq!(kinds(&save(&start(0))), ["running", "assigned", "started"]);
+        assert_eq!(kinds(&save(&start(2))), ["started"]);
+        assert!(save(&start(3)).is_empty());
+        for saved in save(&start(0)) {
             let loaded: Effect<()> = load(&saved).unwrap();
             assert_eq!(save(&loaded), [saved]);
         }

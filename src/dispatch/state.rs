@@ -209,6 +209,8 @@ pub enum Effect<T> {
         details: RunnerDetails,
         timestamp: WallTime,
     },
+    /// A confirmed launch's reports in one (see [`Start`]).
+    Started(Start),
     /// A successful completion's reports in one (see [`Completion`]).
     Completed(Completion),
     /// A task handle the state no longer holds.
@@ -218,10 +220,75 @@ pub enum Effect<T> {
 impl<T> Report for Effect<T> {
     fn parts(&self) -> usize {
         match self {
+            Effect::Started(start) => start.parts_left(),
             Effect::Completed(c) => c.parts_left().len(),
             Effect::Discard(_) => 0,
             _ => 1,
         }
+    }
+}
+
+/// A confirmed launch's three reports, in order: the state RUNNING, the
+/// task assigned, the runner started. One report for the three, as for a
+/// [`Completion`] (which see): the names are copied once, not per call.
+#[derive(Clone, Debug)]
+pub struct Start {
+    pub spec_name: Arc<str>,
+    pub task_id: TaskId,
+    pub runner_id: Arc<str>,
+    pub slot_id: Option<Arc<str>>,
+    pub pool_name: Arc<str>,
+    pub details: RunnerDetails,
+    /// When the runner started (RUNNING's `started_at`).
+    pub started_at: WallTime,
+    /// When the launch was confirmed (the events' `timestamp`).
+    pub confirmed_at: WallTime,
+    pub delivered: u8,
+}
+
+impl Start {
+    /// RUNNING, the task assigned, the runner started.
+    pub const PARTS: u8 = 3;
+
+    /// The port calls not made yet.
+    pub fn parts_left(&self) -> usize {
+        usize::from(Self::PARTS.saturating_sub(self.delivered))
+    }
+
+    /// The parts not delivered yet, as the single reports they stand for
+    /// (what a snapshot saves).
+    pub fn remaining_reports<T>(&self) -> Vec<Effect<T>> {
+        let all = [
+            Effect::ReportState {
+                spec_name: self.spec_name.clone(),
+                task_id: self.task_id.clone(),
+                state: ReportedState::Running,
+                metadata: StateMetadata::Running {
+                    runner_id: self.runner_id.clone(),
+                    assigned_slot: self.slot_id.clone(),
+                    pool_name: self.pool_name.clone(),
+                    started_at: self.started_at,
+                },
+            },
+            Effect::TaskAssigned {
+                spec_name: self.spec_name.clone(),
+                task_id: self.task_id.clone(),
+                runner_id: self.runner_id.clone(),
+                slot_id: self.slot_id.clone(),
+                pool_name: self.pool_name.clone(),
+                timestamp: self.confirmed_at,
+            },
+            Effect::RunnerStarted {
+                spec_name: self.spec_name.clone(),
+                task_id: self.task_id.clone(),
+                runner_id: self.runner_id.clone(),
+                slot_id: self.slot_id.clone(),
+                pool_name: self.pool_name.clone(),
+                details: self.details.clone(),
+                timestamp: self.confirmed_at,
+            },
+        ];
+        all.into_iter().skip(usize::from(self.delivered)).collect()
     }
 }
 
@@ -316,6 +383,7 @@ impl<T> Effect<T> {
             | Effect::StopRunner { task_id, .. }
             | Effect::TaskAssigned { task_id, .. }
             | Effect::RunnerStarted { task_id, .. } => Some(task_id),
+            Effect::Started(start) => Some(&start.task_id),
             Effect::Completed(c) => Some(&c.task_id),
             Effect::Discard(_) => None,
         }
@@ -324,6 +392,7 @@ impl<T> Effect<T> {
     /// As single reports, one per port call not yet made.
     pub fn into_single_reports(self) -> Vec<Effect<T>> {
         match self {
+            Effect::Started(start) => start.remaining_reports(),
             Effect::Completed(c) => c.remaining_reports(),
             other => vec![other],
         }
@@ -1414,40 +1483,20 @@ impl<T> DispatcherState<T> {
             _ => None,
         };
         let early = early.or_else(|| self.take_orphan(&runner.runner_id));
-        let (spec_name, id) = (held.meta.spec_name.clone(), held.meta.id.clone());
-        let pool_name = self.pools.get(pool).name.clone();
+        let id = held.meta.id.clone();
         let runner_id = runner.runner_id.clone();
-        let started_at = runner.started_at.unwrap_or(now.wall);
-        let mut effects = vec![
-            Effect::ReportState {
-                spec_name: spec_name.clone(),
-                task_id: id.clone(),
-                state: ReportedState::Running,
-                metadata: StateMetadata::Running {
-                    runner_id: runner_id.clone(),
-                    assigned_slot: runner.slot_id.clone(),
-                    pool_name: pool_name.clone(),
-                    started_at,
-                },
-            },
-            Effect::TaskAssigned {
-                spec_name: spec_name.clone(),
-                task_id: id.clone(),
-                runner_id: runner_id.clone(),
-                slot_id: runner.slot_id.clone(),
-                pool_name: pool_name.clone(),
-                timestamp: now.wall,
-            },
-            Effect::RunnerStarted {
-                spec_name,
-                task_id: id.clone(),
-                runner_id: runner_id.clone(),
-                slot_id: runner.slot_id.clone(),
-                pool_name,
-                details: runner.details.clone(),
-                timestamp: now.wall,
-            },
-        ];
+        let mut effects = Vec::with_capacity(2);
+        effects.push(Effect::Started(Start {
+            spec_name: held.meta.spec_name.clone(),
+            task_id: id.clone(),
+            runner_id: runner_id.clone(),
+            slot_id: runner.slot_id.clone(),
+            pool_name: self.pools.get(pool).name.clone(),
+            details: runner.details.clone(),
+            started_at: runner.started_at.unwrap_or(now.wall),
+            confirmed_at: now.wall,
+            delivered: 0,
+        }));
         self.start_runner(held.meta, Some(payload), held.arrival, pool, runner, now);
         let mut failure = None;
         if self.forced {

@@ -17,8 +17,8 @@ use crate::bindings::names::name;
 use crate::bindings::{args, time::datetime};
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::state::{
-    Completion, CompletionPart, Effect, NewRunner, ReportedState, Reservation, StateMetadata,
-    TaskMeta,
+    Completion, CompletionPart, Effect, NewRunner, ReportedState, Reservation, Start,
+    StateMetadata, TaskMeta,
 };
 use crate::time::wall::WallTime;
 
@@ -497,6 +497,27 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         text.as_ref().map(|t| self.text(py, t))
     }
 
+    /// RUNNING's metadata: `{"runner_id", "assigned_slot", "pool_name",
+    /// "started_at"}`.
+    fn running_metadata(
+        &self,
+        py: Python<'py>,
+        runner_id: &Arc<str>,
+        assigned_slot: &Option<Arc<str>>,
+        pool_name: &Arc<str>,
+        started_at: WallTime,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
+        d.set_item(
+            name!(py, "assigned_slot"),
+            self.optional_text(py, assigned_slot),
+        )?;
+        d.set_item(name!(py, "pool_name"), self.text(py, pool_name))?;
+        d.set_item(name!(py, "started_at"), datetime::iso_str(py, started_at)?)?;
+        Ok(d)
+    }
+
     /// DONE's metadata: `{"runner_id", "completed_at"}`.
     fn done_metadata(
         &self,
@@ -526,13 +547,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 pool_name,
                 started_at,
             } => {
-                d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
-                d.set_item(
-                    name!(py, "assigned_slot"),
-                    self.optional_text(py, assigned_slot),
-                )?;
-                d.set_item(name!(py, "pool_name"), self.text(py, pool_name))?;
-                d.set_item(name!(py, "started_at"), datetime::iso_str(py, *started_at)?)?;
+                return self.running_metadata(py, runner_id, assigned_slot, pool_name, *started_at)
             }
             StateMetadata::Retry {
                 retry_count,
@@ -572,11 +587,62 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         report: &mut Effect<Py<PyAny>>,
         delivered: &mut usize,
     ) -> Result<(), FailedReport> {
-        if let Effect::Completed(completion) = report {
-            return self.perform_completion(py, completion, delivered);
+        match report {
+            Effect::Started(start) => return self.perform_start(py, start, delivered),
+            Effect::Completed(completion) => {
+                return self.perform_completion(py, completion, delivered)
+            }
+            _ => {}
         }
         self.perform_single(py, report)?;
         *delivered += 1;
+        Ok(())
+    }
+
+    /// A launch's parts from the first not delivered; each one that lands
+    /// is counted in the report, so a retry resumes after it.
+    fn perform_start(
+        &self,
+        py: Python<'py>,
+        s: &mut Start,
+        delivered: &mut usize,
+    ) -> Result<(), FailedReport> {
+        for part in s.delivered..Start::PARTS {
+            match part {
+                0 => {
+                    self.report_state(py, &s.spec_name, &s.task_id, ReportedState::Running, || {
+                        self.running_metadata(
+                            py,
+                            &s.runner_id,
+                            &s.slot_id,
+                            &s.pool_name,
+                            s.started_at,
+                        )
+                    })?
+                }
+                1 => self.task_assigned(
+                    py,
+                    &s.spec_name,
+                    &s.task_id,
+                    &s.runner_id,
+                    &s.slot_id,
+                    &s.pool_name,
+                    s.confirmed_at,
+                )?,
+                _ => self.runner_started(
+                    py,
+                    &s.spec_name,
+                    &s.task_id,
+                    &s.runner_id,
+                    &s.slot_id,
+                    &s.pool_name,
+                    &s.details,
+                    s.confirmed_at,
+                )?,
+            }
+            s.delivered += 1;
+            *delivered += 1;
+        }
         Ok(())
     }
 
@@ -631,9 +697,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     ) -> Result<(), FailedReport> {
         let fail = failed;
         match effect {
-            // Handles are dropped when filed, and completions go part by
-            // part (`perform`): neither reaches here.
-            Effect::Discard(_) | Effect::Completed(_) => {}
+            // Handles are dropped when filed, and launches and completions
+            // go part by part (`perform`): none reaches here.
+            Effect::Discard(_) | Effect::Started(_) | Effect::Completed(_) => {}
             Effect::ReleaseSlot { slot_id, .. } => self.release_slot(py, slot_id)?,
             Effect::ReportState {
                 spec_name,
@@ -650,27 +716,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 slot_id,
                 pool_name,
                 timestamp,
-            } => {
-                static NAMES: KeywordNames = KeywordNames::new(&[
-                    "spec_name",
-                    "task_id",
-                    "runner_id",
-                    "slot_id",
-                    "pool_name",
-                    "timestamp",
-                ]);
-                self.record_event(py, name!(py, "record_task_assigned"), &NAMES, || {
-                    Ok([
-                        self.text(py, spec_name).into_any(),
-                        self.text(py, task_id).into_any(),
-                        self.text(py, runner_id).into_any(),
-                        any(py, self.optional_text(py, slot_id))?,
-                        self.text(py, pool_name).into_any(),
-                        datetime::to_py(py, *timestamp)?.into_any(),
-                    ])
-                })
-                .map_err(|e| fail("record_task_assigned", e))?
-            }
+            } => self.task_assigned(
+                py, spec_name, task_id, runner_id, slot_id, pool_name, *timestamp,
+            )?,
             Effect::RunnerStarted {
                 spec_name,
                 task_id,
@@ -679,33 +727,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 pool_name,
                 details,
                 timestamp,
-            } => {
-                static NAMES: KeywordNames = KeywordNames::new(&[
-                    "spec_name",
-                    "task_id",
-                    "runner_id",
-                    "slot_id",
-                    "pool_name",
-                    "pid",
-                    "container_id",
-                    "job_name",
-                    "timestamp",
-                ]);
-                self.record_event(py, name!(py, "record_runner_started"), &NAMES, || {
-                    Ok([
-                        self.text(py, spec_name).into_any(),
-                        self.text(py, task_id).into_any(),
-                        self.text(py, runner_id).into_any(),
-                        any(py, self.optional_text(py, slot_id))?,
-                        self.text(py, pool_name).into_any(),
-                        any(py, details.pid)?,
-                        any(py, details.container_id.as_deref())?,
-                        any(py, details.job_name.as_deref())?,
-                        datetime::to_py(py, *timestamp)?.into_any(),
-                    ])
-                })
-                .map_err(|e| fail("record_runner_started", e))?
-            }
+            } => self.runner_started(
+                py, spec_name, task_id, runner_id, slot_id, pool_name, details, *timestamp,
+            )?,
             Effect::RunnerFinished {
                 spec_name,
                 task_id,
@@ -833,6 +857,77 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 e,
             )
         })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn task_assigned(
+        &self,
+        py: Python<'py>,
+        spec_name: &Arc<str>,
+        task_id: &Arc<str>,
+        runner_id: &Arc<str>,
+        slot_id: &Option<Arc<str>>,
+        pool_name: &Arc<str>,
+        timestamp: WallTime,
+    ) -> Result<(), FailedReport> {
+        static NAMES: KeywordNames = KeywordNames::new(&[
+            "spec_name",
+            "task_id",
+            "runner_id",
+            "slot_id",
+            "pool_name",
+            "timestamp",
+        ]);
+        self.record_event(py, name!(py, "record_task_assigned"), &NAMES, || {
+            Ok([
+                self.text(py, spec_name).into_any(),
+                self.text(py, task_id).into_any(),
+                self.text(py, runner_id).into_any(),
+                any(py, self.optional_text(py, slot_id))?,
+                self.text(py, pool_name).into_any(),
+                datetime::to_py(py, timestamp)?.into_any(),
+            ])
+        })
+        .map_err(|e| failed("record_task_assigned", e))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn runner_started(
+        &self,
+        py: Python<'py>,
+        spec_name: &Arc<str>,
+        task_id: &Arc<str>,
+        runner_id: &Arc<str>,
+        slot_id: &Option<Arc<str>>,
+        pool_name: &Arc<str>,
+        details: &RunnerDetails,
+        timestamp: WallTime,
+    ) -> Result<(), FailedReport> {
+        static NAMES: KeywordNames = KeywordNames::new(&[
+            "spec_name",
+            "task_id",
+            "runner_id",
+            "slot_id",
+            "pool_name",
+            "pid",
+            "container_id",
+            "job_name",
+            "timestamp",
+        ]);
+        self.record_event(py, name!(py, "record_runner_started"), &NAMES, || {
+            Ok([
+                self.text(py, spec_name).into_any(),
+                self.text(py, task_id).into_any(),
+                self.text(py, runner_id).into_any(),
+                any(py, self.optional_text(py, slot_id))?,
+                self.text(py, pool_name).into_any(),
+                any(py, details.pid)?,
+                any(py, details.container_id.as_deref())?,
+                any(py, details.job_name.as_deref())?,
+                datetime::to_py(py, timestamp)?.into_any(),
+            ])
+        })
+        .map_err(|e| failed("record_runner_started", e))
     }
 
     #[allow(clippy::too_many_arguments)]

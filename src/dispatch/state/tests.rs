@@ -51,6 +51,7 @@ fn singles(effects: &[Effect<&'static str>]) -> Vec<Effect<&'static str>> {
     effects
         .iter()
         .flat_map(|e| match e {
+            Effect::Started(start) => start.remaining_reports(),
             Effect::Completed(c) => c.remaining_reports(),
             single => vec![single.clone()],
         })
@@ -458,16 +459,20 @@ fn confirming_tracks_the_runner_and_reports_running_with_events() {
     let r = s.schedule().pop().unwrap();
     let out = s.confirm_assignment("t1", r.payload, runner("r1"), &mut book, at(3));
     assert!(out.applied);
+    // One report for the three port calls.
+    assert_eq!(out.effects.len(), 1);
+    assert_eq!(out.effects.iter().map(Report::parts).sum::<usize>(), 3);
     assert_eq!(reported(&out.effects), [ReportedState::Running]);
+    let singles = singles(&out.effects);
     assert!(matches!(
-        &out.effects[0],
+        &singles[0],
         Effect::ReportState {
             metadata: StateMetadata::Running { runner_id, assigned_slot: Some(slot), .. },
             ..
         } if runner_id.as_ref() == "r1" && slot.as_ref() == "slot-r1"
     ));
-    assert!(matches!(out.effects[1], Effect::TaskAssigned { .. }));
-    assert!(matches!(out.effects[2], Effect::RunnerStarted { .. }));
+    assert!(matches!(singles[1], Effect::TaskAssigned { .. }));
+    assert!(matches!(singles[2], Effect::RunnerStarted { .. }));
     assert_eq!(
         s.place_of("t1"),
         Some(&Place::Running {
