@@ -620,25 +620,10 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                         )
                     })?
                 }
-                1 => self.task_assigned(
-                    py,
-                    &s.spec_name,
-                    &s.task_id,
-                    &s.runner_id,
-                    &s.slot_id,
-                    &s.pool_name,
-                    s.confirmed_at,
-                )?,
-                _ => self.runner_started(
-                    py,
-                    &s.spec_name,
-                    &s.task_id,
-                    &s.runner_id,
-                    &s.slot_id,
-                    &s.pool_name,
-                    &s.details,
-                    s.confirmed_at,
-                )?,
+                1 => self.task_assigned(py, &s.names(), &s.pool_name, s.confirmed_at)?,
+                _ => {
+                    self.runner_started(py, &s.names(), &s.pool_name, &s.details, s.confirmed_at)?
+                }
             }
             s.delivered += 1;
             *delivered += 1;
@@ -656,16 +641,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     ) -> Result<(), FailedReport> {
         for &part in c.parts_left() {
             match part {
-                CompletionPart::RunnerFinished => self.runner_finished(
-                    py,
-                    &c.spec_name,
-                    &c.task_id,
-                    &c.runner_id,
-                    &c.slot_id,
-                    true,
-                    c.execution_time_seconds,
-                    &None,
-                )?,
+                CompletionPart::RunnerFinished => {
+                    self.runner_finished(py, &c.names(), true, c.execution_time_seconds, &None)?
+                }
                 CompletionPart::TaskCompleted => self.task_completed(
                     py,
                     &c.spec_name,
@@ -717,7 +695,15 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 pool_name,
                 timestamp,
             } => self.task_assigned(
-                py, spec_name, task_id, runner_id, slot_id, pool_name, *timestamp,
+                py,
+                &RunnerNames {
+                    spec_name,
+                    task_id,
+                    runner_id,
+                    slot_id,
+                },
+                pool_name,
+                *timestamp,
             )?,
             Effect::RunnerStarted {
                 spec_name,
@@ -728,7 +714,16 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 details,
                 timestamp,
             } => self.runner_started(
-                py, spec_name, task_id, runner_id, slot_id, pool_name, details, *timestamp,
+                py,
+                &RunnerNames {
+                    spec_name,
+                    task_id,
+                    runner_id,
+                    slot_id,
+                },
+                pool_name,
+                details,
+                *timestamp,
             )?,
             Effect::RunnerFinished {
                 spec_name,
@@ -740,10 +735,12 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 failure_reason,
             } => self.runner_finished(
                 py,
-                spec_name,
-                task_id,
-                runner_id,
-                slot_id,
+                &RunnerNames {
+                    spec_name,
+                    task_id,
+                    runner_id,
+                    slot_id,
+                },
                 *success,
                 *execution_time_seconds,
                 failure_reason,
@@ -859,14 +856,25 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The texts an event about a runner starts with: spec name, task id,
+    /// runner id, slot id (or None).
+    fn runner_texts(
+        &self,
+        py: Python<'py>,
+        n: &RunnerNames<'_>,
+    ) -> PyResult<[Bound<'py, PyAny>; 4]> {
+        Ok([
+            self.text(py, n.spec_name).into_any(),
+            self.text(py, n.task_id).into_any(),
+            self.text(py, n.runner_id).into_any(),
+            any(py, self.optional_text(py, n.slot_id))?,
+        ])
+    }
+
     fn task_assigned(
         &self,
         py: Python<'py>,
-        spec_name: &Arc<str>,
-        task_id: &Arc<str>,
-        runner_id: &Arc<str>,
-        slot_id: &Option<Arc<str>>,
+        names: &RunnerNames<'_>,
         pool_name: &Arc<str>,
         timestamp: WallTime,
     ) -> Result<(), FailedReport> {
@@ -879,11 +887,12 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             "timestamp",
         ]);
         self.record_event(py, name!(py, "record_task_assigned"), &NAMES, || {
+            let [spec, task, runner, slot] = self.runner_texts(py, names)?;
             Ok([
-                self.text(py, spec_name).into_any(),
-                self.text(py, task_id).into_any(),
-                self.text(py, runner_id).into_any(),
-                any(py, self.optional_text(py, slot_id))?,
+                spec,
+                task,
+                runner,
+                slot,
                 self.text(py, pool_name).into_any(),
                 datetime::to_py(py, timestamp)?.into_any(),
             ])
@@ -891,14 +900,10 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         .map_err(|e| failed("record_task_assigned", e))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn runner_started(
         &self,
         py: Python<'py>,
-        spec_name: &Arc<str>,
-        task_id: &Arc<str>,
-        runner_id: &Arc<str>,
-        slot_id: &Option<Arc<str>>,
+        names: &RunnerNames<'_>,
         pool_name: &Arc<str>,
         details: &RunnerDetails,
         timestamp: WallTime,
@@ -915,11 +920,12 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             "timestamp",
         ]);
         self.record_event(py, name!(py, "record_runner_started"), &NAMES, || {
+            let [spec, task, runner, slot] = self.runner_texts(py, names)?;
             Ok([
-                self.text(py, spec_name).into_any(),
-                self.text(py, task_id).into_any(),
-                self.text(py, runner_id).into_any(),
-                any(py, self.optional_text(py, slot_id))?,
+                spec,
+                task,
+                runner,
+                slot,
                 self.text(py, pool_name).into_any(),
                 any(py, details.pid)?,
                 any(py, details.container_id.as_deref())?,
@@ -930,14 +936,10 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         .map_err(|e| failed("record_runner_started", e))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn runner_finished(
         &self,
         py: Python<'py>,
-        spec_name: &Arc<str>,
-        task_id: &Arc<str>,
-        runner_id: &Arc<str>,
-        slot_id: &Option<Arc<str>>,
+        names: &RunnerNames<'_>,
         success: bool,
         execution_time_seconds: f64,
         failure_reason: &Option<Arc<str>>,
@@ -952,11 +954,12 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             "failure_reason",
         ]);
         self.record_event(py, name!(py, "record_runner_finished"), &NAMES, || {
+            let [spec, task, runner, slot] = self.runner_texts(py, names)?;
             Ok([
-                self.text(py, spec_name).into_any(),
-                self.text(py, task_id).into_any(),
-                self.text(py, runner_id).into_any(),
-                any(py, self.optional_text(py, slot_id))?,
+                spec,
+                task,
+                runner,
+                slot,
                 any(py, success)?,
                 any(py, execution_time_seconds)?,
                 any(py, self.optional_text(py, failure_reason))?,
@@ -1006,6 +1009,36 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         let _ = py;
         call_method(recorder, method, &[], names, &values()?)?;
         Ok(())
+    }
+}
+
+/// The names an event about a runner carries.
+struct RunnerNames<'a> {
+    spec_name: &'a Arc<str>,
+    task_id: &'a Arc<str>,
+    runner_id: &'a Arc<str>,
+    slot_id: &'a Option<Arc<str>>,
+}
+
+impl Start {
+    fn names(&self) -> RunnerNames<'_> {
+        RunnerNames {
+            spec_name: &self.spec_name,
+            task_id: &self.task_id,
+            runner_id: &self.runner_id,
+            slot_id: &self.slot_id,
+        }
+    }
+}
+
+impl Completion {
+    fn names(&self) -> RunnerNames<'_> {
+        RunnerNames {
+            spec_name: &self.spec_name,
+            task_id: &self.task_id,
+            runner_id: &self.runner_id,
+            slot_id: &self.slot_id,
+        }
     }
 }
 
