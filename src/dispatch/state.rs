@@ -1123,9 +1123,17 @@ impl<T> DispatcherState<T> {
         now: Now,
         effects: &mut Vec<Effect<T>>,
     ) -> RecordedFailure {
-        if let Some(r) = &runner {
-            self.release_runner(r, effects);
-        }
+        // The runner's names are moved where they go, not copied.
+        let runner = runner.map(|r| {
+            self.free_capacity(&r);
+            if let Some(slot_id) = r.slot_id {
+                effects.push(Effect::ReleaseSlot {
+                    task_id: r.task_id,
+                    slot_id,
+                });
+            }
+            (r.runner_id, r.spec_name)
+        });
         // The task leaves the queue or the delayed set but keeps its entry:
         // below the limit it is only re-placed, not removed and re-inserted.
         let held = match self.tasks.get(task_id) {
@@ -1146,15 +1154,19 @@ impl<T> DispatcherState<T> {
             None => (
                 runner
                     .as_ref()
-                    .map(|r| r.spec_name.clone())
+                    .map(|(_, spec)| spec.clone())
                     .or_else(|| spec_name.map(shared_name))
                     .unwrap_or_else(|| shared_name("unknown")),
                 Arc::from(task_id),
             ),
         };
-        let reason: Arc<str> = Arc::from(reason);
-        let recorded = book.record_failure(&id, Some(&reason), now);
-        let runner_id = runner.map(|r| r.runner_id);
+        let recorded = book.record_failure_of(&id, Some(reason), now);
+        // The book keeps one copy of each reason text: shared, not copied.
+        let reason = match &recorded.info.failure_reason {
+            Some(kept) => kept.clone(),
+            None => Arc::from(reason),
+        };
+        let runner_id = runner.map(|(id, _)| id);
         if recorded.limit_reached {
             self.failure_stats.permanent_failures.add(&reason);
             let reason = recorded.final_reason(&reason);

@@ -559,6 +559,29 @@ impl RetryBook {
         failure_reason: Option<&str>,
         now: Now,
     ) -> RecordedFailure {
+        self.apply_failure(task_id, None, failure_reason, now)
+    }
+
+    /// [`Self::record_failure`] for a caller that holds the id as a
+    /// [`TaskId`]: the record it returns shares that id instead of a copy.
+    pub fn record_failure_of(
+        &mut self,
+        task_id: &TaskId,
+        failure_reason: Option<&str>,
+        now: Now,
+    ) -> RecordedFailure {
+        self.apply_failure(task_id, Some(task_id), failure_reason, now)
+    }
+
+    // Inlined into both callers: each gets the id handling it needs.
+    #[inline(always)]
+    fn apply_failure(
+        &mut self,
+        task_id: &str,
+        shared_id: Option<&TaskId>,
+        failure_reason: Option<&str>,
+        now: Now,
+    ) -> RecordedFailure {
         let slot = self.find_or_insert(task_id);
         let reason = match failure_reason {
             Some(text) => self.reasons.acquire(text, &self.options.classes),
@@ -619,8 +642,12 @@ impl RetryBook {
             }));
             self.compact_index_if_stale();
         }
+        let info = match shared_id {
+            Some(id) => self.snapshot_with_id(&record, id.clone()),
+            None => self.snapshot(&record),
+        };
         RecordedFailure {
-            info: self.snapshot(&record),
+            info,
             due: record.due,
             delay_seconds,
             max_attempts: policy.max_attempts(),
@@ -895,8 +922,12 @@ impl RetryBook {
     }
 
     fn snapshot(&self, r: &RetryRecord) -> RetrySnapshot {
+        self.snapshot_with_id(r, Arc::from(self.id_of(r)))
+    }
+
+    fn snapshot_with_id(&self, r: &RetryRecord, task_id: TaskId) -> RetrySnapshot {
         RetrySnapshot {
-            task_id: Arc::from(self.id_of(r)),
+            task_id,
             retry_count: u64::from(r.retry_count),
             last_retry_at: Some(r.last_retry_at),
             next_retry_at: Some(r.next_retry_at),
@@ -929,6 +960,22 @@ mod tests {
         // SPEC §6's memory target rests on it: options beyond the original's
         // keep their per-record data aside.
         assert_eq!(std::mem::size_of::<RetryRecord>(), 48);
+    }
+
+    #[test]
+    fn a_failure_recorded_for_a_held_id_shares_it_and_the_kept_reason() {
+        let mut b = book(3);
+        let id: TaskId = Arc::from("t");
+        let first = b.record_failure_of(&id, Some("exit 1"), at(0));
+        assert!(Arc::ptr_eq(&first.info.task_id, &id));
+        let other = b.record_failure("u", Some("exit 1"), at(0));
+        assert_eq!(&*other.info.task_id, "u");
+        // One copy of the reason text for both records.
+        let (a, c) = (first.info.failure_reason, other.info.failure_reason);
+        assert!(Arc::ptr_eq(a.as_ref().unwrap(), c.as_ref().unwrap()));
+        // The same record either way.
+        let again = b.record_failure("t", None, at(5));
+        assert_eq!(again.info.retry_count, 2);
     }
 
     #[test]
