@@ -7,6 +7,7 @@
 
 use std::cell::Cell;
 use std::fmt;
+use std::num::NonZeroU64;
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
 const MICROS_PER_DAY: i64 = 86_400 * MICROS_PER_SECOND;
@@ -28,14 +29,27 @@ pub struct DateTimeParts {
 /// A naive wall-clock time with microsecond precision, in `datetime`'s range
 /// (years 1 to 9999).
 /// `Default` is `datetime.min`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WallTime(i64);
+///
+/// Held as its microseconds plus one, never zero: an `Option<WallTime>` (a
+/// task's `created_at`, a record's times) then takes 8 bytes, not 16.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WallTime(NonZeroU64);
 
 impl WallTime {
     /// `datetime.min`.
-    pub const MIN: WallTime = WallTime(0);
+    pub const MIN: WallTime = WallTime::within_range(0);
     /// `datetime.max` (9999-12-31T23:59:59.999999).
-    pub const MAX: WallTime = WallTime(315_537_897_599_999_999);
+    pub const MAX: WallTime = WallTime::within_range(315_537_897_599_999_999);
+
+    /// The time `micros` after `datetime.min`, which the caller has checked
+    /// is within `datetime`'s range (0 ..= MAX's).
+    const fn within_range(micros: i64) -> WallTime {
+        match NonZeroU64::new((micros as u64).wrapping_add(1)) {
+            Some(held) => WallTime(held),
+            // Not reached for a time in range; `datetime.min` otherwise.
+            None => WallTime(NonZeroU64::MIN),
+        }
+    }
 
     /// Builds a time from its fields; `None` when any field is out of range.
     pub fn from_parts(p: DateTimeParts) -> Option<WallTime> {
@@ -52,26 +66,26 @@ impl WallTime {
         }
         let days = days_from_civil(p.year, p.month, p.day) + UNIX_EPOCH_DAYS;
         let secs = i64::from(p.hour) * 3600 + i64::from(p.minute) * 60 + i64::from(p.second);
-        Some(WallTime(
+        Some(WallTime::within_range(
             days * MICROS_PER_DAY + secs * MICROS_PER_SECOND + i64::from(p.microsecond),
         ))
     }
 
     /// Microseconds since 0001-01-01T00:00:00.
-    pub fn micros(self) -> i64 {
-        self.0
+    pub const fn micros(self) -> i64 {
+        (self.0.get() - 1) as i64
     }
 
     /// The inverse of [`WallTime::micros`]; `None` outside `datetime`'s range.
     pub fn from_micros(micros: i64) -> Option<WallTime> {
-        (Self::MIN.0..=Self::MAX.0)
+        (Self::MIN.micros()..=Self::MAX.micros())
             .contains(&micros)
-            .then_some(WallTime(micros))
+            .then(|| WallTime::within_range(micros))
     }
 
     pub fn parts(self) -> DateTimeParts {
-        let days = self.0.div_euclid(MICROS_PER_DAY);
-        let in_day = self.0.rem_euclid(MICROS_PER_DAY);
+        let days = self.micros().div_euclid(MICROS_PER_DAY);
+        let in_day = self.micros().rem_euclid(MICROS_PER_DAY);
         let (year, month, day) = civil_from_days(days - UNIX_EPOCH_DAYS);
         let secs = in_day / MICROS_PER_SECOND;
         DateTimeParts {
@@ -88,7 +102,11 @@ impl WallTime {
     /// `self + timedelta(microseconds=delta)`, held at `datetime.max` / `datetime.min`
     /// where Python would raise `OverflowError`.
     pub fn saturating_add_micros(self, delta: i64) -> WallTime {
-        WallTime(self.0.saturating_add(delta).clamp(Self::MIN.0, Self::MAX.0))
+        WallTime::within_range(
+            self.micros()
+                .saturating_add(delta)
+                .clamp(Self::MIN.micros(), Self::MAX.micros()),
+        )
     }
 
     /// Whole days since 1970-01-01 plus the time of day: the fields the system
@@ -143,8 +161,8 @@ impl WallTime {
         thread_local! {
             static LAST_DATE: Cell<(i64, [u8; 10])> = const { Cell::new((i64::MIN, [0; 10])) };
         }
-        let days = self.0.div_euclid(MICROS_PER_DAY);
-        let in_day = self.0.rem_euclid(MICROS_PER_DAY);
+        let days = self.micros().div_euclid(MICROS_PER_DAY);
+        let in_day = self.micros().rem_euclid(MICROS_PER_DAY);
         let mut buf = *b"0000-00-00T00:00:00.000000";
         let date = LAST_DATE.with(|last| match last.get() {
             (day, text) if day == days => text,
@@ -292,6 +310,18 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
     (year, month, day)
 }
 
+impl Default for WallTime {
+    fn default() -> Self {
+        WallTime::MIN
+    }
+}
+
+impl fmt::Debug for WallTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WallTime({})", self.micros())
+    }
+}
+
 /// An optional time for a log message: its isoformat, or nothing.
 pub struct DisplayOptional(pub Option<WallTime>);
 
@@ -319,6 +349,23 @@ mod tests {
             microsecond: us,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn an_optional_time_takes_8_bytes_and_keeps_order_and_text() {
+        assert_eq!(std::mem::size_of::<Option<WallTime>>(), 8);
+        assert_eq!(WallTime::default(), WallTime::MIN);
+        assert_eq!(WallTime::MIN.micros(), 0);
+        assert_eq!(WallTime::MAX.micros(), 315_537_897_599_999_999);
+        let (a, b) = (
+            WallTime::from_micros(5).unwrap(),
+            WallTime::from_micros(6).unwrap(),
+        );
+        assert!(WallTime::MIN < a && a < b && b < WallTime::MAX);
+        assert_eq!(format!("{a:?}"), "WallTime(5)");
+        assert_eq!(WallTime::from_micros(-1), None);
+        assert_eq!(WallTime::MAX.saturating_add_micros(1), WallTime::MAX);
+        assert_eq!(WallTime::MIN.saturating_add_micros(-1), WallTime::MIN);
     }
 
     #[test]
