@@ -10,12 +10,48 @@ use crate::retry::state::TaskId;
 use crate::time::clock::MonoNanos;
 use crate::time::wall::WallTime;
 
-/// What the launcher told us about a runner.
+/// What the launcher told us about a runner: its pid, container and job, if
+/// any. A container or job name is rare (container and cluster pools), so
+/// the two are kept behind one pointer, allocated only when there is one:
+/// 24 bytes in every tracked runner and launch report instead of 48.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunnerDetails {
-    pub pid: Option<i64>,
-    pub container_id: Option<Arc<str>>,
-    pub job_name: Option<Arc<str>>,
+    pid: Option<i64>,
+    names: Option<Box<WorkloadNames>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct WorkloadNames {
+    container_id: Option<Arc<str>>,
+    job_name: Option<Arc<str>>,
+}
+
+impl RunnerDetails {
+    pub fn new(
+        pid: Option<i64>,
+        container_id: Option<Arc<str>>,
+        job_name: Option<Arc<str>>,
+    ) -> Self {
+        let names = (container_id.is_some() || job_name.is_some()).then(|| {
+            Box::new(WorkloadNames {
+                container_id,
+                job_name,
+            })
+        });
+        RunnerDetails { pid, names }
+    }
+
+    pub fn pid(&self) -> Option<i64> {
+        self.pid
+    }
+
+    pub fn container_id(&self) -> Option<&Arc<str>> {
+        self.names.as_ref()?.container_id.as_ref()
+    }
+
+    pub fn job_name(&self) -> Option<&Arc<str>> {
+        self.names.as_ref()?.job_name.as_ref()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -133,6 +169,18 @@ mod tests {
             last_heartbeat_at: WallTime::MIN,
             details: RunnerDetails::default(),
         }
+    }
+
+    #[test]
+    fn details_keep_names_aside_only_when_there_are_some() {
+        let pid_only = RunnerDetails::new(Some(7), None, None);
+        assert_eq!(pid_only.pid(), Some(7));
+        assert_eq!((pid_only.container_id(), pid_only.job_name()), (None, None));
+        assert!(pid_only.names.is_none());
+        let named = RunnerDetails::new(None, None, Some("job".into()));
+        assert_eq!(named.job_name().map(|s| &**s), Some("job"));
+        assert_eq!((named.pid(), named.container_id()), (None, None));
+        assert_eq!(std::mem::size_of::<RunnerDetails>(), 24);
     }
 
     #[test]

@@ -222,9 +222,9 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
             runner_id: text(runner_id),
             slot_id: opt(slot_id),
             pool_name: text(pool_name),
-            pid: details.pid,
-            container_id: opt(&details.container_id),
-            job_name: opt(&details.job_name),
+            pid: details.pid(),
+            container_id: details.container_id().map(|s| s.to_string()),
+            job_name: details.job_name().map(|s| s.to_string()),
             timestamp: iso(*timestamp),
         },
         Effect::RunnerFinished {
@@ -372,11 +372,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             runner_id: arc(runner_id),
             slot_id: opt_arc(slot_id),
             pool_name: arc(pool_name),
-            details: RunnerDetails {
-                pid: *pid,
-                container_id: opt_arc(container_id),
-                job_name: opt_arc(job_name),
-            },
+            details: RunnerDetails::new(*pid, opt_arc(container_id), opt_arc(job_name)),
             timestamp: saved_time("timestamp", timestamp)?,
         },
         SavedReport::RunnerFinished {
@@ -457,11 +453,7 @@ mod tests {
                 runner_id: "r".into(),
                 slot_id: None,
                 pool_name: "p".into(),
-                details: RunnerDetails {
-                    pid: Some(42),
-                    container_id: None,
-                    job_name: Some("j".into()),
-                },
+                details: RunnerDetails::new(Some(42), None, Some("j".into())),
                 timestamp: at,
             },
             Effect::TaskFailed {

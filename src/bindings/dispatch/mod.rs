@@ -570,14 +570,14 @@ impl PyDispatcherCore {
                 Some(s) => datetime::optional_from_py("started_at", s)?,
                 None => None,
             },
-            details: RunnerDetails {
-                pid: match pid.filter(|p| !p.is_none()) {
+            details: RunnerDetails::new(
+                match pid.filter(|p| !p.is_none()) {
                     Some(p) => Some(args::saturating_int("pid", p)?),
                     None => None,
                 },
-                container_id: optional_arc("container_id", container_id)?,
-                job_name: optional_arc("job_name", job_name)?,
-            },
+                optional_arc("container_id", container_id)?,
+                optional_arc("job_name", job_name)?,
+            ),
         };
         let handle = task.clone().unbind();
         let result = self.decide(|state, _, now| {

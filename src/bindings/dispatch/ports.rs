@@ -330,11 +330,7 @@ impl PyDispatcherCore {
             runner_id,
             slot_id: slot.id.clone(),
             started_at,
-            details: RunnerDetails {
-                pid,
-                container_id,
-                job_name,
-            },
+            details: RunnerDetails::new(pid, container_id, job_name),
         })
     }
 }
@@ -927,9 +923,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 runner,
                 slot,
                 self.text(py, pool_name).into_any(),
-                any(py, details.pid)?,
-                any(py, details.container_id.as_deref())?,
-                any(py, details.job_name.as_deref())?,
+                any(py, details.pid())?,
+                any(py, details.container_id().map(|s| &**s))?,
+                any(py, details.job_name().map(|s| &**s))?,
                 datetime::to_py(py, timestamp)?.into_any(),
             ])
         })
