@@ -78,6 +78,48 @@ def test_assignment_success():
     dispatcher._check_invariants()
 
 
+class TaggedId(str):
+    """A `str` subclass, as a port might return for an id."""
+
+
+def test_reports_pass_on_the_ids_the_ports_gave_and_one_str_per_name():
+    dispatcher, _ = make_dispatcher(pools=(("local", 4),))
+    first, second = task("t1"), task("t2")
+    for t in (first, second):
+        t.metadata["repo_name"] = "repo-x"
+    dispatcher.task_source.poll_ready_tasks.return_value = [first, second]
+    # Made at run time, so that no two are one interned constant.
+    slots = [SimpleNamespace(slot_id="".join(["slot-", str(i)])) for i in (1, 2)]
+    dispatcher.repo_pool_manager.allocate_slot = Mock(side_effect=slots)
+    runners = [
+        SimpleNamespace(runner_id="".join(["runner-", "1"])),
+        SimpleNamespace(runner_id=TaggedId("runner-2")),
+    ]
+    dispatcher.runner_launcher.launch.side_effect = runners
+
+    assert dispatcher.tick()["assigned"] == 2
+
+    started = [c.kwargs for c in dispatcher.event_recorder.record_runner_started.call_args_list]
+    updates = [c.kwargs for c in dispatcher.task_registry.update_task_state.call_args_list]
+    allocations = dispatcher.repo_pool_manager.allocate_slot.call_args_list
+    # The launcher's and the slot pool's own `str` objects, not copies.
+    assert started[0]["runner_id"] is runners[0].runner_id
+    assert updates[0]["metadata"]["runner_id"] is runners[0].runner_id
+    assert [s["slot_id"] for s in started] == ["slot-1", "slot-2"]
+    assert all(s["slot_id"] is slot.slot_id for s, slot in zip(started, slots, strict=True))
+    # A subclass is passed on as a plain `str` with its text.
+    assert started[1]["runner_id"] == "runner-2"
+    assert type(started[1]["runner_id"]) is str
+    # The same task id everywhere an assignment passes it.
+    assert allocations[0].kwargs["metadata"]["task_id"] is started[0]["task_id"]
+    assert updates[0]["task_id"] is started[0]["task_id"]
+    # Names are made once for all assignments.
+    assert started[0]["pool_name"] is started[1]["pool_name"]
+    assert started[0]["spec_name"] is started[1]["spec_name"]
+    assert allocations[0].args[0] is allocations[1].args[0] == "repo-x"
+    assert [u["metadata"]["pool_name"] for u in updates] == ["local", "local"]
+
+
 def test_no_slot_keeps_the_task_queued_and_counts_nothing():
     dispatcher, _ = make_dispatcher()
     dispatcher.task_source.poll_ready_tasks.return_value = [task("t1")]
@@ -400,3 +442,30 @@ def test_stop_rejects_a_bad_timeout_and_keeps_running(timeout, error):
         assert dispatcher.running is True
     finally:
         dispatcher.stop(timeout=1)
+
+
+def test_each_assignment_reports_its_own_spec_and_repo_among_many_names():
+    # More names than the dispatcher keeps `str` objects for: the kept ones
+    # are replaced, never confused.
+    dispatcher, _ = make_dispatcher(pools=(("local", 40),), global_limit=40)
+    tasks = [task(f"t{i}", spec=f"spec-{i % 20}") for i in range(40)]
+    for i, t in enumerate(tasks):
+        t.metadata["repo_name"] = f"repo-{i % 20}"
+    dispatcher.task_source.poll_ready_tasks.return_value = tasks
+    dispatcher.repo_pool_manager.allocate_slot.side_effect = lambda repo, metadata: SimpleNamespace(
+        slot_id=f"slot-{metadata['task_id']}"
+    )
+    dispatcher.runner_launcher.launch.side_effect = lambda t, slot, pool: SimpleNamespace(
+        runner_id=f"runner-{t.id}"
+    )
+
+    assert dispatcher.tick()["assigned"] == 40
+
+    started = dispatcher.event_recorder.record_runner_started.call_args_list
+    assert sorted((c.kwargs["task_id"], c.kwargs["spec_name"]) for c in started) == sorted(
+        (t.id, t.metadata["spec_name"]) for t in tasks
+    )
+    allocations = dispatcher.repo_pool_manager.allocate_slot.call_args_list
+    assert sorted((c.kwargs["metadata"]["task_id"], c.args[0]) for c in allocations) == sorted(
+        (t.id, t.metadata["repo_name"]) for t in tasks
+    )

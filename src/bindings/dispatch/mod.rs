@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList};
+use pyo3::types::{PyBool, PyDict, PyList, PyString};
 
 pub use deadlocks::check_dependencies;
 use errors::refusal_to_py;
@@ -72,6 +72,8 @@ pub struct PyDispatcherCore {
     run_loop: RwLock<Arc<LoopControl>>,
     /// The last dependency-cycle check.
     deadlocks: Mutex<deadlocks::LastCheck>,
+    /// Taken only with the GIL held, and never across a call into Python.
+    name_texts: Mutex<ports::NameTexts>,
 }
 
 /// What one `tick()` did.
@@ -353,6 +355,10 @@ impl PyDispatcherCore {
                 .call0()?,
         };
         let (pools, pool_objects) = read_pools(&config)?;
+        let pool_names = pools
+            .iter()
+            .map(|(_, pool)| PyString::new(py, &pool.name).unbind())
+            .collect();
         let tunables = read_tunables(&config, &pools)?;
         let task_state_type = match task_state_type.filter(|t| !t.is_none()) {
             Some(t) => t.clone(),
@@ -392,10 +398,12 @@ impl PyDispatcherCore {
                 states: ports::task_states(&task_state_type),
                 task_state_type: task_state_type.unbind(),
                 pool_objects,
+                pool_names,
             })),
             running: AtomicBool::new(false),
             run_loop: RwLock::default(),
             deadlocks: Mutex::default(),
+            name_texts: Mutex::default(),
         })
     }
 

@@ -33,6 +33,8 @@ pub struct Ports {
     pub task_state_type: Py<PyAny>,
     /// The configured pool objects, by pool index, for `launch`.
     pub pool_objects: Vec<Py<PyAny>>,
+    /// The pools' names as `str`, by pool index, made once for every report.
+    pub pool_names: Vec<Py<PyString>>,
     /// `task_state_type` applied to each state, when it accepts them all.
     pub states: Option<[Py<PyAny>; 4]>,
 }
@@ -48,6 +50,7 @@ impl Ports {
             event_recorder: self.event_recorder.clone_ref(py),
             task_state_type: self.task_state_type.clone_ref(py),
             pool_objects: self.pool_objects.iter().map(|p| p.clone_ref(py)).collect(),
+            pool_names: self.pool_names.iter().map(|p| p.clone_ref(py)).collect(),
             states: self
                 .states
                 .as_ref()
@@ -67,9 +70,68 @@ pub enum Assigned {
 }
 
 /// What the slot allocation gave: the slot object for `launch` and its id.
-struct Slot {
-    object: Py<PyAny>,
+struct Slot<'py> {
+    object: Bound<'py, PyAny>,
     id: Option<Arc<str>>,
+    /// The id as the port gave it, passed on to the reports unchanged.
+    id_text: Option<Bound<'py, PyString>>,
+}
+
+/// `str` objects for the spec and repo names assignments pass, kept across
+/// calls: a job has a few names and many tasks. Each entry holds its name's
+/// `Arc`, so no other text can come to have that address.
+#[derive(Default)]
+pub(super) struct NameTexts {
+    entries: Vec<(Arc<str>, Py<PyString>)>,
+    /// The entry a new name replaces once all are taken.
+    next: usize,
+}
+
+impl NameTexts {
+    const CAPACITY: usize = 16;
+
+    fn find<'py>(&self, py: Python<'py>, name: &Arc<str>) -> Option<Bound<'py, PyString>> {
+        self.entries
+            .iter()
+            .find(|(kept, _)| Arc::ptr_eq(kept, name) || **kept == **name)
+            .map(|(_, text)| text.bind(py).clone())
+    }
+
+    /// Keeps `text` for `name`; returns the entry it replaced, to be
+    /// dropped once the lock is released.
+    fn keep(&mut self, name: Arc<str>, text: Py<PyString>) -> Option<(Arc<str>, Py<PyString>)> {
+        if self.entries.len() < Self::CAPACITY {
+            self.entries.push((name, text));
+            return None;
+        }
+        let at = self.next % Self::CAPACITY;
+        self.next = at + 1;
+        Some(std::mem::replace(&mut self.entries[at], (name, text)))
+    }
+}
+
+impl PyDispatcherCore {
+    /// The `str` for a spec or repo name, made once while it stays in use.
+    fn name_text<'py>(&self, py: Python<'py>, name: &Arc<str>) -> Bound<'py, PyString> {
+        if let Some(text) = self.name_texts.lock().find(py, name) {
+            return text;
+        }
+        let text = PyString::new(py, name);
+        let replaced = self
+            .name_texts
+            .lock()
+            .keep(name.clone(), text.clone().unbind());
+        drop(replaced);
+        text
+    }
+}
+
+/// The texts an assignment passes to several ports, made once for all of
+/// them: the slot request's metadata and the launch's reports.
+struct AssignmentTexts<'py> {
+    task_id: Bound<'py, PyString>,
+    spec_name: Bound<'py, PyString>,
+    pool_name: Bound<'py, PyString>,
 }
 
 impl PyDispatcherCore {
@@ -129,7 +191,22 @@ impl PyDispatcherCore {
             pool,
             pool_name,
         } = reservation;
-        let slot = match self.allocate_slot(py, &meta, &pool_name) {
+        let (pool_object, pool_text) = {
+            let ports = self.ports.read();
+            (
+                ports.pool_objects.get(pool).map(|p| p.clone_ref(py)),
+                ports.pool_names.get(pool).map(|p| p.clone_ref(py)),
+            )
+        };
+        let texts = AssignmentTexts {
+            task_id: PyString::new(py, &meta.id),
+            spec_name: self.name_text(py, &meta.spec_name),
+            pool_name: match pool_text {
+                Some(text) => text.into_bound(py),
+                None => PyString::new(py, &pool_name),
+            },
+        };
+        let slot = match self.allocate_slot(py, &meta, &texts) {
             Ok(Some(slot)) => slot,
             result => {
                 let interrupt = match result {
@@ -162,15 +239,9 @@ impl PyDispatcherCore {
                 };
             }
         };
-        let pool_object = self
-            .ports
-            .read()
-            .pool_objects
-            .get(pool)
-            .map(|p| p.clone_ref(py));
         let pool_object = pool_object.unwrap_or_else(|| py.None());
         match self.launch(py, &payload, &slot, pool_object) {
-            Ok(runner) => {
+            Ok((runner, runner_text)) => {
                 log::info!(
                     target: LOG_TARGET,
                     "assigned task {:?} to pool {pool_name:?} (runner {:?}, slot {:?})",
@@ -178,7 +249,17 @@ impl PyDispatcherCore {
                     runner.runner_id,
                     runner.slot_id
                 );
-                self.settle(py, KnownTexts::default(), |state, book, now| {
+                // The launch's reports pass on these texts: the same objects,
+                // not new copies of them.
+                let mut known = KnownTexts::default();
+                for text in [&texts.task_id, &texts.spec_name, &texts.pool_name]
+                    .into_iter()
+                    .chain(&slot.id_text)
+                    .chain(&runner_text)
+                {
+                    known.remember(text);
+                }
+                self.settle(py, known, |state, book, now| {
                     state.confirm_assignment(&meta.id, payload, runner, book, now)
                 })?;
                 Ok(Assigned::Launched)
@@ -211,28 +292,29 @@ impl PyDispatcherCore {
 
     /// `allocate_slot(repo_name, metadata=...)`; without a repo pool manager
     /// the runner gets no slot.
-    fn allocate_slot(
+    fn allocate_slot<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         meta: &TaskMeta,
-        pool_name: &str,
-    ) -> PyResult<Option<Slot>> {
+        texts: &AssignmentTexts<'py>,
+    ) -> PyResult<Option<Slot<'py>>> {
         let manager = self.port(py, |p| &p.repo_pool_manager).into_bound(py);
         if manager.is_none() {
             return Ok(Some(Slot {
-                object: py.None(),
+                object: py.None().into_bound(py),
                 id: None,
+                id_text: None,
             }));
         }
         static METADATA: KeywordNames = KeywordNames::new(&["metadata"]);
         let metadata = PyDict::new(py);
-        metadata.set_item(name!(py, "task_id"), meta.id.as_ref())?;
-        metadata.set_item(name!(py, "spec_name"), meta.spec_name.as_ref())?;
-        metadata.set_item(name!(py, "pool_name"), pool_name)?;
+        metadata.set_item(name!(py, "task_id"), &texts.task_id)?;
+        metadata.set_item(name!(py, "spec_name"), &texts.spec_name)?;
+        metadata.set_item(name!(py, "pool_name"), &texts.pool_name)?;
         let slot = call_method(
             &manager,
             name!(py, "allocate_slot"),
-            &[PyString::new(py, &meta.repo_name).into_any()],
+            &[self.name_text(py, &meta.repo_name).into_any()],
             &METADATA,
             &[metadata.into_any()],
         )?;
@@ -258,8 +340,9 @@ impl PyDispatcherCore {
             }
         };
         Ok(Some(Slot {
-            object: slot.unbind(),
+            object: slot,
             id: Some(id),
+            id_text: exact_str(raw_id),
         }))
     }
 
@@ -268,9 +351,9 @@ impl PyDispatcherCore {
         &self,
         py: Python<'py>,
         task: &Py<PyAny>,
-        slot: &Slot,
+        slot: &Slot<'py>,
         pool: Py<PyAny>,
-    ) -> PyResult<NewRunner> {
+    ) -> PyResult<(NewRunner, Option<Bound<'py, PyString>>)> {
         let launcher = self.port(py, |p| &p.runner_launcher).into_bound(py);
         let runner = launcher.call_method1(name!(py, "launch"), (task, &slot.object, pool))?;
         let (raw_id, runner_id) = id_attribute(
@@ -326,13 +409,20 @@ impl PyDispatcherCore {
                 datetime::optional_from_py("runner.started_at", &s),
             )
         });
-        Ok(NewRunner {
+        let runner = NewRunner {
             runner_id,
             slot_id: slot.id.clone(),
             started_at,
             details: RunnerDetails::new(pid, container_id, job_name),
-        })
+        };
+        Ok((runner, exact_str(raw_id)))
     }
+}
+
+/// A port's id as a `str` to pass on, when it is exactly one (a subclass
+/// would carry its own behaviour into the other ports).
+fn exact_str(raw: Option<Bound<'_, PyAny>>) -> Option<Bound<'_, PyString>> {
+    raw.and_then(|r| r.cast_into_exact::<PyString>().ok())
 }
 
 /// An id attribute of a port's result (`slot.slot_id`, `runner.runner_id`):
@@ -413,6 +503,16 @@ impl<'a, 'py> KnownTexts<'a, 'py> {
         match obj {
             Some(o) if !o.is_none() => self.string(name, o).map(Some),
             _ => Ok(None),
+        }
+    }
+
+    /// Remembers a `str` the reports may pass on.
+    pub fn remember(&mut self, string: &'a Bound<'py, PyString>) {
+        if let (Ok(text), Some(free)) = (
+            string.to_str(),
+            self.entries.iter_mut().find(|e| e.is_none()),
+        ) {
+            *free = Some((text, string));
         }
     }
 
