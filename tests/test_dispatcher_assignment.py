@@ -118,6 +118,9 @@ def test_reports_pass_on_the_ids_the_ports_gave_and_one_str_per_name():
     assert started[0]["spec_name"] is started[1]["spec_name"]
     assert allocations[0].args[0] is allocations[1].args[0] == "repo-x"
     assert [u["metadata"]["pool_name"] for u in updates] == ["local", "local"]
+    # A launch's two events share one `datetime`, as the original's `now`.
+    assigned = dispatcher.event_recorder.record_task_assigned.call_args_list
+    assert assigned[0].kwargs["timestamp"] is started[0]["timestamp"] == START
 
 
 def test_no_slot_keeps_the_task_queued_and_counts_nothing():

@@ -535,6 +535,8 @@ impl<'a, 'py> KnownTexts<'a, 'py> {
 #[derive(Default)]
 struct TextMemo<'py> {
     entries: [Option<(*const u8, Bound<'py, PyString>)>; 8],
+    /// The last event time made: a launch's two events share theirs.
+    timestamp: Option<(WallTime, Bound<'py, PyAny>)>,
 }
 
 /// The ports an outcome's effects call.
@@ -583,6 +585,20 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             *free = Some((address, s.clone()));
         }
         s
+    }
+
+    /// An event's `datetime`, shared with the batch's previous event of the
+    /// same time (`datetime` objects are immutable).
+    fn timestamp(&self, py: Python<'py>, at: WallTime) -> PyResult<Bound<'py, PyAny>> {
+        let mut memo = self.texts.borrow_mut();
+        if let Some((seen, made)) = &memo.timestamp {
+            if *seen == at {
+                return Ok(made.clone());
+            }
+        }
+        let made = datetime::to_py(py, at)?.into_any();
+        memo.timestamp = Some((at, made.clone()));
+        Ok(made)
     }
 
     fn optional_text(
@@ -990,7 +1006,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 runner,
                 slot,
                 self.text(py, pool_name).into_any(),
-                datetime::to_py(py, timestamp)?.into_any(),
+                self.timestamp(py, timestamp)?,
             ])
         })
         .map_err(|e| failed("record_task_assigned", e))
@@ -1026,7 +1042,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 any(py, details.pid())?,
                 any(py, details.container_id().map(|s| &**s))?,
                 any(py, details.job_name().map(|s| &**s))?,
-                datetime::to_py(py, timestamp)?.into_any(),
+                self.timestamp(py, timestamp)?,
             ])
         })
         .map_err(|e| failed("record_runner_started", e))
