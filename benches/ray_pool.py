@@ -63,7 +63,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="nd-ray-", dir="/tmp"))
     cluster = None
     try:
-        cluster = LocalCluster(root)
+        cluster = LocalCluster.start(root)
         ray_pool = f'{{type: ray, address: "{cluster.address}", max_concurrency: 4}}'
         local_pool = "{type: local-process, max_concurrency: 4}"
         rows = []

@@ -42,6 +42,7 @@ class LocalCluster:
     """A head without CPUs (nothing runs there) and two worker nodes."""
 
     def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -54,6 +55,21 @@ class LocalCluster:
         except BaseException:
             self.stop()  # what did start does not outlive a failed start
             raise
+
+    @classmethod
+    def start(cls, root: Path, attempts: int = 2) -> LocalCluster:
+        """A cluster under `root`. A start that fails is tried again from
+        nothing, on a new port: on a loaded machine Ray's GCS can miss its
+        own start-up deadline (seen once in the tests, right after another
+        cluster was torn down)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return cls(root / f"try{attempt}")
+            except (AssertionError, OSError, subprocess.SubprocessError) as failure:
+                if attempt == attempts:
+                    raise
+                print(f"Ray cluster start {attempt} failed ({failure}); again", file=sys.stderr)
+        raise AssertionError("attempts must be at least 1")
 
     def _start_all(self) -> None:
         self._start(

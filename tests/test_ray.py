@@ -50,7 +50,7 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="nd-ray-", dir="/tmp"))
     made = None
     try:
-        made = LocalCluster(root)
+        made = LocalCluster.start(root)
         yield made
     finally:
         if made is not None:
