@@ -566,7 +566,10 @@ pub struct DispatcherState<T> {
     limits: Limits,
     tasks: KeyedSlab<HeldTask<T>>,
     queue: ReadyQueue,
-    delayed: BTreeSet<(MonoNanos, TaskId)>,
+    /// Delayed tasks by due time, then by their slot in `tasks`: a number
+    /// rather than the id, so no `Arc` is copied to file or find one, and
+    /// ties compare integers (as the heartbeat index does).
+    delayed: BTreeSet<(MonoNanos, u32)>,
     pools: Pools,
     runners: Runners,
     /// Tracked runners plus reservations (SPEC §4.5 #2).
@@ -883,12 +886,9 @@ impl<T> DispatcherState<T> {
     pub fn delayed_tasks(&self) -> Vec<(TaskId, Arc<str>, MonoNanos)> {
         self.delayed
             .iter()
-            .map(|(due, id)| {
-                let spec = self
-                    .tasks
-                    .get(id)
-                    .map_or_else(|| shared_name("unknown"), |t| t.meta.spec_name.clone());
-                (id.clone(), spec, *due)
+            .filter_map(|&(due, slot)| {
+                let held = self.tasks.at(slot)?;
+                Some((held.meta.id.clone(), held.meta.spec_name.clone(), due))
             })
             .collect()
     }
@@ -915,13 +915,13 @@ impl<T> DispatcherState<T> {
             required_skill: None,
         };
         let arrival = self.new_arrival(&meta, now);
-        self.delayed.insert((due, id.clone()));
-        self.tasks.insert(HeldTask {
+        let (slot, _) = self.tasks.insert_in_slot(HeldTask {
             meta,
             payload: None,
             place: Place::Delayed { due },
             arrival,
         });
+        self.delayed.insert((due, slot));
         true
     }
 
@@ -929,23 +929,24 @@ impl<T> DispatcherState<T> {
     /// delayed task held without a handle is forgotten instead, so the next
     /// poll that returns it queues it anew. Returns how many were queued.
     pub fn promote_due(&mut self, now: MonoNanos) -> usize {
-        let due: Vec<(MonoNanos, TaskId)> = self
+        let due: Vec<(MonoNanos, u32)> = self
             .delayed
             .iter()
             .take_while(|(d, _)| *d <= now)
-            .cloned()
+            .copied()
             .collect();
         let mut queued = 0;
         for key in due {
             self.delayed.remove(&key);
-            let id = key.1;
-            let has_payload = self.tasks.get(&id).is_some_and(|t| t.payload.is_some());
-            if has_payload {
-                let held = self.tasks.get_mut(&id).expect("delayed task is held");
+            let Some(held) = self.tasks.at_mut(key.1) else {
+                continue;
+            };
+            if held.payload.is_some() {
                 held.place = Place::Queued;
                 enqueue(&mut self.queue, &self.scheduler, held);
                 queued += 1;
             } else {
+                let id = held.meta.id.clone();
                 self.tasks.remove(&id);
             }
         }
@@ -1025,11 +1026,11 @@ impl<T> DispatcherState<T> {
 
     /// Takes a task out of whatever place it is in.
     fn take_task(&mut self, task_id: &str) -> Option<HeldTask<T>> {
-        let held = self.tasks.remove(task_id)?;
+        let (slot, held) = self.tasks.remove_from_slot(task_id)?;
         match &held.place {
             Place::Queued => dequeue(&mut self.queue, &self.scheduler, &held),
             Place::Delayed { due } => {
-                self.delayed.remove(&(*due, held.meta.id.clone()));
+                self.delayed.remove(&(*due, slot));
             }
             Place::Assigning { .. } | Place::Running { .. } => {}
         }
@@ -1136,12 +1137,13 @@ impl<T> DispatcherState<T> {
         });
         // The task leaves the queue or the delayed set but keeps its entry:
         // below the limit it is only re-placed, not removed and re-inserted.
-        let held = match self.tasks.get(task_id) {
-            Some(h) => {
+        let slot = self.tasks.slot_of(task_id);
+        let held = match slot.and_then(|slot| Some((slot, self.tasks.at(slot)?))) {
+            Some((slot, h)) => {
                 match &h.place {
                     Place::Queued => dequeue(&mut self.queue, &self.scheduler, h),
                     Place::Delayed { due } => {
-                        self.delayed.remove(&(*due, h.meta.id.clone()));
+                        self.delayed.remove(&(*due, slot));
                     }
                     Place::Assigning { .. } | Place::Running { .. } => {}
                 }
@@ -1197,9 +1199,12 @@ impl<T> DispatcherState<T> {
             self.failure_stats.retries.add(&reason);
             self.failure_stats.delays.observe(recorded.delay_seconds);
             let due = recorded.due;
-            self.delayed.insert((due, id.clone()));
-            match self.tasks.get_mut(task_id) {
-                Some(h) => h.place = Place::Delayed { due },
+            // Nothing was filed in or taken from `tasks` since `slot` was read.
+            match slot.and_then(|slot| Some((slot, self.tasks.at_mut(slot)?))) {
+                Some((slot, h)) => {
+                    h.place = Place::Delayed { due };
+                    self.delayed.insert((due, slot));
+                }
                 None => {
                     let meta = TaskMeta {
                         id: id.clone(),
@@ -1210,12 +1215,13 @@ impl<T> DispatcherState<T> {
                         required_skill: None,
                     };
                     let arrival = self.new_arrival(&meta, now);
-                    self.tasks.insert(HeldTask {
+                    let (slot, _) = self.tasks.insert_in_slot(HeldTask {
                         meta,
                         payload: None,
                         place: Place::Delayed { due },
                         arrival,
                     });
+                    self.delayed.insert((due, slot));
                 }
             }
             effects.push(Effect::ReportState {
@@ -1672,13 +1678,14 @@ impl<T> DispatcherState<T> {
             .delayed
             .iter()
             .take(if per_task { usize::MAX } else { 0 })
-            .map(|(_, id)| {
+            .filter_map(|&(_, slot)| {
+                let id = &self.tasks.at(slot)?.meta.id;
                 let due = book.due_of(id);
-                DelayedTask {
+                Some(DelayedTask {
                     task_id: id.clone(),
                     next_retry_at: due.map_or(WallTime::MAX, |(at, _)| at),
                     record: due.map(|(_, index)| index),
-                }
+                })
             })
             .collect();
         StatusSnapshot {
@@ -1745,6 +1752,12 @@ impl<T> DispatcherState<T> {
             .count();
         if queued != self.queue.len() || delayed != self.delayed.len() {
             return Err("queue or delayed index out of step with task places".to_owned());
+        }
+        for &(due, slot) in &self.delayed {
+            match self.tasks.at(slot) {
+                Some(t) if t.place == (Place::Delayed { due }) => {}
+                _ => return Err(format!("delayed index entry ({due}, slot {slot}) is stale")),
+            }
         }
         Ok(())
     }

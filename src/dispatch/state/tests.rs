@@ -354,6 +354,42 @@ fn a_delayed_task_without_handle_is_forgotten_when_due_unless_polled() {
 }
 
 #[test]
+fn the_delayed_index_follows_each_task_through_slot_reuse_and_repeated_failures() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    for id in ["a", "b", "c"] {
+        s.offer(meta(id), id, at(0)).unwrap();
+        s.fail_task(id, None, "x", None, &mut book, at(0)).unwrap();
+    }
+    // "b" fails for good and leaves: its slot is free for the next task.
+    while s.place_of("b").is_some() {
+        s.fail_task("b", None, "x", None, &mut book, at(0)).unwrap();
+    }
+    s.offer(meta("d"), "d", at(0)).unwrap();
+    s.fail_task("d", None, "x", None, &mut book, at(0)).unwrap();
+    // A delayed task failing again moves to its new due time.
+    s.fail_task("a", None, "x", None, &mut book, at(5)).unwrap();
+    s.check_invariants().unwrap();
+    let ids = |s: &DispatcherState<&'static str>| -> Vec<String> {
+        s.delayed_tasks()
+            .iter()
+            .map(|(id, ..)| id.to_string())
+            .collect()
+    };
+    // "c" and "d" are due together (in no promised order), "a" later.
+    let mut order = ids(&s);
+    assert_eq!(order.pop().as_deref(), Some("a"));
+    order.sort();
+    assert_eq!(order, ["c", "d"]);
+    let first_due = s.next_due().unwrap();
+    assert_eq!(s.promote_due(first_due), 2);
+    assert_eq!(ids(&s), ["a"]);
+    assert_eq!(s.place_of("d"), Some(&Place::Queued));
+    assert_eq!(s.place_of("b"), None);
+    s.check_invariants().unwrap();
+}
+
+#[test]
 fn a_runner_of_another_task_is_refused() {
     let mut s = state();
     let mut book = RetryBook::new(BackoffPolicy::default());
