@@ -140,6 +140,20 @@ impl<V: Keyed> KeyedSlab<V> {
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.slots.iter().flatten()
     }
+
+    /// Every entry with its slot, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, &V)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, v)| Some((slot as u32, v.as_ref()?)))
+    }
+
+    /// [`Self::get_mut`], also telling the entry's slot.
+    pub fn get_mut_in_slot(&mut self, key: &str) -> Option<(u32, &mut V)> {
+        let slot = self.slot_of(key)?;
+        Some((slot, self.slots[slot as usize].as_mut()?))
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@
 //!
 //! The queue does not remember where a task is: the caller passes the task's
 //! [`QueueKey`] to [`ReadyQueue::remove`] (the dispatcher holds it in the
-//! task's entry), which keeps a queued task's cost to one B-tree entry.
+//! task's entry), which keeps a queued task's cost to one B-tree entry. A
+//! task is named by whatever the caller uses (`K`): the dispatcher queues
+//! its tasks' slot numbers, 4 bytes each, not their ids.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
@@ -48,38 +50,40 @@ pub struct QueueKey<'a> {
 /// The sort key: (reversed priority or 0, age, seq); smaller goes first.
 pub type Rank = (u64, i64, u64);
 
-type Ordered = BTreeSet<(Rank, TaskId)>;
+type Ordered<K> = BTreeSet<(Rank, K)>;
 
 #[derive(Debug)]
-enum Tasks {
-    Ordered(Ordered),
-    BySpec(BTreeMap<Arc<str>, Ordered>),
+enum Tasks<K> {
+    Ordered(Ordered<K>),
+    BySpec(BTreeMap<Arc<str>, Ordered<K>>),
 }
 
 #[derive(Debug)]
-struct RouteQueue {
+struct RouteQueue<K> {
     route: Route,
-    tasks: Tasks,
+    tasks: Tasks<K>,
 }
 
 /// A route's index in the queue; stable until [`ReadyQueue::reset`].
 pub type RouteIndex = usize;
 
-#[derive(Debug, Default)]
-pub struct ReadyQueue {
+#[derive(Debug)]
+pub struct ReadyQueue<K = TaskId> {
     by_priority: bool,
     by_spec: bool,
-    routes: Vec<RouteQueue>,
+    routes: Vec<RouteQueue<K>>,
     route_index: FastMap<Route, RouteIndex>,
     len: usize,
 }
 
-impl ReadyQueue {
+impl<K: Ord + Clone> ReadyQueue<K> {
     pub fn new(by_priority: bool, by_spec: bool) -> Self {
         ReadyQueue {
             by_priority,
             by_spec,
-            ..Default::default()
+            routes: Vec::new(),
+            route_index: FastMap::default(),
+            len: 0,
         }
     }
 
@@ -107,7 +111,7 @@ impl ReadyQueue {
         (p, o.age, o.seq)
     }
 
-    fn route_mut(&mut self, route: &Route) -> &mut RouteQueue {
+    fn route_mut(&mut self, route: &Route) -> &mut RouteQueue<K> {
         let index = match self.route_index.get(route) {
             Some(&i) => i,
             None => {
@@ -128,7 +132,7 @@ impl ReadyQueue {
     }
 
     /// Adds a task; false (and no change) when it is already queued there.
-    pub fn push(&mut self, id: TaskId, key: QueueKey<'_>) -> bool {
+    pub fn push(&mut self, id: K, key: QueueKey<'_>) -> bool {
         let rank = self.rank(key.order);
         let added = match &mut self.route_mut(key.route).tasks {
             Tasks::Ordered(set) => set.insert((rank, id)),
@@ -142,7 +146,7 @@ impl ReadyQueue {
     }
 
     /// Removes a task queued with `key`; false when it is not there.
-    pub fn remove(&mut self, id: &TaskId, key: QueueKey<'_>) -> bool {
+    pub fn remove(&mut self, id: &K, key: QueueKey<'_>) -> bool {
         let rank = self.rank(key.order);
         let Some(&index) = self.route_index.get(key.route) else {
             return false;
@@ -185,7 +189,7 @@ impl ReadyQueue {
     }
 
     /// Takes a route's first task.
-    pub fn pop_head(&mut self, route: RouteIndex) -> Option<TaskId> {
+    pub fn pop_head(&mut self, route: RouteIndex) -> Option<K> {
         let taken = match &mut self.routes[route].tasks {
             Tasks::Ordered(set) => set.pop_first().map(|(_, id)| id),
             Tasks::BySpec(_) => None,
@@ -225,7 +229,7 @@ impl ReadyQueue {
     }
 
     /// Fair share: takes the first task of `spec` on this route.
-    pub fn pop_spec_head(&mut self, route: RouteIndex, spec: &str) -> Option<TaskId> {
+    pub fn pop_spec_head(&mut self, route: RouteIndex, spec: &str) -> Option<K> {
         let taken = match &mut self.routes[route].tasks {
             Tasks::BySpec(specs) => {
                 let queue = specs.get_mut(spec)?;
@@ -243,8 +247,8 @@ impl ReadyQueue {
 
     /// Task ids in scheduling order (merged across routes and specs);
     /// O(n log n), for status and snapshots.
-    pub fn ids_in_order(&self) -> Vec<TaskId> {
-        let mut all: Vec<&(Rank, TaskId)> = Vec::with_capacity(self.len);
+    pub fn ids_in_order(&self) -> Vec<K> {
+        let mut all: Vec<&(Rank, K)> = Vec::with_capacity(self.len);
         for r in &self.routes {
             match &r.tasks {
                 Tasks::Ordered(set) => all.extend(set.iter()),
@@ -256,10 +260,10 @@ impl ReadyQueue {
     }
 }
 
-fn remove_by_spec(
-    specs: &mut BTreeMap<Arc<str>, Ordered>,
+fn remove_by_spec<K: Ord>(
+    specs: &mut BTreeMap<Arc<str>, Ordered<K>>,
     spec: &str,
-    entry: &(Rank, TaskId),
+    entry: &(Rank, K),
 ) -> bool {
     let Some(queue) = specs.get_mut(spec) else {
         return false;

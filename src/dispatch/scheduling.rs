@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use crate::dispatch::pools::{PoolIndex, Pools};
 use crate::dispatch::queue::{ReadyQueue, Route, RouteIndex};
-use crate::retry::state::TaskId;
 
 /// How queued tasks are ordered and taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,14 +88,14 @@ impl Load {
 }
 
 /// One scheduling pass over a snapshot of the loads.
-struct Pass<'m> {
+struct Pass<'m, K> {
     loads: Vec<Load>,
     budget: u64,
     mapping: &'m SkillMapping,
-    picks: Vec<(TaskId, PoolIndex)>,
+    picks: Vec<(K, PoolIndex)>,
 }
 
-impl<'m> Pass<'m> {
+impl<'m, K> Pass<'m, K> {
     /// A pass over a copy of the pools' loads: planning never touches them.
     fn new(pools: &Pools, budget: u64, mapping: &'m SkillMapping) -> Self {
         Pass {
@@ -156,7 +155,7 @@ impl<'m> Pass<'m> {
     }
 
     /// Plans `id` into the route's best pool, which has room.
-    fn place(&mut self, id: TaskId, route: &Route) {
+    fn place(&mut self, id: K, route: &Route) {
         let pool = self
             .choose(route)
             .expect("placed only on a route with room");
@@ -201,12 +200,12 @@ impl Scheduler {
     /// `max_concurrency`. A task none of whose pools has room stays queued
     /// and does not block the tasks behind it; its route is not looked at
     /// again in the pass, so the pass costs O(picks x routes x log n).
-    pub fn plan(
+    pub fn plan<K: Ord + Clone>(
         &mut self,
-        queue: &mut ReadyQueue,
+        queue: &mut ReadyQueue<K>,
         pools: &Pools,
         budget: u64,
-    ) -> Vec<(TaskId, PoolIndex)> {
+    ) -> Vec<(K, PoolIndex)> {
         let mut pass = Pass::new(pools, budget, &self.mapping);
         if queue.by_spec() {
             self.last_spec = fair_share(&mut pass, queue, self.last_spec.take());
@@ -219,7 +218,10 @@ impl Scheduler {
 
 /// Routes that hold tasks and whose pools have room (pools only fill up
 /// during a pass, so a route once full stays out of it).
-fn open_routes(pass: &Pass<'_>, queue: &ReadyQueue) -> Vec<(RouteIndex, Route)> {
+fn open_routes<K: Ord + Clone>(
+    pass: &Pass<'_, K>,
+    queue: &ReadyQueue<K>,
+) -> Vec<(RouteIndex, Route)> {
     queue
         .routes()
         .filter(|(_, route)| pass.has_room(route))
@@ -228,7 +230,7 @@ fn open_routes(pass: &Pass<'_>, queue: &ReadyQueue) -> Vec<(RouteIndex, Route)> 
 }
 
 /// Queue order: repeatedly the first task among the open routes' heads.
-fn in_queue_order(pass: &mut Pass<'_>, queue: &mut ReadyQueue) {
+fn in_queue_order<K: Ord + Clone>(pass: &mut Pass<'_, K>, queue: &mut ReadyQueue<K>) {
     let mut open = open_routes(pass, queue);
     while !pass.exhausted() {
         open.retain(|(i, route)| queue.head(*i).is_some() && pass.has_room(route));
@@ -243,9 +245,9 @@ fn in_queue_order(pass: &mut Pass<'_>, queue: &mut ReadyQueue) {
 /// Round-robin across spec names (in name order, starting after the one
 /// served last), each spec's tasks in queue order; a spec with no task that
 /// fits is passed over. Returns the spec served last.
-fn fair_share(
-    pass: &mut Pass<'_>,
-    queue: &mut ReadyQueue,
+fn fair_share<K: Ord + Clone>(
+    pass: &mut Pass<'_, K>,
+    queue: &mut ReadyQueue<K>,
     mut last: Option<Arc<str>>,
 ) -> Option<Arc<str>> {
     let mut open = open_routes(pass, queue);
@@ -279,6 +281,7 @@ mod tests {
     use super::*;
     use crate::dispatch::pools::PoolState;
     use crate::dispatch::queue::{QueueKey, QueueOrder};
+    use crate::retry::state::TaskId;
 
     fn pools(spec: &[(&str, u64, u64)]) -> Pools {
         Pools::new(spec.iter().map(|&(name, max, running)| PoolState {
@@ -438,6 +441,7 @@ mod route_tests {
     use super::*;
     use crate::dispatch::pools::PoolState;
     use crate::dispatch::queue::{QueueKey, QueueOrder};
+    use crate::retry::state::TaskId;
 
     #[test]
     fn routes_resolve_through_the_mapping() {
@@ -463,7 +467,7 @@ mod route_tests {
         ]);
         let mapping = SkillMapping::new([("ml".into(), vec![0]), ("web".into(), vec![1])]);
         let mut s = Scheduler::new(Policy::SkillBased, mapping);
-        let mut q = ReadyQueue::new(true, false);
+        let mut q: ReadyQueue = ReadyQueue::new(true, false);
         let spec: Arc<str> = "s".into();
         for seq in 0..1_001u64 {
             let (id, skill) = if seq < 1_000 {
@@ -501,7 +505,7 @@ mod route_tests {
         last: Option<&Arc<str>>,
     ) -> Vec<(TaskId, PoolIndex)> {
         let mut pass = Pass::new(pools, budget, &s.mapping);
-        let try_place = |pass: &mut Pass<'_>, id: &str, skill: Option<&str>| {
+        let try_place = |pass: &mut Pass<'_, TaskId>, id: &str, skill: Option<&str>| {
             let route = s.route_of(skill);
             let ok = pass.budget > 0 && pass.has_room(&route);
             if ok {

@@ -565,7 +565,8 @@ pub struct NewRunner {
 pub struct DispatcherState<T> {
     limits: Limits,
     tasks: KeyedSlab<HeldTask<T>>,
-    queue: ReadyQueue,
+    /// Queued tasks by their slot in `tasks` (see `delayed`).
+    queue: ReadyQueue<u32>,
     /// Delayed tasks by due time, then by their slot in `tasks`: a number
     /// rather than the id, so no `Arc` is copied to file or find one, and
     /// ties compare integers (as the heartbeat index does).
@@ -767,8 +768,12 @@ impl<T> DispatcherState<T> {
         let by_priority = self.scheduler.policy.orders_by_priority();
         let by_spec = self.scheduler.policy == Policy::FairShare;
         self.queue.reset(by_priority, by_spec);
-        for held in self.tasks.values().filter(|t| t.place == Place::Queued) {
-            enqueue(&mut self.queue, &self.scheduler, held);
+        for (slot, held) in self
+            .tasks
+            .entries()
+            .filter(|(_, t)| t.place == Place::Queued)
+        {
+            enqueue(&mut self.queue, &self.scheduler, held, slot);
         }
     }
 
@@ -822,7 +827,9 @@ impl<T> DispatcherState<T> {
     }
 
     pub fn queued_ids(&self) -> Vec<TaskId> {
-        self.queue.ids_in_order()
+        let ids = self.queue.ids_in_order().into_iter();
+        ids.filter_map(|slot| Some(self.tasks.at(slot)?.meta.id.clone()))
+            .collect()
     }
 
     fn new_arrival(&mut self, meta: &TaskMeta, now: Now) -> Arrival {
@@ -876,8 +883,10 @@ impl<T> DispatcherState<T> {
             place: Place::Queued,
             arrival,
         };
-        enqueue(&mut self.queue, &self.scheduler, &held);
-        self.tasks.insert(held);
+        let (slot, _) = self.tasks.insert_in_slot(held);
+        if let Some(held) = self.tasks.at(slot) {
+            enqueue(&mut self.queue, &self.scheduler, held, slot);
+        }
         self.metrics.tasks_enqueued += 1;
         Ok(())
     }
@@ -943,7 +952,7 @@ impl<T> DispatcherState<T> {
             };
             if held.payload.is_some() {
                 held.place = Place::Queued;
-                enqueue(&mut self.queue, &self.scheduler, held);
+                enqueue(&mut self.queue, &self.scheduler, held, key.1);
                 queued += 1;
             } else {
                 let id = held.meta.id.clone();
@@ -1028,7 +1037,7 @@ impl<T> DispatcherState<T> {
     fn take_task(&mut self, task_id: &str) -> Option<HeldTask<T>> {
         let (slot, held) = self.tasks.remove_from_slot(task_id)?;
         match &held.place {
-            Place::Queued => dequeue(&mut self.queue, &self.scheduler, &held),
+            Place::Queued => dequeue(&mut self.queue, &self.scheduler, &held, slot),
             Place::Delayed { due } => {
                 self.delayed.remove(&(*due, slot));
             }
@@ -1141,7 +1150,7 @@ impl<T> DispatcherState<T> {
         let held = match slot.and_then(|slot| Some((slot, self.tasks.at(slot)?))) {
             Some((slot, h)) => {
                 match &h.place {
-                    Place::Queued => dequeue(&mut self.queue, &self.scheduler, h),
+                    Place::Queued => dequeue(&mut self.queue, &self.scheduler, h, slot),
                     Place::Delayed { due } => {
                         self.delayed.remove(&(*due, slot));
                     }
@@ -1343,8 +1352,8 @@ impl<T> DispatcherState<T> {
         }
         let picks = self.scheduler.plan(&mut self.queue, &self.pools, budget);
         let mut reservations = Vec::with_capacity(picks.len());
-        for (id, pool) in picks {
-            let Some(held) = self.tasks.get_mut(&id) else {
+        for (slot, pool) in picks {
+            let Some(held) = self.tasks.at_mut(slot) else {
                 continue;
             };
             // Queued tasks always have a handle (they came from a poll), and
@@ -1352,7 +1361,7 @@ impl<T> DispatcherState<T> {
             // task that cannot be reserved goes back to the queue.
             let reserved = held.payload.is_some() && self.pools.reserve(pool);
             let Some(payload) = held.payload.take().filter(|_| reserved) else {
-                enqueue(&mut self.queue, &self.scheduler, held);
+                enqueue(&mut self.queue, &self.scheduler, held, slot);
                 continue;
             };
             held.place = Place::Assigning { pool, early: None };
@@ -1429,12 +1438,12 @@ impl<T> DispatcherState<T> {
         };
         self.release_reservation(pool);
         self.prune_orphans();
-        let Some(held) = self.tasks.get_mut(task_id) else {
+        let Some((slot, held)) = self.tasks.get_mut_in_slot(task_id) else {
             return Outcome::returning(payload);
         };
         held.payload = Some(payload);
         held.place = Place::Queued;
-        enqueue(&mut self.queue, &self.scheduler, held);
+        enqueue(&mut self.queue, &self.scheduler, held, slot);
         Outcome::accepted()
     }
 
@@ -1577,10 +1586,10 @@ impl<T> DispatcherState<T> {
             state: ReportedState::Ready,
             metadata: StateMetadata::Interrupted,
         });
-        match self.tasks.get_mut(&runner.task_id) {
-            Some(held) if held.payload.is_some() => {
+        match self.tasks.get_mut_in_slot(&runner.task_id) {
+            Some((slot, held)) if held.payload.is_some() => {
                 held.place = Place::Queued;
-                enqueue(&mut self.queue, &self.scheduler, held);
+                enqueue(&mut self.queue, &self.scheduler, held, slot);
             }
             _ => {
                 self.tasks.remove(&runner.task_id);
@@ -1648,16 +1657,16 @@ impl<T> DispatcherState<T> {
 
     /// Changes a held task's priority (reordering the queue if it is queued).
     pub fn set_priority(&mut self, task_id: &str, priority: i64) -> bool {
-        let Some(held) = self.tasks.get_mut(task_id) else {
+        let Some((slot, held)) = self.tasks.get_mut_in_slot(task_id) else {
             return false;
         };
         let queued = held.place == Place::Queued;
         if queued {
-            dequeue(&mut self.queue, &self.scheduler, held);
+            dequeue(&mut self.queue, &self.scheduler, held, slot);
         }
         held.meta.priority = priority;
         if queued {
-            enqueue(&mut self.queue, &self.scheduler, held);
+            enqueue(&mut self.queue, &self.scheduler, held, slot);
         }
         true
     }
@@ -1753,6 +1762,11 @@ impl<T> DispatcherState<T> {
         if queued != self.queue.len() || delayed != self.delayed.len() {
             return Err("queue or delayed index out of step with task places".to_owned());
         }
+        for slot in self.queue.ids_in_order() {
+            if self.tasks.at(slot).is_none_or(|t| t.place != Place::Queued) {
+                return Err(format!("queue entry for slot {slot} is stale"));
+            }
+        }
         for &(due, slot) in &self.delayed {
             match self.tasks.at(slot) {
                 Some(t) if t.place == (Place::Delayed { due }) => {}
@@ -1763,16 +1777,16 @@ impl<T> DispatcherState<T> {
     }
 }
 
-/// Puts a queued task in the ready queue, on its route.
-fn enqueue<T>(queue: &mut ReadyQueue, scheduler: &Scheduler, held: &HeldTask<T>) {
+/// Puts a queued task, held in `slot`, in the ready queue on its route.
+fn enqueue<T>(queue: &mut ReadyQueue<u32>, scheduler: &Scheduler, held: &HeldTask<T>, slot: u32) {
     let route = scheduler.route_of(held.meta.required_skill.as_deref());
-    queue.push(held.meta.id.clone(), queue_key(held, &route));
+    queue.push(slot, queue_key(held, &route));
 }
 
-/// Takes a queued task out of the ready queue.
-fn dequeue<T>(queue: &mut ReadyQueue, scheduler: &Scheduler, held: &HeldTask<T>) {
+/// Takes a queued task, held in `slot`, out of the ready queue.
+fn dequeue<T>(queue: &mut ReadyQueue<u32>, scheduler: &Scheduler, held: &HeldTask<T>, slot: u32) {
     let route = scheduler.route_of(held.meta.required_skill.as_deref());
-    queue.remove(&held.meta.id, queue_key(held, &route));
+    queue.remove(&slot, queue_key(held, &route));
 }
 
 fn queue_key<'a, T>(held: &'a HeldTask<T>, route: &'a Route) -> QueueKey<'a> {

@@ -433,6 +433,37 @@ fn scheduling_reserves_capacity_in_priority_order_up_to_the_global_limit() {
 }
 
 #[test]
+fn the_queue_follows_each_task_through_slot_reuse_priority_changes_and_requeues() {
+    let mut s = state(); // global limit 3
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    for (id, priority) in [("a", 1), ("b", 2), ("c", 3)] {
+        queued(&mut s, id, priority, 0);
+    }
+    // "c" fails for good and leaves; "d" takes its slot.
+    while s.place_of("c").is_some() {
+        s.fail_task("c", None, "x", None, &mut book, at(0)).unwrap();
+    }
+    queued(&mut s, "d", 0, 0);
+    assert!(s.set_priority("d", 9));
+    assert!(s.set_priority("a", 5));
+    s.check_invariants().unwrap();
+    let ids = |s: &DispatcherState<&'static str>| -> Vec<String> {
+        s.queued_ids().iter().map(|id| id.to_string()).collect()
+    };
+    assert_eq!(ids(&s), ["d", "a", "b"]);
+    // The policy changes: the queue is rebuilt from the held tasks.
+    s.set_policy(Policy::Fifo);
+    assert_eq!(ids(&s), ["a", "b", "d"]);
+    s.set_policy(Policy::Priority);
+    let mut r = s.schedule();
+    assert_eq!(reserved_ids(&r), ["d", "a", "b"]);
+    let a = r.remove(1);
+    assert!(s.abort_assignment("a", a.payload).applied);
+    assert_eq!(ids(&s), ["a"]);
+    s.check_invariants().unwrap();
+}
+
+#[test]
 fn fifo_ignores_priority() {
     let mut s = state();
     s.set_policy(Policy::Fifo);
