@@ -92,6 +92,13 @@ impl<V: Keyed> KeyedSlab<V> {
         if let Some(slot) = self.slot_of(value.key()) {
             return (slot, self.slots[slot as usize].replace(value));
         }
+        (self.insert_absent(value), None)
+    }
+
+    /// Holds `value`, whose key the caller has just found absent (one
+    /// lookup instead of two); returns its slot.
+    pub fn insert_absent(&mut self, value: V) -> u32 {
+        debug_assert!(self.slot_of(value.key()).is_none());
         let h = hash(value.key());
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -108,7 +115,7 @@ impl<V: Keyed> KeyedSlab<V> {
         self.index.insert_unique(h, slot, |&s| {
             slots[s as usize].as_ref().map_or(0, |v| hash(v.key()))
         });
-        (slot, None)
+        slot
     }
 
     pub fn remove(&mut self, key: &str) -> Option<V> {

@@ -862,13 +862,18 @@ impl<T> DispatcherState<T> {
         if self.outbox.holds(&meta.id) {
             return Err(payload);
         }
-        if let Some(held) = self.tasks.get(&meta.id) {
-            if !(matches!(held.place, Place::Delayed { .. }) && held.payload.is_none()) {
+        if let Some(slot) = self.tasks.slot_of(&meta.id) {
+            let placeholder = self.tasks.at(slot).is_some_and(|held| {
+                matches!(held.place, Place::Delayed { .. }) && held.payload.is_none()
+            });
+            if !placeholder {
                 return Err(payload);
             }
-            // The task as polled replaces what the placeholder knew of it.
             let arrival = self.new_arrival(&meta, now);
-            let held = self.tasks.get_mut(&meta.id).expect("held above");
+            let Some(held) = self.tasks.at_mut(slot) else {
+                return Err(payload);
+            };
+            // The task as polled replaces what the placeholder knew of it.
             held.meta = meta;
             held.arrival = arrival;
             held.payload = Some(payload);
@@ -883,7 +888,7 @@ impl<T> DispatcherState<T> {
             place: Place::Queued,
             arrival,
         };
-        let (slot, _) = self.tasks.insert_in_slot(held);
+        let slot = self.tasks.insert_absent(held);
         if let Some(held) = self.tasks.at(slot) {
             enqueue(&mut self.queue, &self.scheduler, held, slot);
         }
@@ -997,23 +1002,32 @@ impl<T> DispatcherState<T> {
         }
         self.global_running += 1;
         let arrival = self.new_arrival(&meta, now);
-        self.start_runner(meta, payload, arrival, pool, runner, now);
+        let runner_id =
+            self.track_runner(meta.id.clone(), meta.spec_name.clone(), pool, runner, now);
+        self.tasks.insert(HeldTask {
+            meta,
+            payload,
+            place: Place::Running { runner_id },
+            arrival,
+        });
         Ok(())
     }
 
-    fn start_runner(
+    /// Tracks `runner` as running the task `task_id` in `pool`; the caller
+    /// places the task. Returns the runner's id.
+    fn track_runner(
         &mut self,
-        meta: TaskMeta,
-        payload: Option<T>,
-        arrival: Arrival,
+        task_id: TaskId,
+        spec_name: Arc<str>,
         pool: PoolIndex,
         runner: NewRunner,
         now: Now,
-    ) {
+    ) -> Arc<str> {
+        let runner_id = runner.runner_id;
         self.runners.insert(TrackedRunner {
-            runner_id: runner.runner_id.clone(),
-            task_id: meta.id.clone(),
-            spec_name: meta.spec_name.clone(),
+            runner_id: runner_id.clone(),
+            task_id,
+            spec_name,
             slot_id: runner.slot_id,
             pool,
             started_mono: now.mono,
@@ -1022,15 +1036,8 @@ impl<T> DispatcherState<T> {
             last_heartbeat_at: now.wall,
             details: runner.details,
         });
-        self.tasks.insert(HeldTask {
-            meta,
-            payload,
-            place: Place::Running {
-                runner_id: runner.runner_id,
-            },
-            arrival,
-        });
         self.metrics.tasks_assigned += 1;
+        runner_id
     }
 
     /// Takes a task out of whatever place it is in.
@@ -1492,8 +1499,12 @@ impl<T> DispatcherState<T> {
         book: &mut RetryBook,
         now: Now,
     ) -> Outcome<T> {
-        let Some(pool) = self.reserved_pool(task_id) else {
+        let Some(slot) = self.tasks.slot_of(task_id) else {
             return Outcome::returning(payload);
+        };
+        let pool = match self.tasks.at(slot).map(|t| &t.place) {
+            Some(Place::Assigning { pool, .. }) => *pool,
+            _ => return Outcome::returning(payload),
         };
         if self.runners.get(&runner.runner_id).is_some() {
             let reason = format!(
@@ -1502,19 +1513,25 @@ impl<T> DispatcherState<T> {
             );
             return self.fail_assignment(task_id, payload, runner.slot_id, &reason, book, now);
         }
-        let Some(held) = self.tasks.remove(task_id) else {
+        // The task stays in its slot: only its place and handle change.
+        let Some(held) = self.tasks.at_mut(slot) else {
             return Outcome::returning(payload);
         };
-        let early = match held.place {
+        let running = Place::Running {
+            runner_id: runner.runner_id.clone(),
+        };
+        let early = match std::mem::replace(&mut held.place, running) {
             Place::Assigning { early, .. } => early.map(|report| *report),
             _ => None,
         };
-        let early = early.or_else(|| self.take_orphan(&runner.runner_id));
+        held.payload = Some(payload);
         let id = held.meta.id.clone();
+        let spec_name = held.meta.spec_name.clone();
+        let early = early.or_else(|| self.take_orphan(&runner.runner_id));
         let runner_id = runner.runner_id.clone();
         let mut effects = Vec::with_capacity(2);
         effects.push(Effect::Started(Start {
-            spec_name: held.meta.spec_name.clone(),
+            spec_name: spec_name.clone(),
             task_id: id.clone(),
             runner_id: runner_id.clone(),
             slot_id: runner.slot_id.clone(),
@@ -1524,7 +1541,7 @@ impl<T> DispatcherState<T> {
             confirmed_at: now.wall,
             delivered: 0,
         }));
-        self.start_runner(held.meta, Some(payload), held.arrival, pool, runner, now);
+        self.track_runner(id.clone(), spec_name, pool, runner, now);
         let mut failure = None;
         if self.forced {
             self.interrupt(&runner_id, now, &mut effects);
