@@ -472,3 +472,31 @@ def test_each_assignment_reports_its_own_spec_and_repo_among_many_names():
     assert sorted((c.kwargs["metadata"]["task_id"], c.args[0]) for c in allocations) == sorted(
         (t.id, t.metadata["repo_name"]) for t in tasks
     )
+
+
+class _BrokenId:
+    """A polled object whose `id` raises."""
+
+    @property
+    def id(self):
+        raise RuntimeError("registry row is corrupt")
+
+
+def test_polled_objects_without_a_usable_id_are_logged_and_skipped(caplog):
+    dispatcher, _ = make_dispatcher()
+    good = task("good")
+    dispatcher.task_source.poll_ready_tasks.return_value = [
+        _BrokenId(),
+        SimpleNamespace(metadata={}),
+        good,
+    ]
+    dispatcher.repo_pool_manager.allocate_slot.return_value = SimpleNamespace(slot_id="s-good")
+    dispatcher.runner_launcher.launch.return_value = SimpleNamespace(runner_id="r-good")
+    with caplog.at_level(logging.ERROR):
+        counts = dispatcher.tick()
+    assert counts["enqueued"] == 1 and counts["assigned"] == 1
+    assert dispatcher.get_task_place("good") == "running"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert "registry row is corrupt" in errors[0]
+    assert "'id'" in errors[1]

@@ -174,15 +174,18 @@ impl PyDispatcherCore {
             log::error!(target: LOG_TARGET, "poll_ready_tasks failed: {e}");
         }
         let id_name = name!(py, "id");
-        let ids: Vec<Option<Bound<'_, PyAny>>> = returned
+        // Read once: the task's own reading below reuses it.
+        let ids: Vec<PyResult<Option<Bound<'_, PyAny>>>> = returned
             .iter()
-            .map(|task| settings::attr_opt(task, id_name).ok().flatten())
+            .map(|task| settings::attr_opt(task, id_name))
             .collect();
         // The ids' text is read before the lock: nothing of Python under it.
         let texts: Vec<Option<&str>> = ids
             .iter()
             .map(|id| {
                 id.as_ref()
+                    .ok()
+                    .and_then(Option::as_ref)
                     .and_then(|id| id.cast::<pyo3::types::PyString>().ok())
                     .and_then(|id| id.to_str().ok())
             })
@@ -195,14 +198,13 @@ impl PyDispatcherCore {
                 .collect()
         };
         drop(texts);
-        drop(ids);
         let mut skipped = 0;
-        for (task, held) in returned.into_iter().zip(held) {
+        for ((task, id), held) in returned.into_iter().zip(ids).zip(held) {
             if held {
                 skipped += 1;
                 continue;
             }
-            match task_meta(&task) {
+            match settings::task_meta_with_id(&task, id) {
                 Ok(meta) => polled.push((meta, task.unbind())),
                 Err(e) => log::error!(target: LOG_TARGET, "ignoring a polled task: {e}"),
             }

@@ -262,9 +262,16 @@ pub fn read_pools(config: &Bound<'_, PyAny>) -> PyResult<(Pools, Vec<Py<PyAny>>)
 
 /// A task object (or dict) as the core sees it.
 pub fn task_meta(task: &Bound<'_, PyAny>) -> PyResult<TaskMeta> {
+    task_meta_with_id(task, attr_opt(task, name!(task.py(), "id")))
+}
+
+/// [`task_meta`] for a task whose `id` attribute the caller has read.
+pub fn task_meta_with_id<'py>(
+    task: &Bound<'py, PyAny>,
+    id: PyResult<Option<Bound<'py, PyAny>>>,
+) -> PyResult<TaskMeta> {
     let py = task.py();
-    let id = attr_opt(task, name!(py, "id"))?
-        .ok_or_else(|| args::type_error("task", "an object or dict with an 'id'", task))?;
+    let id = id?.ok_or_else(|| args::type_error("task", "an object or dict with an 'id'", task))?;
     let id: Arc<str> = Arc::from(args::string("task.id", &id)?.as_ref());
     let priority = match attr_opt(task, name!(py, "priority"))?.filter(|p| !p.is_none()) {
         Some(p) => args::saturating_int("task.priority", &p)?,
