@@ -1,4 +1,4 @@
-//! The ready queue: task ids in scheduling order, split by the pools a task
+//! The ready queue: tasks in scheduling order, split by the pools a task
 //! may use.
 //!
 //! Order is by priority (higher first) then age under the priority-ordered
