@@ -236,3 +236,21 @@ def test_manual_clock_readings(clock):
     assert clock.now() == START + timedelta(seconds=2.5)
     assert clock.monotonic() == 2.5
     assert ManualClock().now().year >= 2025
+
+
+def test_retry_infos_stay_their_own_when_freed_ones_are_reused():
+    # RetryInfo objects are recycled through a free list: the ones still held
+    # keep their values while freed ones are made into new records.
+    manager = RetryManager(max_attempts=5)
+    kept = []
+    for i in range(300):
+        info = manager.record_failure(f"t{i}", f"reason {i}")
+        if i % 3 == 0:
+            kept.append((i, info))
+        del info
+    for i in range(300, 600):
+        manager.record_failure(f"t{i}", f"reason {i}")
+    assert len(kept) == 100
+    for i, info in kept:
+        assert (info.task_id, info.retry_count, info.failure_reason) == (f"t{i}", 1, f"reason {i}")
+        assert info == manager.get_retry_info(f"t{i}")

@@ -42,8 +42,10 @@ pub fn state_from_py(what: &str, state: &Bound<'_, PyAny>) -> PyResult<String> {
 }
 
 /// Retry information of one task. Attributes are writable; `to_dict()` and
-/// `from_dict()` give and take the original's serialised form.
-#[pyclass(module = "necrocode_dispatch._core", name = "RetryInfo")]
+/// `from_dict()` give and take the original's serialised form. One is made
+/// per `record_failure`: freed objects are kept for reuse (a free list)
+/// instead of going back to Python's allocator.
+#[pyclass(module = "necrocode_dispatch._core", name = "RetryInfo", freelist = 64)]
 #[derive(Clone, Debug, PartialEq)]
 pub struct PyRetryInfo {
     task_id: Arc<str>,
