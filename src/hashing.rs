@@ -92,6 +92,24 @@ fn half_word(bytes: &[u8]) -> u32 {
 
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
+/// Whether two byte strings are equal, comparing ids of up to 16 bytes by
+/// overlapping word loads inline: the C library's `memcmp` behind `==` costs a
+/// call and its size dispatch on every lookup that finds its key.
+#[inline]
+pub fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a == b,
+        4..=7 => half_word(a) == half_word(b) && half_word(&a[n - 4..]) == half_word(&b[n - 4..]),
+        8..=16 => word(a) == word(b) && word(&a[n - 8..]) == word(&b[n - 8..]),
+        _ => a == b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +149,22 @@ mod tests {
             .map(|i| hash(&format!("r-task-{i:07}")) & 0xfff)
             .collect();
         assert!(low.len() > 2048, "only {} of 4096 buckets used", low.len());
+    }
+
+    #[test]
+    fn bytes_eq_agrees_with_slice_equality_at_every_length_and_position() {
+        for len in 0..=24 {
+            let base: Vec<u8> = (0..len as u8).map(|i| b'a' + i % 26).collect();
+            assert!(bytes_eq(&base, &base.clone()), "length {len}");
+            for i in 0..len {
+                let mut other = base.clone();
+                other[i] ^= 0x20;
+                assert!(!bytes_eq(&base, &other), "length {len}, byte {i}");
+            }
+            let mut longer = base.clone();
+            longer.push(b'z');
+            assert!(!bytes_eq(&base, &longer) && !bytes_eq(&longer, &base));
+        }
     }
 
     #[test]

@@ -280,6 +280,46 @@ def test_retry_info_pickles_and_copies(manager):
         assert type(clone) is RetryInfo
 
 
+class _Id(str):
+    """A str subclass whose behaviour must not reach what the manager hands back."""
+
+    def __eq__(self, other):
+        return False
+
+    __hash__ = str.__hash__
+
+
+def test_a_recorded_failure_holds_the_given_id_str(manager):
+    task_id = "".join(["task-", "1"])  # made at run time, not a shared constant
+    info = manager.record_failure(task_id, "boom")
+    assert info.task_id is task_id
+    info.task_id = task_id.upper()
+    assert info.task_id == "TASK-1"
+    # A subclass's value is kept as a plain str of the same text.
+    sub = manager.record_failure(_Id("task-2"), "boom")
+    assert type(sub.task_id) is str and sub.task_id == "task-2"
+    assert type(RetryInfo(_Id("x")).task_id) is str
+    assert manager.get_retry_count("task-2") == 1
+
+
+@pytest.mark.parametrize("task_id", ["tâche-é", "задача-7", "任务", "task-\U0001f680"])
+def test_ids_beyond_ascii_are_kept_exactly(manager, clock, task_id):
+    info = manager.record_failure(task_id, "boom")
+    assert info.task_id == task_id and manager.get_retry_count(task_id) == 1
+    assert manager.should_retry(task_id) is False
+    clock.advance(1.0)
+    assert manager.should_retry(task_id) is True
+    assert list(manager.get_all_retry_info()) == [task_id]
+    assert manager.get_tasks_ready_for_retry() == [task_id]
+    assert RetryInfo.from_dict(info.to_dict()) == info
+
+
+def test_retry_infos_compare_ids_by_text():
+    assert RetryInfo("t-1") == RetryInfo("".join(["t-", "1"]))
+    assert RetryInfo("t-1") != RetryInfo("t-2")
+    assert RetryInfo("é") == RetryInfo("\u00e9") != RetryInfo("e\u0301")
+
+
 def test_get_retry_info_returns_a_copy(manager):
     manager.record_failure("task-1", "boom")
     info = manager.get_retry_info("task-1")

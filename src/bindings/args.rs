@@ -44,12 +44,35 @@ pub fn type_error(name: &str, expected: &str, obj: &Bound<'_, PyAny>) -> PyErr {
     PyTypeError::new_err(format!("{name} must be {expected}, got {}", describe(obj)))
 }
 
+/// The text of a `str`. A compact ASCII `str`, what ids and names nearly
+/// always are, is read in place (its bytes are its UTF-8) without the call
+/// into CPython that checks and finds them (SPEC §6: every id argument).
+#[inline]
+pub fn text<'a>(s: &'a Bound<'_, PyString>) -> PyResult<Cow<'a, str>> {
+    // The layout's accessors exist up to 3.13 (3.14 hides its bit fields).
+    #[cfg(not(any(Py_LIMITED_API, Py_3_14, PyPy, GraalPy)))]
+    // SAFETY: `s` is a live `str`, held for 'a; a compact ASCII str keeps its
+    // `length` ASCII bytes right after its header, and a str never changes
+    // once made.
+    unsafe {
+        use pyo3::ffi;
+        let p = s.as_ptr();
+        if ffi::PyUnicode_IS_COMPACT_ASCII(p) != 0 {
+            let len = ffi::PyUnicode_GET_LENGTH(p) as usize;
+            let data = ffi::PyUnicode_DATA(p).cast::<u8>();
+            let bytes = std::slice::from_raw_parts(data, len);
+            return Ok(Cow::Borrowed(std::str::from_utf8_unchecked(bytes)));
+        }
+    }
+    s.to_cow()
+}
+
 /// A `str` argument, such as a task id.
 pub fn string<'a>(name: &str, obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, str>> {
     match obj.cast::<PyString>() {
         // A str that is not valid Unicode text (a lone surrogate) cannot be
         // an id or a name: say which argument, not just the codec's complaint.
-        Ok(s) => s.to_cow().map_err(|e| {
+        Ok(s) => text(s).map_err(|e| {
             PyValueError::new_err(format!(
                 "{name} must be valid Unicode text, got {}: {e}",
                 obj.repr()
@@ -57,6 +80,17 @@ pub fn string<'a>(name: &str, obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, str
             ))
         }),
         Err(_) => Err(type_error(name, "a str", obj)),
+    }
+}
+
+/// A checked `str` argument (`text` is what [`string`] read) as an object to
+/// keep: the argument itself when it is exactly a `str`, so that nothing is
+/// copied; a plain `str` of its text for a subclass, whose behaviour stays
+/// out of what we hand back.
+pub fn plain_str<'py>(obj: &Bound<'py, PyAny>, text: &str) -> Bound<'py, PyString> {
+    match obj.cast_exact::<PyString>() {
+        Ok(s) => s.clone(),
+        Err(_) => PyString::new(obj.py(), text),
     }
 }
 

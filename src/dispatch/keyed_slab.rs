@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, BuildHasherDefault};
 
 use hashbrown::HashTable;
 
-use crate::hashing::FxHasher;
+use crate::hashing::{bytes_eq, FxHasher};
 
 /// An entry that knows its own key.
 pub trait Keyed {
@@ -68,7 +68,7 @@ impl<V: Keyed> KeyedSlab<V> {
             .find(hash(key), |&slot| {
                 slots[slot as usize]
                     .as_ref()
-                    .is_some_and(|v| v.key() == key)
+                    .is_some_and(|v| bytes_eq(v.key().as_bytes(), key.as_bytes()))
             })
             .copied()
     }
@@ -130,7 +130,7 @@ impl<V: Keyed> KeyedSlab<V> {
             .find_entry(hash(key), |&slot| {
                 slots[slot as usize]
                     .as_ref()
-                    .is_some_and(|v| v.key() == key)
+                    .is_some_and(|v| bytes_eq(v.key().as_bytes(), key.as_bytes()))
             })
             .ok()?;
         let (slot, _) = entry.remove();

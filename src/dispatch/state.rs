@@ -426,8 +426,8 @@ pub struct Outcome<T> {
     /// False when the runner's outcome had already been applied: nothing changed.
     pub applied: bool,
     pub effects: Vec<Effect<T>>,
-    /// The retry record, when a failure was recorded.
-    pub failure: Option<RecordedFailure>,
+    /// The task's id and its retry record, when a failure was recorded.
+    pub failure: Option<(TaskId, RecordedFailure)>,
 }
 
 impl<T> Default for Outcome<T> {
@@ -1139,7 +1139,7 @@ impl<T> DispatcherState<T> {
         book: &mut RetryBook,
         now: Now,
         effects: &mut Vec<Effect<T>>,
-    ) -> RecordedFailure {
+    ) -> (TaskId, RecordedFailure) {
         // The runner's names are moved where they go, not copied.
         let runner = runner.map(|r| {
             self.free_capacity(&r);
@@ -1178,7 +1178,7 @@ impl<T> DispatcherState<T> {
                 Arc::from(task_id),
             ),
         };
-        let recorded = book.record_failure_of(&id, Some(reason), now);
+        let recorded = book.record_failure(&id, Some(reason), now);
         // The book keeps one copy of each reason text: shared, not copied.
         let reason = match &recorded.info.failure_reason {
             Some(kept) => kept.clone(),
@@ -1242,17 +1242,17 @@ impl<T> DispatcherState<T> {
             }
             effects.push(Effect::ReportState {
                 spec_name: spec,
-                task_id: id,
+                task_id: id.clone(),
                 state: ReportedState::Ready,
                 metadata: StateMetadata::Retry {
                     retry_count: recorded.info.retry_count,
-                    next_retry_at: recorded.info.next_retry_at.unwrap_or(now.wall),
+                    next_retry_at: recorded.info.next_retry_at,
                     failure_reason: reason,
                 },
             });
             self.metrics.retries_scheduled += 1;
         }
-        recorded
+        (id, recorded)
     }
 
     /// `handle_runner_completion`: the first report for a runner wins; later

@@ -151,7 +151,16 @@ impl BackoffPolicy {
     /// [`BackoffPolicy::delay`] for an exponent `retry_count - 1` already in
     /// floating point (retry counts beyond the `i64` range, or infinite).
     pub fn delay_for_exponent(&self, exponent: f64) -> f64 {
-        let growth = self.backoff_base.powf(exponent);
+        // A first or second failure, the usual ones, skips the library's
+        // `pow`: x^0 is 1 and x^1 is x exactly (IEEE 754, C99 F.9.4.4), so the
+        // delay is the same to the bit.
+        let growth = if exponent == 0.0 {
+            1.0
+        } else if exponent == 1.0 {
+            self.backoff_base
+        } else {
+            self.backoff_base.powf(exponent)
+        };
         if !growth.is_finite() {
             return self.max_delay;
         }

@@ -121,7 +121,7 @@ impl RetryManager {
             let now = self.clock.now();
             book.record_failure(task_id, failure_reason, now)
         };
-        log_failure(&recorded);
+        log_failure(task_id, &recorded);
         recorded
     }
 
@@ -248,20 +248,19 @@ impl RetryManager {
 
 /// The log lines of one recorded failure: INFO for the failure and for reaching
 /// the limit, DEBUG for the delay and the reason.
-pub fn log_failure(recorded: &RecordedFailure) {
+pub fn log_failure(task_id: &str, recorded: &RecordedFailure) {
     // One level check for all four records: none is wanted without INFO.
     if !log::log_enabled!(target: LOG_TARGET, log::Level::Info) {
         return;
     }
     let info = &recorded.info;
-    let task_id = &info.task_id;
     log::info!(
         target: LOG_TARGET,
         "Recorded failure for task {task_id}: retry_count={}/{}, next_retry_at={}, delay={:.1}s",
         info.retry_count,
         recorded.max_attempts,
         // Formatted only if the record is wanted.
-        crate::time::wall::DisplayOptional(info.next_retry_at),
+        info.next_retry_at,
         recorded.delay_seconds
     );
     log::debug!(

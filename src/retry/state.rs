@@ -18,7 +18,7 @@ use std::collections::BinaryHeap;
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
-use crate::hashing::{FastMap, FxHasher};
+use crate::hashing::{bytes_eq, FastMap, FxHasher};
 use crate::retry::backoff::BackoffPolicy;
 use crate::retry::budget::{BudgetSettings, RetryBudget};
 use crate::retry::failure_policy::{FailureClass, FailureClasses, GiveUp};
@@ -63,12 +63,22 @@ struct Reasons {
     texts: Vec<(Arc<str>, u32, FailureClass)>,
     by_text: FastMap<Arc<str>, u32>,
     free: Vec<u32>,
+    /// The reason acquired last: failures come in runs of the same reason,
+    /// and comparing it is cheaper than hashing the text.
+    last: u32,
 }
 
 impl Reasons {
     fn acquire(&mut self, text: &str, classes: &FailureClasses) -> u32 {
+        if let Some(entry) = self.texts.get_mut(self.last as usize) {
+            if entry.1 > 0 && bytes_eq(entry.0.as_bytes(), text.as_bytes()) {
+                entry.1 += 1;
+                return self.last;
+            }
+        }
         if let Some(&index) = self.by_text.get(text) {
             self.texts[index as usize].1 += 1;
+            self.last = index;
             return index;
         }
         let class = classes.classify(Some(text));
@@ -84,6 +94,7 @@ impl Reasons {
             }
         };
         self.by_text.insert(text, index);
+        self.last = index;
         index
     }
 
@@ -211,10 +222,20 @@ pub struct StoredRecord {
     pub first_failure: Option<MonoNanos>,
 }
 
+/// A record's values as a failure left them. Without the id: the caller
+/// has it, and copying it for every failure would cost an allocation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailureInfo {
+    pub retry_count: u64,
+    pub last_retry_at: WallTime,
+    pub next_retry_at: WallTime,
+    pub failure_reason: Option<Arc<str>>,
+}
+
 /// What [`RetryBook::record_failure`] did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecordedFailure {
-    pub info: RetrySnapshot,
+    pub info: FailureInfo,
     /// Monotonic due time of the next retry.
     pub due: MonoNanos,
     pub delay_seconds: f64,
@@ -471,7 +492,7 @@ impl RetryBook {
 
     fn find(&self, task_id: &str) -> Option<Slot> {
         self.by_id.find(short_hash(task_id), |slot| {
-            stored_id(&self.slots, &self.ids, slot) == task_id.as_bytes()
+            bytes_eq(stored_id(&self.slots, &self.ids, slot), task_id.as_bytes())
         })
     }
 
@@ -502,7 +523,7 @@ impl RetryBook {
         let hash = short_hash(task_id);
         let (slots, ids) = (&self.slots, &self.ids);
         let vacant = match self.by_id.entry(hash, |slot| {
-            stored_id(slots, ids, slot) == task_id.as_bytes()
+            bytes_eq(stored_id(slots, ids, slot), task_id.as_bytes())
         }) {
             Ok(slot) => return slot,
             Err(vacant) => vacant,
@@ -556,29 +577,6 @@ impl RetryBook {
     pub fn record_failure(
         &mut self,
         task_id: &str,
-        failure_reason: Option<&str>,
-        now: Now,
-    ) -> RecordedFailure {
-        self.apply_failure(task_id, None, failure_reason, now)
-    }
-
-    /// [`Self::record_failure`] for a caller that holds the id as a
-    /// [`TaskId`]: the record it returns shares that id instead of a copy.
-    pub fn record_failure_of(
-        &mut self,
-        task_id: &TaskId,
-        failure_reason: Option<&str>,
-        now: Now,
-    ) -> RecordedFailure {
-        self.apply_failure(task_id, Some(task_id), failure_reason, now)
-    }
-
-    // Inlined into both callers: each gets the id handling it needs.
-    #[inline(always)]
-    fn apply_failure(
-        &mut self,
-        task_id: &str,
-        shared_id: Option<&TaskId>,
         failure_reason: Option<&str>,
         now: Now,
     ) -> RecordedFailure {
@@ -642,12 +640,13 @@ impl RetryBook {
             }));
             self.compact_index_if_stale();
         }
-        let info = match shared_id {
-            Some(id) => self.snapshot_with_id(&record, id.clone()),
-            None => self.snapshot(&record),
-        };
         RecordedFailure {
-            info,
+            info: FailureInfo {
+                retry_count: u64::from(record.retry_count),
+                last_retry_at: record.last_retry_at,
+                next_retry_at: record.next_retry_at,
+                failure_reason: self.reasons.get(record.reason).cloned(),
+            },
             due: record.due,
             delay_seconds,
             max_attempts: policy.max_attempts(),
@@ -751,7 +750,7 @@ impl RetryBook {
     pub fn clear(&mut self, task_id: &str) -> bool {
         let (slots, ids) = (&self.slots, &self.ids);
         let Some(slot) = self.by_id.remove(short_hash(task_id), |slot| {
-            stored_id(slots, ids, slot) == task_id.as_bytes()
+            bytes_eq(stored_id(slots, ids, slot), task_id.as_bytes())
         }) else {
             return false;
         };
@@ -922,12 +921,8 @@ impl RetryBook {
     }
 
     fn snapshot(&self, r: &RetryRecord) -> RetrySnapshot {
-        self.snapshot_with_id(r, Arc::from(self.id_of(r)))
-    }
-
-    fn snapshot_with_id(&self, r: &RetryRecord, task_id: TaskId) -> RetrySnapshot {
         RetrySnapshot {
-            task_id,
+            task_id: Arc::from(self.id_of(r)),
             retry_count: u64::from(r.retry_count),
             last_retry_at: Some(r.last_retry_at),
             next_retry_at: Some(r.next_retry_at),
@@ -963,13 +958,10 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_recorded_for_a_held_id_shares_it_and_the_kept_reason() {
+    fn failures_share_the_kept_reason() {
         let mut b = book(3);
-        let id: TaskId = Arc::from("t");
-        let first = b.record_failure_of(&id, Some("exit 1"), at(0));
-        assert!(Arc::ptr_eq(&first.info.task_id, &id));
+        let first = b.record_failure("t", Some("exit 1"), at(0));
         let other = b.record_failure("u", Some("exit 1"), at(0));
-        assert_eq!(&*other.info.task_id, "u");
         // One copy of the reason text for both records.
         let (a, c) = (first.info.failure_reason, other.info.failure_reason);
         assert!(Arc::ptr_eq(a.as_ref().unwrap(), c.as_ref().unwrap()));
@@ -997,7 +989,7 @@ mod tests {
         let r = b.record_failure("t", None, at(5));
         let info = r.info;
         assert_eq!(
-            info.next_retry_at.unwrap().micros() - info.last_retry_at.unwrap().micros(),
+            info.next_retry_at.micros() - info.last_retry_at.micros(),
             1_000_000
         );
     }
@@ -1143,7 +1135,7 @@ mod tests {
     fn huge_delays_saturate_instead_of_overflowing() {
         let mut b = RetryBook::new(BackoffPolicy::new(3, 2.0, 1e300, 1e300).unwrap());
         let r = b.record_failure("t", None, at(0));
-        assert_eq!(r.info.next_retry_at, Some(WallTime::MAX));
+        assert_eq!(r.info.next_retry_at, WallTime::MAX);
         assert!(!b.should_retry("t", u64::MAX - 1).allowed());
     }
 
@@ -1336,8 +1328,7 @@ mod tests {
             );
             // The report is exact to the microsecond.
             let info = r.info;
-            let waited =
-                info.next_retry_at.unwrap().micros() - info.last_retry_at.unwrap().micros();
+            let waited = info.next_retry_at.micros() - info.last_retry_at.micros();
             assert_eq!(waited, timedelta_micros(d));
             previous = waited as f64 / 1e6;
         }

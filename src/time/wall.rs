@@ -322,18 +322,6 @@ impl fmt::Debug for WallTime {
     }
 }
 
-/// An optional time for a log message: its isoformat, or nothing.
-pub struct DisplayOptional(pub Option<WallTime>);
-
-impl fmt::Display for DisplayOptional {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(t) => t.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,10 +85,10 @@ impl PyDispatcherCore {
     }
 
     /// Logs recorded failures (after the lock: logging runs Python code).
-    fn note_failures<'a>(&self, failures: impl Iterator<Item = &'a RecordedFailure>) {
+    fn note_failures<'a>(&self, failures: impl Iterator<Item = &'a (TaskId, RecordedFailure)>) {
         let mut delayed = false;
-        for failure in failures {
-            log_failure(failure);
+        for (task_id, failure) in failures {
+            log_failure(task_id, failure);
             delayed |= !failure.limit_reached;
         }
         if delayed && self.running() {

@@ -10,6 +10,7 @@ mod run_loop;
 mod settings;
 mod status;
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -180,21 +181,21 @@ impl PyDispatcherCore {
             .map(|task| settings::attr_opt(task, id_name))
             .collect();
         // The ids' text is read before the lock: nothing of Python under it.
-        let texts: Vec<Option<&str>> = ids
+        let texts: Vec<Option<Cow<'_, str>>> = ids
             .iter()
             .map(|id| {
                 id.as_ref()
                     .ok()
                     .and_then(Option::as_ref)
                     .and_then(|id| id.cast::<pyo3::types::PyString>().ok())
-                    .and_then(|id| id.to_str().ok())
+                    .and_then(|id| args::text(id).ok())
             })
             .collect();
         let held: Vec<bool> = {
             let state = self.state.lock();
             texts
                 .iter()
-                .map(|id| id.is_some_and(|id| state.ignores_offer(id)))
+                .map(|id| id.as_deref().is_some_and(|id| state.ignores_offer(id)))
                 .collect()
         };
         drop(texts);

@@ -438,8 +438,12 @@ fn id_attribute<'py>(
     let raw = attr_opt(object, attribute)?;
     let id = match &raw {
         // The argument's name is formatted only for an error message.
-        Some(value) => match value.cast::<PyString>().ok().and_then(|s| s.to_str().ok()) {
-            Some(id) => Ok(Arc::from(id)),
+        Some(value) => match value
+            .cast::<PyString>()
+            .ok()
+            .and_then(|s| args::text(s).ok())
+        {
+            Some(id) => Ok(Arc::from(id.as_ref())),
             None => {
                 args::string(&format!("{name}.{attribute}"), value).map(|id| Arc::from(id.as_ref()))
             }
@@ -508,8 +512,8 @@ impl<'a, 'py> KnownTexts<'a, 'py> {
 
     /// Remembers a `str` the reports may pass on.
     pub fn remember(&mut self, string: &'a Bound<'py, PyString>) {
-        if let (Ok(text), Some(free)) = (
-            string.to_str(),
+        if let (Ok(Cow::Borrowed(text)), Some(free)) = (
+            args::text(string),
             self.entries.iter_mut().find(|e| e.is_none()),
         ) {
             *free = Some((text, string));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple, PyType};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
 
 use crate::bindings::args::{self, Arg};
 use crate::bindings::files::{io_error, path_arg};
@@ -16,7 +16,7 @@ use crate::bindings::time::{clock, datetime};
 use crate::retry::backoff::{BackoffPolicy, InvalidSetting, Setting};
 use crate::retry::manager::{LoadError, RetryManager};
 use crate::retry::snapshot::{self as retry_snapshot, RetryState};
-use crate::retry::state::RetrySnapshot;
+use crate::retry::state::{FailureInfo, RetrySnapshot};
 use crate::time::wall::WallTime;
 
 fn invalid_setting(err: InvalidSetting) -> PyErr {
@@ -46,24 +46,54 @@ pub fn state_from_py(what: &str, state: &Bound<'_, PyAny>) -> PyResult<String> {
 /// per `record_failure`: freed objects are kept for reuse (a free list)
 /// instead of going back to Python's allocator.
 #[pyclass(module = "necrocode_dispatch._core", name = "RetryInfo", freelist = 64)]
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct PyRetryInfo {
-    task_id: Arc<str>,
+    /// The caller's own `str` when it passed exactly a `str`: a recorded
+    /// failure's result copies no id.
+    task_id: Py<PyString>,
     retry_count: u64,
     last_retry_at: Option<WallTime>,
     next_retry_at: Option<WallTime>,
     failure_reason: Option<Arc<str>>,
 }
 
-impl From<RetrySnapshot> for PyRetryInfo {
-    fn from(s: RetrySnapshot) -> Self {
+impl PyRetryInfo {
+    fn from_snapshot(py: Python<'_>, s: RetrySnapshot) -> Self {
         PyRetryInfo {
-            task_id: s.task_id,
+            task_id: PyString::new(py, &s.task_id).unbind(),
             retry_count: s.retry_count,
             last_retry_at: s.last_retry_at,
             next_retry_at: s.next_retry_at,
             failure_reason: s.failure_reason,
         }
+    }
+
+    fn from_failure(task_id: Bound<'_, PyString>, info: FailureInfo) -> Self {
+        PyRetryInfo {
+            task_id: task_id.unbind(),
+            retry_count: info.retry_count,
+            last_retry_at: Some(info.last_retry_at),
+            next_retry_at: Some(info.next_retry_at),
+            failure_reason: info.failure_reason,
+        }
+    }
+
+    fn copy(&self, py: Python<'_>) -> Self {
+        PyRetryInfo {
+            task_id: self.task_id.clone_ref(py),
+            retry_count: self.retry_count,
+            last_retry_at: self.last_retry_at,
+            next_retry_at: self.next_retry_at,
+            failure_reason: self.failure_reason.clone(),
+        }
+    }
+
+    fn equals(&self, py: Python<'_>, other: &Self) -> PyResult<bool> {
+        Ok(self.retry_count == other.retry_count
+            && self.last_retry_at == other.last_retry_at
+            && self.next_retry_at == other.next_retry_at
+            && self.failure_reason == other.failure_reason
+            && args::text(self.task_id.bind(py))? == args::text(other.task_id.bind(py))?)
     }
 }
 
@@ -72,7 +102,7 @@ impl PyRetryInfo {
         PyTuple::new(
             py,
             [
-                self.task_id.as_ref().into_pyobject(py)?.into_any(),
+                self.task_id.bind(py).clone().into_any(),
                 self.retry_count.into_pyobject(py)?.into_any(),
                 datetime::optional_to_py(py, self.last_retry_at)?.into_bound(py),
                 datetime::optional_to_py(py, self.next_retry_at)?.into_bound(py),
@@ -105,8 +135,9 @@ impl PyRetryInfo {
         failure_reason: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let none = task_id.py().None().into_bound(task_id.py());
+        let id = args::string("task_id", task_id)?;
         Ok(PyRetryInfo {
-            task_id: Arc::from(args::string("task_id", task_id)?.as_ref()),
+            task_id: args::plain_str(task_id, &id).unbind(),
             retry_count: match retry_count {
                 Arg::Missing => 0,
                 Arg::Given(n) => args::non_negative_int("retry_count", &n)?,
@@ -125,13 +156,14 @@ impl PyRetryInfo {
     }
 
     #[getter]
-    fn task_id(&self) -> &str {
-        &self.task_id
+    fn task_id(&self, py: Python<'_>) -> Py<PyString> {
+        self.task_id.clone_ref(py)
     }
 
     #[setter]
     fn set_task_id(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.task_id = Arc::from(args::string("task_id", value)?.as_ref());
+        let id = args::string("task_id", value)?;
+        self.task_id = args::plain_str(value, &id).unbind();
         Ok(())
     }
 
@@ -184,7 +216,7 @@ impl PyRetryInfo {
     /// "failure_reason"}`, datetimes as `isoformat()` strings or None.
     pub(crate) fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item(name!(py, "task_id"), self.task_id.as_ref())?;
+        d.set_item(name!(py, "task_id"), self.task_id.bind(py))?;
         d.set_item(name!(py, "retry_count"), self.retry_count)?;
         d.set_item(
             name!(py, "last_retry_at"),
@@ -220,8 +252,9 @@ impl PyRetryInfo {
         let last = get("last_retry_at")?.unwrap_or_else(|| none.clone());
         let next = get("next_retry_at")?.unwrap_or_else(|| none.clone());
         let reason = get("failure_reason")?;
+        let id = args::string("task_id", &task_id)?;
         Ok(PyRetryInfo {
-            task_id: Arc::from(args::string("task_id", &task_id)?.as_ref()),
+            task_id: args::plain_str(&task_id, &id).unbind(),
             retry_count,
             last_retry_at: datetime::optional_from_iso("last_retry_at", &last)?,
             next_retry_at: datetime::optional_from_iso("next_retry_at", &next)?,
@@ -234,7 +267,7 @@ impl PyRetryInfo {
         let py = other.py();
         Ok(match other.cast::<PyRetryInfo>() {
             Ok(o) => {
-                let equal = *self == *o.borrow();
+                let equal = self.equals(py, &o.borrow())?;
                 pyo3::types::PyBool::new(py, equal)
                     .to_owned()
                     .into_any()
@@ -266,12 +299,12 @@ impl PyRetryInfo {
         Ok((slf.get_type(), slf.borrow().fields(py)?))
     }
 
-    fn __copy__(&self) -> Self {
-        self.clone()
+    fn __copy__(&self, py: Python<'_>) -> Self {
+        self.copy(py)
     }
 
-    fn __deepcopy__(&self, _memo: &Bound<'_, PyAny>) -> Self {
-        self.clone()
+    fn __deepcopy__(&self, py: Python<'_>, _memo: &Bound<'_, PyAny>) -> Self {
+        self.copy(py)
     }
 }
 
@@ -514,7 +547,10 @@ impl PyRetryManager {
         let id = args::string("task_id", task_id)?;
         let reason = args::optional_string("failure_reason", failure_reason)?;
         let recorded = self.core.record_failure(&id, reason.as_deref());
-        Ok(recorded.info.into())
+        Ok(PyRetryInfo::from_failure(
+            args::plain_str(task_id, &id),
+            recorded.info,
+        ))
     }
 
     fn should_retry(&self, task_id: &Bound<'_, PyAny>) -> PyResult<bool> {
@@ -527,10 +563,11 @@ impl PyRetryManager {
 
     /// A copy of the task's retry information, or None when it has none.
     fn get_retry_info(&self, task_id: &Bound<'_, PyAny>) -> PyResult<Option<PyRetryInfo>> {
+        let py = task_id.py();
         Ok(self
             .core
             .info(&args::string("task_id", task_id)?)
-            .map(Into::into))
+            .map(|s| PyRetryInfo::from_snapshot(py, s)))
     }
 
     fn clear_retry_info(&self, task_id: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -542,8 +579,10 @@ impl PyRetryManager {
         let all = self.core.all_info();
         let out = PyDict::new(py);
         for info in all {
-            let key = info.task_id.clone();
-            out.set_item(key.as_ref(), Py::new(py, PyRetryInfo::from(info))?)?;
+            let info = PyRetryInfo::from_snapshot(py, info);
+            // The key is the very `str` the value holds.
+            let key = info.task_id.clone_ref(py);
+            out.set_item(key, Py::new(py, info)?)?;
         }
         Ok(out)
     }

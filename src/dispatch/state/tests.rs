@@ -313,6 +313,7 @@ fn heartbeats_keep_runners_alive_and_silence_times_them_out() {
             .failure
             .as_ref()
             .unwrap()
+            .1
             .info
             .failure_reason
             .as_deref(),
