@@ -453,6 +453,46 @@ def test_a_task_backing_off_says_how_long_it_must_wait(manager, clock, caplog):
     assert waits == ["Task t must wait 0.8s before retry"]
 
 
+def test_records_known_unwanted_come_back_with_any_level_change(manager, caplog):
+    # record_failure and should_retry skip making the records that the
+    # logger's cache says are unwanted; a change of level anywhere (the
+    # logger, a parent, logging.disable) must bring them back at once.
+    logger = logging.getLogger(LOGGER)
+    parent = logging.getLogger("necrocode_dispatch")
+
+    def logged():
+        caplog.clear()
+        manager.clear_retry_info("t")
+        for _ in range(3):  # the first fills the cache, the rest use it
+            manager.record_failure("t", "boom")
+            manager.should_retry("t")
+        mine = [r for r in caplog.records if r.name == LOGGER]
+        return (
+            sum(r.levelno == logging.INFO for r in mine),
+            sum(r.levelno == logging.DEBUG and "must wait" in r.getMessage() for r in mine),
+            sum(r.levelno == logging.DEBUG and "boom" in r.getMessage() for r in mine),
+        )
+
+    try:
+        logger.setLevel(logging.WARNING)
+        # INFO x3 and the limit's INFO; DEBUG "must wait" only while retrying.
+        assert logged() == (0, 0, 0)
+        logger.setLevel(logging.NOTSET)
+        parent.setLevel(logging.DEBUG)
+        assert logged() == (4, 2, 3)
+        parent.setLevel(logging.INFO)
+        assert logged() == (4, 0, 0)
+        logging.disable(logging.INFO)
+        assert logged() == (0, 0, 0)
+        logging.disable(logging.NOTSET)
+        parent.setLevel(logging.DEBUG)
+        assert logged() == (4, 2, 3)
+    finally:
+        logging.disable(logging.NOTSET)
+        parent.setLevel(logging.NOTSET)
+        logger.setLevel(logging.NOTSET)
+
+
 def test_level_changes_take_effect_at_once(manager, caplog):
     # The core answers "is DEBUG enabled?" from the logger's own cache; every
     # level change must still be seen by the very next call.

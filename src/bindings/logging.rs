@@ -13,9 +13,11 @@
 //! Where CPython keeps a dict's version tag (3.10-3.13: it changes with every
 //! change of the dict), a level found disabled is remembered with the tag it
 //! was read at, and the next record of that level compares one number
-//! instead of looking the level up (SPEC §6, `should_retry`).
+//! instead of looking the level up (SPEC §6, `should_retry`). A binding that
+//! holds the GIL asks [`most_verbose`] before a hot call, so that the core
+//! does not even build the records known to be unwanted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -29,6 +31,9 @@ const TARGETS: usize = 8;
 /// A log target and its Python logger's `_cache` dict, if it has one.
 struct TargetCache {
     target: String,
+    /// The address of a `&'static str` of the same text that asked
+    /// [`most_verbose`] (0: none yet): one comparison finds the entry.
+    static_target: AtomicUsize,
     cache: Option<Py<PyDict>>,
     /// Per level (ERROR to TRACE): the dict's version tag when it last said
     /// the level is disabled; 0 (never a tag) when it has not. Read and
@@ -52,12 +57,53 @@ fn version_tag(_dict: &Py<PyDict>) -> Option<u64> {
     None
 }
 
+/// Filled in order, once per target, never changed after: the check on
+/// every record reads them without any lock (a DEBUG record nobody wants
+/// sits on `should_retry`'s path, SPEC §6). One set per process, as the
+/// logger is.
+static LEVEL_CACHES: [OnceLock<TargetCache>; TARGETS] = [const { OnceLock::new() }; TARGETS];
+
 pub struct GatedLogger {
     inner: pyo3_log::Logger,
-    /// Filled in order, once per target, never changed after: the check on
-    /// every record reads them without any lock (a DEBUG record nobody wants
-    /// sits on `should_retry`'s path, SPEC §6).
-    level_caches: [OnceLock<TargetCache>; TARGETS],
+}
+
+/// Whether Python's cache said `level` is disabled for the entry's logger
+/// and has not changed since (where the dict has a version tag).
+fn known_disabled(entry: &TargetCache, level: Level) -> bool {
+    let (Some(cache), disabled_at) = (&entry.cache, &entry.disabled_at[level as usize - 1]) else {
+        return false;
+    };
+    version_tag(cache).is_some_and(|t| t != 0 && disabled_at.load(Ordering::Relaxed) == t)
+}
+
+/// The most verbose level whose records for `target` may be wanted: a level
+/// Python's cache said is disabled, unchanged since, is left out. The GIL
+/// held (`py`) is what makes reading the cache safe; unsure means wanted.
+/// The core's hot calls take it to skip building records (DEBUG on every
+/// `should_retry` that backs off) that the logger would drop.
+pub fn most_verbose(_py: Python<'_>, target: &'static str) -> LevelFilter {
+    let address = target.as_ptr() as usize;
+    for cell in &LEVEL_CACHES {
+        let Some(entry) = cell.get() else {
+            break;
+        };
+        if entry.static_target.load(Ordering::Relaxed) != address {
+            if entry.target != target {
+                continue;
+            }
+            // Static text never changes: its address names it from now on.
+            entry.static_target.store(address, Ordering::Relaxed);
+        }
+        // Python's levels are ordered: INFO off means DEBUG off too.
+        return if known_disabled(entry, Level::Info) {
+            LevelFilter::Warn
+        } else if known_disabled(entry, Level::Debug) {
+            LevelFilter::Info
+        } else {
+            LevelFilter::Trace
+        };
+    }
+    LevelFilter::Trace
 }
 
 /// Python's number for a level, as pyo3-log maps it.
@@ -77,10 +123,7 @@ impl GatedLogger {
     pub fn install(py: Python<'_>) -> PyResult<bool> {
         let inner =
             pyo3_log::Logger::new(py, pyo3_log::Caching::Loggers)?.filter(LevelFilter::Debug);
-        let logger = GatedLogger {
-            inner,
-            level_caches: Default::default(),
-        };
+        let logger = GatedLogger { inner };
         if log::set_boxed_logger(Box::new(logger)).is_err() {
             return Ok(false);
         }
@@ -94,7 +137,7 @@ impl GatedLogger {
     /// off): the dict is read with a borrowed lookup compared against
     /// `False` itself.
     fn cached_enabled(&self, py: Python<'_>, target: &str, level: Level) -> Option<bool> {
-        for cell in &self.level_caches {
+        for cell in &LEVEL_CACHES {
             let Some(entry) = cell.get() else {
                 break;
             };
@@ -102,11 +145,11 @@ impl GatedLogger {
                 continue;
             }
             let cache = entry.cache.as_ref()?;
-            let disabled_at = &entry.disabled_at[level as usize - 1];
-            let tag = version_tag(cache);
-            if tag.is_some_and(|t| t != 0 && disabled_at.load(Ordering::Relaxed) == t) {
+            if known_disabled(entry, level) {
                 return Some(false); // unchanged since it said so
             }
+            let disabled_at = &entry.disabled_at[level as usize - 1];
+            let tag = version_tag(cache);
             // A small int: CPython hands out its cached object.
             let key = python_level(level).into_pyobject(py).ok()?;
             // SAFETY: the GIL is held; both are live objects; the result is
@@ -139,7 +182,7 @@ impl GatedLogger {
     /// Finds the Python logger's `_cache` for a target, the first time the
     /// target logs.
     fn remember(&self, py: Python<'_>, target: &str) {
-        if self.level_caches.iter().all(|cell| cell.get().is_some()) {
+        if LEVEL_CACHES.iter().all(|cell| cell.get().is_some()) {
             return; // no room: such a target's records go to pyo3-log as they are
         }
         // Looked up before touching the cells: this calls Python, which may
@@ -153,10 +196,11 @@ impl GatedLogger {
             .map(Bound::unbind);
         let mut entry = TargetCache {
             target: target.to_owned(),
+            static_target: AtomicUsize::new(0),
             cache,
             disabled_at: Default::default(),
         };
-        for cell in &self.level_caches {
+        for cell in &LEVEL_CACHES {
             if cell.get().is_some_and(|known| known.target == target) {
                 return;
             }

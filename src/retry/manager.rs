@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use log::LevelFilter;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::persist;
@@ -116,20 +117,40 @@ impl RetryManager {
     }
 
     pub fn record_failure(&self, task_id: &str, failure_reason: Option<&str>) -> RecordedFailure {
+        self.record_failure_logging(task_id, failure_reason, LevelFilter::Trace)
+    }
+
+    /// [`Self::record_failure`], making no log record more verbose than
+    /// `most_verbose` (a caller that knows its logger drops them).
+    pub fn record_failure_logging(
+        &self,
+        task_id: &str,
+        failure_reason: Option<&str>,
+        most_verbose: LevelFilter,
+    ) -> RecordedFailure {
         let recorded = {
             let mut book = self.book.lock();
             let now = self.clock.now();
             book.record_failure(task_id, failure_reason, now)
         };
-        log_failure(task_id, &recorded);
+        log_failure(task_id, &recorded, most_verbose);
         recorded
     }
 
     pub fn should_retry(&self, task_id: &str) -> bool {
+        self.should_retry_logging(task_id, LevelFilter::Trace)
+    }
+
+    /// [`Self::should_retry`], making no log record more verbose than
+    /// `most_verbose`: its records are DEBUG, one per call that backs off.
+    pub fn should_retry_logging(&self, task_id: &str, most_verbose: LevelFilter) -> bool {
         let decision = {
             let book = self.book.lock();
             book.retry_check(task_id).read(&*self.clock)
         };
+        if most_verbose < LevelFilter::Debug {
+            return decision.allowed();
+        }
         match decision {
             RetryDecision::Retry => {}
             RetryDecision::LimitReached {
@@ -247,10 +268,12 @@ impl RetryManager {
 }
 
 /// The log lines of one recorded failure: INFO for the failure and for reaching
-/// the limit, DEBUG for the delay and the reason.
-pub fn log_failure(task_id: &str, recorded: &RecordedFailure) {
+/// the limit, DEBUG for the delay and the reason; none more verbose than
+/// `most_verbose`.
+pub fn log_failure(task_id: &str, recorded: &RecordedFailure, most_verbose: LevelFilter) {
     // One level check for all four records: none is wanted without INFO.
-    if !log::log_enabled!(target: LOG_TARGET, log::Level::Info) {
+    if most_verbose < LevelFilter::Info || !log::log_enabled!(target: LOG_TARGET, log::Level::Info)
+    {
         return;
     }
     let info = &recorded.info;
@@ -263,14 +286,16 @@ pub fn log_failure(task_id: &str, recorded: &RecordedFailure) {
         info.next_retry_at,
         recorded.delay_seconds
     );
-    log::debug!(
-        target: LOG_TARGET,
-        "Calculated backoff delay for retry {}: {}s",
-        info.retry_count,
-        recorded.delay_seconds
-    );
-    if let Some(reason) = &info.failure_reason {
-        log::debug!(target: LOG_TARGET, "Failure reason for task {task_id}: {reason}");
+    if most_verbose >= LevelFilter::Debug {
+        log::debug!(
+            target: LOG_TARGET,
+            "Calculated backoff delay for retry {}: {}s",
+            info.retry_count,
+            recorded.delay_seconds
+        );
+        if let Some(reason) = &info.failure_reason {
+            log::debug!(target: LOG_TARGET, "Failure reason for task {task_id}: {reason}");
+        }
     }
     match recorded.gave_up.map(GiveUp::explanation) {
         // The limit: the original's message.

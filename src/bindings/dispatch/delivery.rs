@@ -12,8 +12,9 @@ use super::{PyDispatcherCore, LOG_TARGET};
 use crate::time::clock::Now;
 use std::collections::VecDeque;
 
+use crate::bindings::logging;
 use crate::dispatch::state::{DispatcherState, Effect, Filing, Outcome};
-use crate::retry::manager::log_failure;
+use crate::retry::manager::{log_failure, LOG_TARGET as RETRY_LOG_TARGET};
 use crate::retry::state::{RecordedFailure, RetryBook, TaskId};
 
 /// Whether `err` is Ctrl-C or `sys.exit()`: let through, never swallowed.
@@ -44,12 +45,12 @@ impl PyDispatcherCore {
                 discard,
             } => {
                 drop(discard);
-                self.note_failures(failures.iter());
+                self.note_failures(py, failures.iter());
                 self.deliver_lane(py, &task, Some(reports), known, false)?;
             }
             Filing::Filed(filed) => {
                 drop(filed.discards);
-                self.note_failures(failures.iter());
+                self.note_failures(py, failures.iter());
                 self.deliver(py, &filed.lanes, known, false)?;
             }
         }
@@ -79,16 +80,21 @@ impl PyDispatcherCore {
             (applied, failures, state.file(effects))
         });
         drop(filed.discards);
-        self.note_failures(failures.iter());
+        self.note_failures(py, failures.iter());
         self.deliver(py, &filed.lanes, KnownTexts::default(), false)?;
         Ok(applied)
     }
 
     /// Logs recorded failures (after the lock: logging runs Python code).
-    fn note_failures<'a>(&self, failures: impl Iterator<Item = &'a (TaskId, RecordedFailure)>) {
+    fn note_failures<'a>(
+        &self,
+        py: Python<'_>,
+        failures: impl Iterator<Item = &'a (TaskId, RecordedFailure)>,
+    ) {
         let mut delayed = false;
+        let verbose = logging::most_verbose(py, RETRY_LOG_TARGET);
         for (task_id, failure) in failures {
-            log_failure(task_id, failure);
+            log_failure(task_id, failure, verbose);
             delayed |= !failure.limit_reached;
         }
         if delayed && self.running() {

@@ -10,11 +10,12 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
 
 use crate::bindings::args::{self, Arg};
 use crate::bindings::files::{io_error, path_arg};
+use crate::bindings::logging;
 use crate::bindings::names::name;
 use crate::bindings::retry::options::{self as retry_options, OptionArgs, KEYWORD_NAMES};
 use crate::bindings::time::{clock, datetime};
 use crate::retry::backoff::{BackoffPolicy, InvalidSetting, Setting};
-use crate::retry::manager::{LoadError, RetryManager};
+use crate::retry::manager::{LoadError, RetryManager, LOG_TARGET};
 use crate::retry::snapshot::{self as retry_snapshot, RetryState};
 use crate::retry::state::{FailureInfo, RetrySnapshot};
 use crate::time::wall::WallTime;
@@ -546,7 +547,10 @@ impl PyRetryManager {
     ) -> PyResult<PyRetryInfo> {
         let id = args::string("task_id", task_id)?;
         let reason = args::optional_string("failure_reason", failure_reason)?;
-        let recorded = self.core.record_failure(&id, reason.as_deref());
+        let verbose = logging::most_verbose(task_id.py(), LOG_TARGET);
+        let recorded = self
+            .core
+            .record_failure_logging(&id, reason.as_deref(), verbose);
         Ok(PyRetryInfo::from_failure(
             args::plain_str(task_id, &id),
             recorded.info,
@@ -554,7 +558,10 @@ impl PyRetryManager {
     }
 
     fn should_retry(&self, task_id: &Bound<'_, PyAny>) -> PyResult<bool> {
-        Ok(self.core.should_retry(&args::string("task_id", task_id)?))
+        let verbose = logging::most_verbose(task_id.py(), LOG_TARGET);
+        Ok(self
+            .core
+            .should_retry_logging(&args::string("task_id", task_id)?, verbose))
     }
 
     fn get_retry_count(&self, task_id: &Bound<'_, PyAny>) -> PyResult<u64> {
