@@ -500,3 +500,47 @@ def test_polled_objects_without_a_usable_id_are_logged_and_skipped(caplog):
     assert len(errors) == 2
     assert "registry row is corrupt" in errors[0]
     assert "'id'" in errors[1]
+
+
+def test_assignment_and_completion_info_records_follow_the_level():
+    # The dispatcher makes its per-task INFO records only when the logger's
+    # cache does not say INFO is off; any level change brings them back.
+    logger = logging.getLogger("necrocode_dispatch.dispatcher_core")
+    parent = logging.getLogger("necrocode_dispatch")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    dispatcher, _ = make_dispatcher()
+    launched = []
+
+    def launch(t, slot, pool):
+        launched.append(f"r{len(launched)}")
+        return SimpleNamespace(runner_id=launched[-1])
+
+    dispatcher.runner_launcher.launch.side_effect = launch
+    dispatcher.repo_pool_manager.allocate_slot.return_value = SimpleNamespace(slot_id="slot-1")
+
+    def cycles(n):
+        seen.clear()
+        for _ in range(n):
+            t = task(f"t{len(launched)}")
+            dispatcher.task_source.poll_ready_tasks.return_value = [t]
+            assert dispatcher.tick()["assigned"] == 1
+            assert dispatcher.handle_runner_completion(launched[-1], t.id, "spec-a", True)
+        assigned = sum(m.startswith("assigned task") for m in seen)
+        completed = sum("completed by runner" in m for m in seen)
+        return assigned, completed
+
+    try:
+        logger.setLevel(logging.INFO)
+        assert cycles(3) == (3, 3)
+        logger.setLevel(logging.WARNING)
+        assert cycles(3) == (0, 0)
+        logger.setLevel(logging.NOTSET)
+        parent.setLevel(logging.INFO)
+        assert cycles(3) == (3, 3)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        parent.setLevel(logging.NOTSET)

@@ -106,6 +106,12 @@ pub fn most_verbose(_py: Python<'_>, target: &'static str) -> LevelFilter {
     LevelFilter::Trace
 }
 
+/// Whether a record of `level` for `target` may be wanted: a hot path asks
+/// before making one ([`most_verbose`]).
+pub fn may_want(py: Python<'_>, target: &'static str, level: Level) -> bool {
+    most_verbose(py, target) >= level
+}
+
 /// Python's number for a level, as pyo3-log maps it.
 fn python_level(level: Level) -> u8 {
     match level {

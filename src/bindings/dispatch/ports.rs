@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::Arc;
 
+use log::Level;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3::IntoPyObjectExt;
@@ -13,6 +14,7 @@ use super::delivery::is_interrupt;
 use super::settings::{attr_opt, optional_arc};
 use super::{PyDispatcherCore, LOG_TARGET};
 use crate::bindings::call::{call_method, KeywordNames};
+use crate::bindings::logging;
 use crate::bindings::names::name;
 use crate::bindings::{args, time::datetime};
 use crate::dispatch::runners::RunnerDetails;
@@ -242,13 +244,15 @@ impl PyDispatcherCore {
         let pool_object = pool_object.unwrap_or_else(|| py.None());
         match self.launch(py, &payload, &slot, pool_object) {
             Ok((runner, runner_text)) => {
-                log::info!(
-                    target: LOG_TARGET,
-                    "assigned task {:?} to pool {pool_name:?} (runner {:?}, slot {:?})",
-                    meta.id,
-                    runner.runner_id,
-                    runner.slot_id
-                );
+                if logging::may_want(py, LOG_TARGET, Level::Info) {
+                    log::info!(
+                        target: LOG_TARGET,
+                        "assigned task {:?} to pool {pool_name:?} (runner {:?}, slot {:?})",
+                        meta.id,
+                        runner.runner_id,
+                        runner.slot_id
+                    );
+                }
                 // The launch's reports pass on these texts: the same objects,
                 // not new copies of them.
                 let mut known = KnownTexts::default();
@@ -1098,7 +1102,9 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             "runner_id",
             "execution_time_seconds",
         ]);
-        log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
+        if logging::may_want(py, LOG_TARGET, Level::Info) {
+            log::info!(target: LOG_TARGET, "task {task_id:?} completed by runner {runner_id:?}");
+        }
         self.record_event(py, name!(py, "record_task_completed"), &NAMES, || {
             Ok([
                 self.text(py, spec_name).into_any(),
