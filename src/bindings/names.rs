@@ -29,28 +29,38 @@ impl<T> RaceCell<T> {
         }
     }
 
-    /// The stored object, made by `make` if there is none yet.
+    /// The stored object, made by `make` if there is none yet. Inlined: a
+    /// port call reads a few of these names, and the filled case is one load.
+    #[inline]
     pub fn get_or_try_init<E>(&self, make: impl FnOnce() -> Result<Py<T>, E>) -> Result<&Py<T>, E> {
-        let mut found = self.made.load(Ordering::Acquire);
+        let found = self.made.load(Ordering::Acquire);
         if found.is_null() {
-            let mine = Box::into_raw(Box::new(make()?));
-            found = match self.made.compare_exchange(
-                ptr::null_mut(),
-                mine,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => mine,
-                Err(first) => {
-                    // SAFETY: `mine` came from Box::into_raw above and was
-                    // never shared.
-                    drop(unsafe { Box::from_raw(mine) });
-                    first
-                }
-            };
+            return self.fill(make()?);
         }
         // SAFETY: a stored pointer is a leaked Box, freed only by `drop`,
         // which needs `&mut self`.
+        Ok(unsafe { &*found })
+    }
+
+    /// Stores `made` unless another thread stored its own first; the stored one.
+    #[cold]
+    fn fill<E>(&self, made: Py<T>) -> Result<&Py<T>, E> {
+        let mine = Box::into_raw(Box::new(made));
+        let found = match self.made.compare_exchange(
+            ptr::null_mut(),
+            mine,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => mine,
+            Err(first) => {
+                // SAFETY: `mine` came from Box::into_raw above and was
+                // never shared.
+                drop(unsafe { Box::from_raw(mine) });
+                first
+            }
+        };
+        // SAFETY: as in `get_or_try_init`.
         Ok(unsafe { &*found })
     }
 }
@@ -86,6 +96,7 @@ impl Name {
         }
     }
 
+    #[inline]
     pub fn get<'py>(&self, py: Python<'py>) -> &Bound<'py, PyString> {
         let made = self.cell.get_or_try_init(|| {
             Ok::<_, std::convert::Infallible>(PyString::intern(py, self.text).unbind())
