@@ -112,12 +112,20 @@ class LocalCluster:
     def alive_nodes(self) -> int:
         probe = (
             f"import ray; ray.init(address={self.address!r}, logging_level='ERROR',"
-            " log_to_driver=False); print(sum(1 for n in ray.nodes() if n['Alive']))"
+            " log_to_driver=False);"
+            " print('alive nodes:', sum(1 for n in ray.nodes() if n['Alive']))"
         )
         out = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
         )
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+        # Ray's own processes may write log lines to the same stdout, before
+        # or after the count (seen: a raylet's "Job ... already started").
+        counts = [
+            int(line.split(":", 1)[1])
+            for line in out.stdout.splitlines()
+            if line.startswith("alive nodes:")
+        ]
+        return counts[-1] if out.returncode == 0 and counts else 0
 
     def wait_for_nodes(self, count: int) -> None:
         deadline = time.monotonic() + 90
