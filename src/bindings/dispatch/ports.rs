@@ -540,11 +540,38 @@ impl<'a, 'py> KnownTexts<'a, 'py> {
 /// for each batch ([`EffectPorts::start_batch`]). Fixed-size: a batch
 /// carries a handful of distinct texts, and one that does not fit is simply
 /// made again.
-#[derive(Default)]
 struct TextMemo<'py> {
-    entries: [Option<(*const u8, Bound<'py, PyString>)>; 8],
+    /// The `Arc`s' addresses, the first `len` in use; `made[i]` is the `str`
+    /// for `addresses[i]`. Kept apart: a lookup scans a few 8-byte words.
+    addresses: [*const u8; MEMO_TEXTS],
+    made: [Option<Bound<'py, PyString>>; MEMO_TEXTS],
+    len: usize,
     /// The last event time made: a launch's two events share theirs.
     timestamp: Option<(WallTime, Bound<'py, PyAny>)>,
+}
+
+const MEMO_TEXTS: usize = 8;
+
+impl Default for TextMemo<'_> {
+    fn default() -> Self {
+        TextMemo {
+            addresses: [std::ptr::null(); MEMO_TEXTS],
+            made: Default::default(),
+            len: 0,
+            timestamp: None,
+        }
+    }
+}
+
+impl TextMemo<'_> {
+    /// Forgets every text and time (dropping only the entries in use).
+    fn clear(&mut self) {
+        for made in &mut self.made[..self.len] {
+            *made = None;
+        }
+        self.len = 0;
+        self.timestamp = None;
+    }
 }
 
 /// The ports an outcome's effects call.
@@ -565,7 +592,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     /// before it are forgotten (their `Arc`s may be gone, and their
     /// addresses reused).
     pub(super) fn start_batch(&self) {
-        *self.texts.borrow_mut() = TextMemo::default();
+        self.texts.borrow_mut().clear();
     }
 
     /// The Python string for an id or name of the current batch's reports:
@@ -574,23 +601,20 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     fn text(&self, py: Python<'py>, text: &Arc<str>) -> Bound<'py, PyString> {
         let address = Arc::as_ptr(text).cast::<u8>();
         let mut memo = self.texts.borrow_mut();
-        let mut free = None;
-        for entry in memo.entries.iter_mut() {
-            match entry {
-                Some((seen, s)) if *seen == address => return s.clone(),
-                Some(_) => {}
-                None => {
-                    free = Some(entry);
-                    break;
-                }
+        let len = memo.len;
+        if let Some(i) = memo.addresses[..len].iter().position(|&a| a == address) {
+            if let Some(made) = &memo.made[i] {
+                return made.clone();
             }
         }
         let s = match self.known.find(text) {
             Some(known) => known.clone(),
             None => PyString::new(py, text),
         };
-        if let Some(free) = free {
-            *free = Some((address, s.clone()));
+        if len < MEMO_TEXTS {
+            memo.addresses[len] = address;
+            memo.made[len] = Some(s.clone());
+            memo.len += 1;
         }
         s
     }
