@@ -96,9 +96,7 @@ impl PyRetryInfo {
             && self.failure_reason == other.failure_reason
             && args::text(self.task_id.bind(py))? == args::text(other.task_id.bind(py))?)
     }
-}
 
-impl PyRetryInfo {
     fn fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(
             py,
