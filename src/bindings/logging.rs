@@ -32,7 +32,8 @@ const TARGETS: usize = 8;
 struct TargetCache {
     target: String,
     /// The address of a `&'static str` of the same text that asked
-    /// [`most_verbose`] (0: none yet): one comparison finds the entry.
+    /// [`most_verbose`] (0: none yet): with the length, it finds the entry
+    /// without comparing text.
     static_target: AtomicUsize,
     cache: Option<Py<PyDict>>,
     /// Per level (ERROR to TRACE): the dict's version tag when it last said
@@ -87,7 +88,11 @@ pub fn most_verbose(_py: Python<'_>, target: &'static str) -> LevelFilter {
         let Some(entry) = cell.get() else {
             break;
         };
-        if entry.static_target.load(Ordering::Relaxed) != address {
+        // Address and length: a static of another text could start at the
+        // same address (one literal a prefix of another), never with both.
+        if entry.static_target.load(Ordering::Relaxed) != address
+            || entry.target.len() != target.len()
+        {
             if entry.target != target {
                 continue;
             }
