@@ -1,4 +1,5 @@
-//! Names that many tasks share — spec, repo and skill names — held once.
+//! Values that many tasks share — spec, repo and skill names, and the
+//! combinations of them that tasks carry — held once.
 //!
 //! A dispatcher holding 10^6 tasks of a few specs would otherwise keep 10^6
 //! copies of each spec name (a 32-byte allocation apiece, made when a task
@@ -9,74 +10,108 @@
 //! afresh (not shared) until a sweep makes room, so a thread's table never
 //! holds more than a few hundred kilobytes, however many names pass through.
 
+use std::borrow::Borrow;
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::hash::BuildHasherDefault;
+use std::hash::{BuildHasherDefault, Hash};
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 use crate::hashing::FxHasher;
 
 /// Table size below which no sweep happens.
 pub const SWEEP_FLOOR: usize = 256;
 
-/// The most names a table keeps.
+/// The most entries a table keeps.
 pub const MAX_NAMES: usize = 4096;
 
 /// Longer texts are not names: they are not kept.
 pub const LONGEST_NAME: usize = 128;
 
+/// Shared values of one kind, each held once, swept of those no one else
+/// holds (see the module's comment).
 #[derive(Debug)]
-pub struct NameTable {
-    names: HashSet<Arc<str>, BuildHasherDefault<FxHasher>>,
+pub struct SharedTable<T: ?Sized> {
+    items: HashSet<Arc<T>, BuildHasherDefault<FxHasher>>,
     sweep_at: usize,
-    /// Names not kept since the last sweep, the table being full.
+    /// Values not kept since the last sweep, the table being full.
     refused: usize,
 }
 
-impl Default for NameTable {
+impl<T: ?Sized> Default for SharedTable<T> {
     fn default() -> Self {
-        NameTable {
-            names: HashSet::default(),
+        SharedTable {
+            items: HashSet::default(),
             sweep_at: SWEEP_FLOOR,
             refused: 0,
         }
     }
 }
 
-impl NameTable {
-    /// The table's `Arc` for `text`, made (and kept) if it has none.
-    pub fn name(&mut self, text: &str) -> Arc<str> {
-        if let Some(name) = self.names.get(text) {
-            return Arc::clone(name);
-        }
-        let name: Arc<str> = Arc::from(text);
-        if text.len() > LONGEST_NAME {
-            return name;
-        }
-        // A full table of names in use is swept again only after as many
-        // refusals as it holds: a sweep costs O(1) a name, amortized.
-        if self.names.len() >= self.sweep_at || self.refused >= MAX_NAMES {
+impl<T: ?Sized + Eq + Hash> SharedTable<T> {
+    /// The table's `Arc` equal to `key`, if it has one.
+    pub fn get<Q: ?Sized + Eq + Hash>(&self, key: &Q) -> Option<Arc<T>>
+    where
+        Arc<T>: Borrow<Q>,
+    {
+        self.items.get(key).cloned()
+    }
+
+    /// Keeps `made` (not in the table) if there is room; hands it back.
+    pub fn keep(&mut self, made: Arc<T>) -> Arc<T> {
+        // A full table of values in use is swept again only after as many
+        // refusals as it holds: a sweep costs O(1) a value, amortized.
+        if self.items.len() >= self.sweep_at || self.refused >= MAX_NAMES {
             // A count of 1 is the table's own reference; being thread-local,
             // no other thread can clone it meanwhile.
-            self.names.retain(|n| Arc::strong_count(n) > 1);
-            self.sweep_at = (2 * self.names.len()).max(SWEEP_FLOOR);
+            self.items.retain(|n| Arc::strong_count(n) > 1);
+            self.sweep_at = (2 * self.items.len()).max(SWEEP_FLOOR);
             self.refused = 0;
         }
-        if self.names.len() < MAX_NAMES {
-            self.names.insert(Arc::clone(&name));
+        if self.items.len() < MAX_NAMES {
+            self.items.insert(Arc::clone(&made));
         } else {
             self.refused += 1;
         }
-        name
+        made
     }
 
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.items.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.items.is_empty()
     }
+}
+
+/// The spec, repo and skill names.
+pub type NameTable = SharedTable<str>;
+
+impl NameTable {
+    /// The table's `Arc` for `text`, made (and kept) if it has none.
+    pub fn name(&mut self, text: &str) -> Arc<str> {
+        if text.len() > LONGEST_NAME {
+            return Arc::from(text);
+        }
+        match self.get(text) {
+            Some(name) => name,
+            None => self.keep(Arc::from(text)),
+        }
+    }
+}
+
+/// `f` applied to this thread's `table`; None while the table is being
+/// destroyed (the thread's exit) or if it were ever reentered, so that this
+/// never panics.
+pub fn with_thread_table<T: ?Sized + 'static, R>(
+    table: &'static LocalKey<RefCell<SharedTable<T>>>,
+    f: impl FnOnce(&mut SharedTable<T>) -> R,
+) -> Option<R> {
+    table
+        .try_with(|t| t.try_borrow_mut().ok().map(|mut t| f(&mut t)))
+        .ok()
+        .flatten()
 }
 
 thread_local! {
@@ -85,13 +120,7 @@ thread_local! {
 
 /// The `Arc` this thread shares for the name `text`.
 pub fn shared_name(text: &str) -> Arc<str> {
-    // Never panics: while the thread's table is being destroyed (its exit),
-    // or if it were ever reentered, the name is made afresh.
-    NAMES
-        .try_with(|table| table.try_borrow_mut().ok().map(|mut t| t.name(text)))
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| Arc::from(text))
+    with_thread_table(&NAMES, |t| t.name(text)).unwrap_or_else(|| Arc::from(text))
 }
 
 #[cfg(test)]

@@ -11,3 +11,4 @@ pub mod saved_reports;
 pub mod scheduling;
 pub mod snapshot;
 pub mod state;
+pub mod task_names;

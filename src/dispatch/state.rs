@@ -20,6 +20,7 @@ use crate::dispatch::pools::{PoolIndex, PoolState, Pools};
 use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
 use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
+use crate::dispatch::task_names::TaskNames;
 use crate::interning::shared_name;
 use crate::metrics::FailureStats;
 use crate::retry::state::{RecordIndex, RecordedFailure, RetryBook, TaskId};
@@ -30,11 +31,37 @@ use crate::time::wall::WallTime;
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskMeta {
     pub id: TaskId,
-    pub spec_name: Arc<str>,
-    pub repo_name: Arc<str>,
+    /// Spec, repo and skill, shared with the tasks that carry the same.
+    pub names: Arc<TaskNames>,
     pub priority: i64,
+    /// When the task was created; for a held task that did not say, when
+    /// the dispatcher first held it. Its age in the queue.
     pub created_at: Option<WallTime>,
-    pub required_skill: Option<Arc<str>>,
+}
+
+impl TaskMeta {
+    /// A task known only by its id and spec (a retry restored, a failure
+    /// of a task not held): its repo is named after its spec.
+    fn of_spec(id: TaskId, spec: Arc<str>) -> TaskMeta {
+        TaskMeta {
+            id,
+            names: TaskNames::shared(spec.clone(), spec, None),
+            priority: 0,
+            created_at: None,
+        }
+    }
+
+    pub fn spec_name(&self) -> &Arc<str> {
+        &self.names.spec
+    }
+
+    pub fn repo_name(&self) -> &Arc<str> {
+        &self.names.repo
+    }
+
+    pub fn required_skill(&self) -> Option<&str> {
+        self.names.skill.as_deref()
+    }
 }
 
 /// Where a held task is. A task is in exactly one place (SPEC §4.5 #4).
@@ -78,25 +105,18 @@ struct HeldTask<T> {
     meta: TaskMeta,
     payload: Option<T>,
     place: Place,
-    arrival: Arrival,
-}
-
-/// When a task arrived, for its place in the queue (its priority is read
-/// from its meta, so that it is held once).
-#[derive(Clone, Copy, Debug)]
-struct Arrival {
-    /// Microseconds of `created_at`, or of when it was first queued.
-    age: i64,
-    /// Arrival order, unique per task.
+    /// Arrival order, unique per task: ties of priority and age keep it.
     seq: u64,
 }
 
 impl<T> HeldTask<T> {
+    /// Its place in the queue: priority, then age (`created_at`, which a
+    /// held task always has), then arrival.
     fn order(&self) -> QueueOrder {
         QueueOrder {
             priority: self.meta.priority,
-            age: self.arrival.age,
-            seq: self.arrival.seq,
+            age: self.meta.created_at.map_or(0, WallTime::micros),
+            seq: self.seq,
         }
     }
 }
@@ -832,13 +852,13 @@ impl<T> DispatcherState<T> {
             .collect()
     }
 
-    fn new_arrival(&mut self, meta: &TaskMeta, now: Now) -> Arrival {
+    /// A new task's arrival number; a task that did not say when it was
+    /// created is aged from now, when it is first held.
+    fn arrive(&mut self, meta: &mut TaskMeta, now: Now) -> u64 {
+        meta.created_at.get_or_insert(now.wall);
         let seq = self.next_seq;
         self.next_seq += 1;
-        Arrival {
-            age: meta.created_at.unwrap_or(now.wall).micros(),
-            seq,
-        }
+        seq
     }
 
     /// Whether [`Self::offer`] would ignore a polled task with this id (it is
@@ -857,7 +877,7 @@ impl<T> DispatcherState<T> {
     /// A task from a poll. Queued unless already held (queued, delayed or
     /// running), in which case the poll is ignored and the handle comes back —
     /// except that a delayed task held without a handle keeps this one.
-    pub fn offer(&mut self, meta: TaskMeta, payload: T, now: Now) -> Result<(), T> {
+    pub fn offer(&mut self, mut meta: TaskMeta, payload: T, now: Now) -> Result<(), T> {
         // Its reports are still on their way: the registry's view is stale.
         if self.outbox.holds(&meta.id) {
             return Err(payload);
@@ -869,24 +889,24 @@ impl<T> DispatcherState<T> {
             if !placeholder {
                 return Err(payload);
             }
-            let arrival = self.new_arrival(&meta, now);
+            let seq = self.arrive(&mut meta, now);
             let Some(held) = self.tasks.at_mut(slot) else {
                 return Err(payload);
             };
             // The task as polled replaces what the placeholder knew of it.
             held.meta = meta;
-            held.arrival = arrival;
+            held.seq = seq;
             held.payload = Some(payload);
             return Ok(());
         }
         // The registry handed a finished task back: it runs anew.
         self.finished.remove(&meta.id);
-        let arrival = self.new_arrival(&meta, now);
+        let seq = self.arrive(&mut meta, now);
         let held = HeldTask {
             meta,
             payload: Some(payload),
             place: Place::Queued,
-            arrival,
+            seq,
         };
         let slot = self.tasks.insert_absent(held);
         if let Some(held) = self.tasks.at(slot) {
@@ -902,7 +922,7 @@ impl<T> DispatcherState<T> {
             .iter()
             .filter_map(|&(due, slot)| {
                 let held = self.tasks.at(slot)?;
-                Some((held.meta.id.clone(), held.meta.spec_name.clone(), due))
+                Some((held.meta.id.clone(), held.meta.spec_name().clone(), due))
             })
             .collect()
     }
@@ -920,20 +940,13 @@ impl<T> DispatcherState<T> {
         if self.tasks.contains_key(&id) {
             return false;
         }
-        let meta = TaskMeta {
-            id: id.clone(),
-            repo_name: spec_name.clone(),
-            spec_name,
-            priority: 0,
-            created_at: None,
-            required_skill: None,
-        };
-        let arrival = self.new_arrival(&meta, now);
+        let mut meta = TaskMeta::of_spec(id.clone(), spec_name);
+        let seq = self.arrive(&mut meta, now);
         let (slot, _) = self.tasks.insert_in_slot(HeldTask {
             meta,
             payload: None,
             place: Place::Delayed { due },
-            arrival,
+            seq,
         });
         self.delayed.insert((due, slot));
         true
@@ -973,7 +986,7 @@ impl<T> DispatcherState<T> {
     /// already tracked or the task is already held.
     pub fn track_running(
         &mut self,
-        meta: TaskMeta,
+        mut meta: TaskMeta,
         payload: Option<T>,
         pool_name: &str,
         runner: NewRunner,
@@ -1001,14 +1014,14 @@ impl<T> DispatcherState<T> {
             return Err(Refusal::PoolFull(pool_name.to_owned()));
         }
         self.global_running += 1;
-        let arrival = self.new_arrival(&meta, now);
+        let seq = self.arrive(&mut meta, now);
         let runner_id =
-            self.track_runner(meta.id.clone(), meta.spec_name.clone(), pool, runner, now);
+            self.track_runner(meta.id.clone(), meta.spec_name().clone(), pool, runner, now);
         self.tasks.insert(HeldTask {
             meta,
             payload,
             place: Place::Running { runner_id },
-            arrival,
+            seq,
         });
         Ok(())
     }
@@ -1163,7 +1176,7 @@ impl<T> DispatcherState<T> {
                     }
                     Place::Assigning { .. } | Place::Running { .. } => {}
                 }
-                Some((h.meta.spec_name.clone(), h.meta.id.clone()))
+                Some((h.meta.spec_name().clone(), h.meta.id.clone()))
             }
             None => None,
         };
@@ -1222,20 +1235,13 @@ impl<T> DispatcherState<T> {
                     self.delayed.insert((due, slot));
                 }
                 None => {
-                    let meta = TaskMeta {
-                        id: id.clone(),
-                        spec_name: spec.clone(),
-                        repo_name: spec.clone(),
-                        priority: 0,
-                        created_at: None,
-                        required_skill: None,
-                    };
-                    let arrival = self.new_arrival(&meta, now);
+                    let mut meta = TaskMeta::of_spec(id.clone(), spec.clone());
+                    let seq = self.arrive(&mut meta, now);
                     let (slot, _) = self.tasks.insert_in_slot(HeldTask {
                         meta,
                         payload: None,
                         place: Place::Delayed { due },
-                        arrival,
+                        seq,
                     });
                     self.delayed.insert((due, slot));
                 }
@@ -1526,7 +1532,7 @@ impl<T> DispatcherState<T> {
         };
         held.payload = Some(payload);
         let id = held.meta.id.clone();
-        let spec_name = held.meta.spec_name.clone();
+        let spec_name = held.meta.spec_name().clone();
         let early = early.or_else(|| self.take_orphan(&runner.runner_id));
         let runner_id = runner.runner_id.clone();
         let mut effects = Vec::with_capacity(2);
@@ -1796,13 +1802,13 @@ impl<T> DispatcherState<T> {
 
 /// Puts a queued task, held in `slot`, in the ready queue on its route.
 fn enqueue<T>(queue: &mut ReadyQueue<u32>, scheduler: &Scheduler, held: &HeldTask<T>, slot: u32) {
-    let route = scheduler.route_of(held.meta.required_skill.as_deref());
+    let route = scheduler.route_of(held.meta.required_skill());
     queue.push(slot, queue_key(held, &route));
 }
 
 /// Takes a queued task, held in `slot`, out of the ready queue.
 fn dequeue<T>(queue: &mut ReadyQueue<u32>, scheduler: &Scheduler, held: &HeldTask<T>, slot: u32) {
-    let route = scheduler.route_of(held.meta.required_skill.as_deref());
+    let route = scheduler.route_of(held.meta.required_skill());
     queue.remove(&slot, queue_key(held, &route));
 }
 
@@ -1810,7 +1816,7 @@ fn queue_key<'a, T>(held: &'a HeldTask<T>, route: &'a Route) -> QueueKey<'a> {
     QueueKey {
         order: held.order(),
         route,
-        spec: &held.meta.spec_name,
+        spec: held.meta.spec_name(),
     }
 }
 

@@ -202,7 +202,7 @@ impl PyDispatcherCore {
         };
         let texts = AssignmentTexts {
             task_id: PyString::new(py, &meta.id),
-            spec_name: self.name_text(py, &meta.spec_name),
+            spec_name: self.name_text(py, meta.spec_name()),
             pool_name: match pool_text {
                 Some(text) => text.into_bound(py),
                 None => PyString::new(py, &pool_name),
@@ -218,7 +218,7 @@ impl PyDispatcherCore {
                             target: LOG_TARGET,
                             "allocate_slot for task {:?} (repo {:?}) failed: {e}",
                             meta.id,
-                            meta.repo_name
+                            meta.repo_name()
                         );
                         None
                     }
@@ -227,7 +227,7 @@ impl PyDispatcherCore {
                             target: LOG_TARGET,
                             "no slot free for task {:?} (repo {:?}); it stays queued",
                             meta.id,
-                            meta.repo_name
+                            meta.repo_name()
                         );
                         None
                     }
@@ -318,7 +318,7 @@ impl PyDispatcherCore {
         let slot = call_method(
             &manager,
             name!(py, "allocate_slot"),
-            &[self.name_text(py, &meta.repo_name).into_any()],
+            &[self.name_text(py, meta.repo_name()).into_any()],
             &METADATA,
             &[metadata.into_any()],
         )?;

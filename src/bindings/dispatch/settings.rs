@@ -13,6 +13,7 @@ use crate::bindings::{args, time::datetime};
 use crate::dispatch::pools::{PoolState, Pools};
 use crate::dispatch::scheduling::{Policy, SkillMapping};
 use crate::dispatch::state::{Limits, TaskMeta};
+use crate::dispatch::task_names::TaskNames;
 use crate::interning::shared_name;
 use crate::retry::backoff::{python_float_repr, BackoffPolicy};
 use crate::retry::state::RetryOptions;
@@ -299,11 +300,9 @@ pub fn task_meta_with_id<'py>(
     let repo_name = lookup(name!(py, "repo_name"))?.unwrap_or_else(|| spec_name.clone());
     Ok(TaskMeta {
         id,
-        spec_name,
-        repo_name,
+        names: TaskNames::shared(spec_name, repo_name, required_skill),
         priority,
         created_at,
-        required_skill,
     })
 }
 

@@ -14,11 +14,9 @@ fn at(seconds: u64) -> Now {
 fn meta(id: &str) -> TaskMeta {
     TaskMeta {
         id: id.into(),
-        spec_name: "spec".into(),
-        repo_name: "repo".into(),
+        names: TaskNames::shared("spec".into(), "repo".into(), None),
         priority: 0,
         created_at: None,
-        required_skill: None,
     }
 }
 
@@ -717,4 +715,14 @@ fn a_dispatcher_snapshot_round_trip_keeps_retries_and_delays() {
         "{err}"
     );
     assert_eq!(later_book.retry_count("t"), 1);
+}
+
+#[test]
+fn a_held_task_takes_80_bytes() {
+    // SPEC §6, memory per task held: names shared, the age kept in
+    // `created_at` (a handle is one pointer, as a Python object's).
+    assert_eq!(
+        std::mem::size_of::<Option<HeldTask<std::ptr::NonNull<u8>>>>(),
+        80
+    );
 }
