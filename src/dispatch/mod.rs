@@ -12,3 +12,4 @@ pub mod scheduling;
 pub mod snapshot;
 pub mod state;
 pub mod task_names;
+pub mod time_index;

@@ -1,11 +1,11 @@
 //! Runners the dispatcher tracks: which task each one runs, where, since when,
 //! and when it was last heard from.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::pools::PoolIndex;
+use crate::dispatch::time_index::TimeQueue;
 use crate::retry::state::TaskId;
 use crate::time::clock::MonoNanos;
 use crate::time::wall::WallTime;
@@ -78,10 +78,15 @@ impl Keyed for TrackedRunner {
 pub struct Runners {
     by_id: KeyedSlab<TrackedRunner>,
     /// (last heartbeat, the runner's slot in `by_id`), oldest first: a
-    /// heartbeat check reads only the runners it times out, O(expired +
-    /// log n), not every runner. Slot numbers compare as integers, where
-    /// ids would compare as text on every step of a search.
-    by_heartbeat: BTreeSet<(MonoNanos, u32)>,
+    /// heartbeat check reads only the runners it times out, O(expired + 1),
+    /// not every runner. Slot numbers compare as integers, where ids would
+    /// compare as text.
+    by_heartbeat: TimeQueue,
+}
+
+/// Whether `by_id` holds a runner last heard from at `time` in `slot`.
+fn heard_at(by_id: &KeyedSlab<TrackedRunner>) -> impl Fn(MonoNanos, u32) -> bool + '_ {
+    move |time, slot| by_id.at(slot).is_some_and(|r| r.last_heartbeat == time)
 }
 
 impl Runners {
@@ -92,15 +97,15 @@ impl Runners {
         }
         let heartbeat = runner.last_heartbeat;
         let (slot, _) = self.by_id.insert_in_slot(runner);
-        self.by_heartbeat.insert((heartbeat, slot));
+        self.by_heartbeat.insert(heartbeat, slot);
         true
     }
 
     /// Stops tracking a runner and hands back what was known of it. Whoever
     /// gets `Some` here owns the runner's outcome; everyone after gets `None`.
     pub fn take(&mut self, runner_id: &str) -> Option<TrackedRunner> {
-        let (slot, runner) = self.by_id.remove_from_slot(runner_id)?;
-        self.by_heartbeat.remove(&(runner.last_heartbeat, slot));
+        let (_, runner) = self.by_id.remove_from_slot(runner_id)?;
+        self.by_heartbeat.forget(heard_at(&self.by_id));
         Some(runner)
     }
 
@@ -115,22 +120,26 @@ impl Runners {
         let Some(r) = self.by_id.at_mut(slot) else {
             return false;
         };
-        if mono > r.last_heartbeat {
-            self.by_heartbeat.remove(&(r.last_heartbeat, slot));
-            r.last_heartbeat = mono;
-            self.by_heartbeat.insert((mono, slot));
-        }
         r.last_heartbeat_at = wall;
+        if mono > r.last_heartbeat {
+            r.last_heartbeat = mono;
+            self.by_heartbeat.forget(heard_at(&self.by_id));
+            self.by_heartbeat.insert(mono, slot);
+        }
         true
     }
 
     /// Runners silent for longer than `timeout` at `now`, longest silent
     /// first.
-    pub fn silent_since(&self, now: MonoNanos, timeout: MonoNanos) -> Vec<Arc<str>> {
+    pub fn silent_since(&mut self, now: MonoNanos, timeout: MonoNanos) -> Vec<Arc<str>> {
+        // Silent for longer than `timeout`: last heard before now - timeout.
+        let Some(bound) = now.checked_sub(timeout) else {
+            return Vec::new();
+        };
         self.by_heartbeat
-            .iter()
-            .take_while(|(last, _)| now.saturating_sub(*last) > timeout)
-            .filter_map(|&(_, slot)| self.by_id.at(slot))
+            .live_before(bound, heard_at(&self.by_id))
+            .into_iter()
+            .filter_map(|(_, slot)| self.by_id.at(slot))
             .map(|r| r.runner_id.clone())
             .collect()
     }

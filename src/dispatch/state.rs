@@ -8,8 +8,6 @@
 //! object in the bindings); the state never inspects it, and hands it back in
 //! [`Effect::Discard`] when it lets go, so it is never dropped under the lock.
 
-use std::collections::BTreeSet;
-
 use std::fmt;
 use std::sync::Arc;
 
@@ -21,6 +19,7 @@ use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
 use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
 use crate::dispatch::task_names::TaskNames;
+use crate::dispatch::time_index::TimeIndex;
 use crate::interning::shared_name;
 use crate::metrics::FailureStats;
 use crate::retry::state::{RecordIndex, RecordedFailure, RetryBook, TaskId};
@@ -590,7 +589,7 @@ pub struct DispatcherState<T> {
     /// Delayed tasks by due time, then by their slot in `tasks`: a number
     /// rather than the id, so no `Arc` is copied to file or find one, and
     /// ties compare integers (as the heartbeat index does).
-    delayed: BTreeSet<(MonoNanos, u32)>,
+    delayed: TimeIndex,
     pools: Pools,
     runners: Runners,
     /// Tracked runners plus reservations (SPEC §4.5 #2).
@@ -625,7 +624,7 @@ impl<T> DispatcherState<T> {
                 scheduler.policy.orders_by_priority(),
                 scheduler.policy == Policy::FairShare,
             ),
-            delayed: BTreeSet::new(),
+            delayed: TimeIndex::default(),
             pools,
             runners: Runners::default(),
             global_running: 0,
@@ -842,8 +841,8 @@ impl<T> DispatcherState<T> {
     }
 
     /// When the earliest delayed retry becomes due.
-    pub fn next_due(&self) -> Option<MonoNanos> {
-        self.delayed.first().map(|(due, _)| *due)
+    pub fn next_due(&mut self) -> Option<MonoNanos> {
+        self.delayed.earliest(delayed_at(&self.tasks))
     }
 
     pub fn queued_ids(&self) -> Vec<TaskId> {
@@ -919,8 +918,9 @@ impl<T> DispatcherState<T> {
     /// The delayed tasks: (id, spec name, due), earliest first.
     pub fn delayed_tasks(&self) -> Vec<(TaskId, Arc<str>, MonoNanos)> {
         self.delayed
-            .iter()
-            .filter_map(|&(due, slot)| {
+            .live_sorted(delayed_at(&self.tasks))
+            .into_iter()
+            .filter_map(|(due, slot)| {
                 let held = self.tasks.at(slot)?;
                 Some((held.meta.id.clone(), held.meta.spec_name().clone(), due))
             })
@@ -948,7 +948,7 @@ impl<T> DispatcherState<T> {
             place: Place::Delayed { due },
             seq,
         });
-        self.delayed.insert((due, slot));
+        self.delayed.insert(due, slot);
         true
     }
 
@@ -956,21 +956,14 @@ impl<T> DispatcherState<T> {
     /// delayed task held without a handle is forgotten instead, so the next
     /// poll that returns it queues it anew. Returns how many were queued.
     pub fn promote_due(&mut self, now: MonoNanos) -> usize {
-        let due: Vec<(MonoNanos, u32)> = self
-            .delayed
-            .iter()
-            .take_while(|(d, _)| *d <= now)
-            .copied()
-            .collect();
         let mut queued = 0;
-        for key in due {
-            self.delayed.remove(&key);
-            let Some(held) = self.tasks.at_mut(key.1) else {
+        while let Some((_, slot)) = self.delayed.pop_due(now, delayed_at(&self.tasks)) {
+            let Some(held) = self.tasks.at_mut(slot) else {
                 continue;
             };
             if held.payload.is_some() {
                 held.place = Place::Queued;
-                enqueue(&mut self.queue, &self.scheduler, held, key.1);
+                enqueue(&mut self.queue, &self.scheduler, held, slot);
                 queued += 1;
             } else {
                 let id = held.meta.id.clone();
@@ -1058,9 +1051,7 @@ impl<T> DispatcherState<T> {
         let (slot, held) = self.tasks.remove_from_slot(task_id)?;
         match &held.place {
             Place::Queued => dequeue(&mut self.queue, &self.scheduler, &held, slot),
-            Place::Delayed { due } => {
-                self.delayed.remove(&(*due, slot));
-            }
+            Place::Delayed { .. } => self.delayed.forget(delayed_at(&self.tasks)),
             Place::Assigning { .. } | Place::Running { .. } => {}
         }
         Some(held)
@@ -1171,9 +1162,8 @@ impl<T> DispatcherState<T> {
             Some((slot, h)) => {
                 match &h.place {
                     Place::Queued => dequeue(&mut self.queue, &self.scheduler, h, slot),
-                    Place::Delayed { due } => {
-                        self.delayed.remove(&(*due, slot));
-                    }
+                    // Stale once the task is re-placed below.
+                    Place::Delayed { .. } => self.delayed.forget(delayed_at(&self.tasks)),
                     Place::Assigning { .. } | Place::Running { .. } => {}
                 }
                 Some((h.meta.spec_name().clone(), h.meta.id.clone()))
@@ -1232,7 +1222,7 @@ impl<T> DispatcherState<T> {
             match slot.and_then(|slot| Some((slot, self.tasks.at_mut(slot)?))) {
                 Some((slot, h)) => {
                     h.place = Place::Delayed { due };
-                    self.delayed.insert((due, slot));
+                    self.delayed.insert(due, slot);
                 }
                 None => {
                     let mut meta = TaskMeta::of_spec(id.clone(), spec.clone());
@@ -1243,7 +1233,7 @@ impl<T> DispatcherState<T> {
                         place: Place::Delayed { due },
                         seq,
                     });
-                    self.delayed.insert((due, slot));
+                    self.delayed.insert(due, slot);
                 }
             }
             effects.push(Effect::ReportState {
@@ -1706,11 +1696,13 @@ impl<T> DispatcherState<T> {
     /// The counts and pools, O(pools); with `per_task`, also each delayed
     /// task's next retry time, O(delayed).
     pub fn status(&self, book: &RetryBook, per_task: bool) -> StatusSnapshot {
-        let delayed = self
-            .delayed
-            .iter()
-            .take(if per_task { usize::MAX } else { 0 })
-            .filter_map(|&(_, slot)| {
+        let listed = match per_task {
+            true => self.delayed.live_sorted(delayed_at(&self.tasks)),
+            false => Vec::new(),
+        };
+        let delayed = listed
+            .into_iter()
+            .filter_map(|(_, slot)| {
                 let id = &self.tasks.at(slot)?.meta.id;
                 let due = book.due_of(id);
                 Some(DelayedTask {
@@ -1790,13 +1782,27 @@ impl<T> DispatcherState<T> {
                 return Err(format!("queue entry for slot {slot} is stale"));
             }
         }
-        for &(due, slot) in &self.delayed {
+        let listed = self.delayed.live_sorted(delayed_at(&self.tasks));
+        if listed.len() != self.delayed.len() {
+            return Err("delayed index holds a task twice or misses one".to_owned());
+        }
+        for (due, slot) in listed {
             match self.tasks.at(slot) {
                 Some(t) if t.place == (Place::Delayed { due }) => {}
                 _ => return Err(format!("delayed index entry ({due}, slot {slot}) is stale")),
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `tasks` holds a task delayed until `due` in `slot`: a live entry
+/// of the delayed index.
+fn delayed_at<T>(tasks: &KeyedSlab<HeldTask<T>>) -> impl Fn(MonoNanos, u32) -> bool + '_ {
+    move |due, slot| {
+        tasks
+            .at(slot)
+            .is_some_and(|t| t.place == Place::Delayed { due })
     }
 }
 

@@ -287,7 +287,7 @@ impl PyDispatcherCore {
     /// the loop wakes for it instead of waiting out a long poll interval.
     fn until_next_retry(&self) -> Duration {
         let next_due = {
-            let state = self.state.lock();
+            let mut state = self.state.lock();
             match (state.next_due(), state.next_delivery_retry()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
