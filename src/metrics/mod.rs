@@ -36,30 +36,47 @@ pub fn reason_label(reason: &str) -> &str {
 }
 
 /// Counts by reason label.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ReasonCounts(BTreeMap<Arc<str>, u64>);
+#[derive(Clone, Debug, Default)]
+pub struct ReasonCounts {
+    counts: BTreeMap<Arc<str>, u64>,
+    /// The reason counted last and its label. Failures come in runs of one
+    /// reason, the very same `Arc` (the retry book keeps each reason once):
+    /// its label is not looked for again.
+    last: Option<(Arc<str>, Arc<str>)>,
+}
+
+impl PartialEq for ReasonCounts {
+    fn eq(&self, other: &Self) -> bool {
+        self.counts == other.counts
+    }
+}
 
 impl ReasonCounts {
-    pub fn add(&mut self, reason: &str) {
-        let label = reason_label(reason);
-        if let Some(n) = self.0.get_mut(label) {
-            *n += 1;
-            return;
+    pub fn add(&mut self, reason: &Arc<str>) {
+        if let Some((seen, label)) = &self.last {
+            if Arc::ptr_eq(seen, reason) {
+                if let Some(n) = self.counts.get_mut(label) {
+                    *n += 1;
+                    return;
+                }
+            }
         }
-        let label = if self.0.len() >= MAX_REASONS {
-            OTHER
-        } else {
-            label
+        let label = reason_label(reason);
+        let label = match self.counts.get_key_value(label) {
+            Some((kept, _)) => kept.clone(),
+            None if self.counts.len() >= MAX_REASONS => Arc::from(OTHER),
+            None => Arc::from(label),
         };
-        *self.0.entry(Arc::from(label)).or_insert(0) += 1;
+        *self.counts.entry(label.clone()).or_insert(0) += 1;
+        self.last = Some((reason.clone(), label));
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.0.iter().map(|(k, &v)| (&**k, v))
+        self.counts.iter().map(|(k, &v)| (&**k, v))
     }
 
     pub fn total(&self) -> u64 {
-        self.0.values().sum()
+        self.counts.values().sum()
     }
 }
 
@@ -121,12 +138,31 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_one_reason_counts_under_its_label() {
+        let mut counts = ReasonCounts::default();
+        let flaky: Arc<str> = Arc::from("exit code 1: flaky");
+        let timeout: Arc<str> = Arc::from("timeout");
+        for reason in [
+            &flaky,
+            &flaky,
+            &timeout,
+            &flaky,
+            &Arc::from("exit code 1: other"),
+        ] {
+            counts.add(reason);
+        }
+        counts.add(&timeout);
+        let all: Vec<(&str, u64)> = counts.iter().collect();
+        assert_eq!(all, [("exit code 1", 4), ("timeout", 2)]);
+    }
+
+    #[test]
     fn distinct_labels_are_capped() {
         let mut counts = ReasonCounts::default();
         for i in 0..MAX_REASONS + 10 {
-            counts.add(&format!("reason {i}"));
+            counts.add(&Arc::from(format!("reason {i}")));
         }
-        counts.add("reason 0: again");
+        counts.add(&Arc::from("reason 0: again"));
         assert_eq!(counts.iter().count(), MAX_REASONS + 1);
         assert_eq!(counts.iter().find(|(k, _)| *k == OTHER).unwrap().1, 10);
         assert_eq!(counts.iter().find(|(k, _)| *k == "reason 0").unwrap().1, 2);
