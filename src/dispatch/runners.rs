@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::pools::PoolIndex;
+use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeQueue;
 use crate::retry::state::TaskId;
 use crate::time::clock::MonoNanos;
@@ -58,7 +59,8 @@ impl RunnerDetails {
 pub struct TrackedRunner {
     pub runner_id: Arc<str>,
     pub task_id: TaskId,
-    pub spec_name: Arc<str>,
+    /// The task's names, shared with it (one pointer).
+    pub names: Arc<TaskNames>,
     pub slot_id: Option<Arc<str>>,
     pub pool: PoolIndex,
     pub started_mono: MonoNanos,
@@ -66,6 +68,12 @@ pub struct TrackedRunner {
     pub last_heartbeat: MonoNanos,
     pub last_heartbeat_at: WallTime,
     pub details: RunnerDetails,
+}
+
+impl TrackedRunner {
+    pub fn spec_name(&self) -> &Arc<str> {
+        &self.names.spec
+    }
 }
 
 impl Keyed for TrackedRunner {
@@ -169,7 +177,7 @@ mod tests {
         TrackedRunner {
             runner_id: id.into(),
             task_id: format!("task-of-{id}").into(),
-            spec_name: "spec".into(),
+            names: TaskNames::shared("spec".into(), "spec".into(), None),
             slot_id: Some("slot".into()),
             pool: 0,
             started_mono: 0,
@@ -190,6 +198,8 @@ mod tests {
         assert_eq!(named.job_name().map(|s| &**s), Some("job"));
         assert_eq!((named.pid(), named.container_id()), (None, None));
         assert_eq!(std::mem::size_of::<RunnerDetails>(), 24);
+        // SPEC §6, memory per running task: the task's names are one pointer.
+        assert_eq!(std::mem::size_of::<TrackedRunner>(), 120);
     }
 
     #[test]

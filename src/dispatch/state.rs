@@ -1008,8 +1008,7 @@ impl<T> DispatcherState<T> {
         }
         self.global_running += 1;
         let seq = self.arrive(&mut meta, now);
-        let runner_id =
-            self.track_runner(meta.id.clone(), meta.spec_name().clone(), pool, runner, now);
+        let runner_id = self.track_runner(meta.id.clone(), meta.names.clone(), pool, runner, now);
         self.tasks.insert(HeldTask {
             meta,
             payload,
@@ -1024,7 +1023,7 @@ impl<T> DispatcherState<T> {
     fn track_runner(
         &mut self,
         task_id: TaskId,
-        spec_name: Arc<str>,
+        names: Arc<TaskNames>,
         pool: PoolIndex,
         runner: NewRunner,
         now: Now,
@@ -1033,7 +1032,7 @@ impl<T> DispatcherState<T> {
         self.runners.insert(TrackedRunner {
             runner_id: runner_id.clone(),
             task_id,
-            spec_name,
+            names,
             slot_id: runner.slot_id,
             pool,
             started_mono: now.mono,
@@ -1153,7 +1152,7 @@ impl<T> DispatcherState<T> {
                     slot_id,
                 });
             }
-            (r.runner_id, r.spec_name)
+            (r.runner_id, r.names.spec.clone())
         });
         // The task leaves the queue or the delayed set but keeps its entry:
         // below the limit it is only re-placed, not removed and re-inserted.
@@ -1283,7 +1282,7 @@ impl<T> DispatcherState<T> {
             let mut effects = Vec::with_capacity(5);
             let reason = failure_reason.map(Arc::from);
             effects.push(Effect::RunnerFinished {
-                spec_name: runner.spec_name.clone(),
+                spec_name: runner.spec_name().clone(),
                 task_id: runner.task_id.clone(),
                 runner_id: runner.runner_id.clone(),
                 slot_id: runner.slot_id.clone(),
@@ -1317,10 +1316,10 @@ impl<T> DispatcherState<T> {
         book.record_success(&runner.task_id);
         self.finished.insert(&runner.task_id);
         self.metrics.tasks_completed += 1;
+        let spec_name = runner.spec_name().clone();
         let TrackedRunner {
             runner_id,
             task_id,
-            spec_name,
             slot_id,
             ..
         } = runner;
@@ -1522,12 +1521,12 @@ impl<T> DispatcherState<T> {
         };
         held.payload = Some(payload);
         let id = held.meta.id.clone();
-        let spec_name = held.meta.spec_name().clone();
+        let names = held.meta.names.clone();
         let early = early.or_else(|| self.take_orphan(&runner.runner_id));
         let runner_id = runner.runner_id.clone();
         let mut effects = Vec::with_capacity(2);
         effects.push(Effect::Started(Start {
-            spec_name: spec_name.clone(),
+            spec_name: names.spec.clone(),
             task_id: id.clone(),
             runner_id: runner_id.clone(),
             slot_id: runner.slot_id.clone(),
@@ -1537,7 +1536,7 @@ impl<T> DispatcherState<T> {
             confirmed_at: now.wall,
             delivered: 0,
         }));
-        self.track_runner(id.clone(), spec_name, pool, runner, now);
+        self.track_runner(id.clone(), names, pool, runner, now);
         let mut failure = None;
         if self.forced {
             self.interrupt(&runner_id, now, &mut effects);
@@ -1584,7 +1583,7 @@ impl<T> DispatcherState<T> {
             runner_id: runner.runner_id.clone(),
         });
         effects.push(Effect::RunnerFinished {
-            spec_name: runner.spec_name.clone(),
+            spec_name: runner.spec_name().clone(),
             task_id: runner.task_id.clone(),
             runner_id: runner.runner_id.clone(),
             slot_id: runner.slot_id.clone(),
@@ -1594,7 +1593,7 @@ impl<T> DispatcherState<T> {
         });
         self.release_runner(&runner, effects);
         effects.push(Effect::ReportState {
-            spec_name: runner.spec_name.clone(),
+            spec_name: runner.spec_name().clone(),
             task_id: runner.task_id.clone(),
             state: ReportedState::Ready,
             metadata: StateMetadata::Interrupted,
