@@ -394,6 +394,22 @@ mod tests {
     }
 
     #[test]
+    fn runners_leaving_in_start_order_leave_nothing_behind() {
+        let mut queue = TimeQueue::default();
+        let mut owner = Owner::default();
+        for slot in 0..1000 {
+            owner.0.insert(slot, u64::from(slot));
+            queue.insert(u64::from(slot), slot);
+        }
+        for slot in 0..1000 {
+            owner.0.remove(&slot);
+            queue.forget(owner.is_live());
+            // Each stale entry goes at once, not at the next sweep.
+            assert_eq!(queue.entries.len(), owner.0.len());
+        }
+    }
+
+    #[test]
     fn times_filed_in_order_cost_one_comparison_and_stay_dense() {
         let mut index = TimeIndex::default();
         for i in 0..1000 {
