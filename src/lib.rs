@@ -27,6 +27,7 @@ pub mod persist;
 #[cfg(unix)]
 pub mod process;
 pub mod retry;
+pub mod task_id;
 pub mod time;
 
 mod bindings;

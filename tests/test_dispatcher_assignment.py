@@ -544,3 +544,41 @@ def test_assignment_and_completion_info_records_follow_the_level():
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
         parent.setLevel(logging.NOTSET)
+
+
+# Short ids are kept inline in the core, long ones shared (the limit is 15
+# UTF-8 bytes); each kind, and each length around the limit, passes whole.
+ID_KINDS = ["a", "t" * 14, "t" * 15, "t" * 16, "t" * 40, "é" * 7, "é" * 8, "任务-" + "x" * 9]
+
+
+def test_ids_of_every_length_pass_whole_through_a_retry_cycle():
+    dispatcher, clock = make_dispatcher(pools=(("local", len(ID_KINDS)),), global_limit=20)
+    tasks = [task(i) for i in ID_KINDS]
+    dispatcher.repo_pool_manager.allocate_slot.side_effect = lambda repo, metadata: SimpleNamespace(
+        slot_id=f"slot-{metadata['task_id']}"
+    )
+    dispatcher.runner_launcher.launch.side_effect = lambda t, slot, pool: SimpleNamespace(
+        runner_id=f"runner-{t.id}"
+    )
+    source = dispatcher.task_source.poll_ready_tasks
+    source.return_value = tasks
+    assert dispatcher.tick()["assigned"] == len(ID_KINDS)
+    source.return_value = []
+    for i in ID_KINDS:
+        dispatcher.handle_task_failure(i, "spec-a", "exit 1", runner_id=f"runner-{i}")
+    assert {r["task_id"] for r in dispatcher.get_status()["delayed"]} == set(ID_KINDS)
+    clock.advance(3600)
+    source.return_value = tasks
+    assert dispatcher.tick()["assigned"] == len(ID_KINDS)
+    for i in ID_KINDS:
+        dispatcher.handle_runner_completion(f"runner-{i}", i, "spec-a", True)
+
+    states: dict[str, list[str]] = {}
+    for c in dispatcher.task_registry.update_task_state.call_args_list:
+        states.setdefault(c.kwargs["task_id"], []).append(c.kwargs["new_state"].value)
+    assert states == {i: ["running", "ready", "running", "done"] for i in ID_KINDS}
+    assert dispatcher.repo_pool_manager.released == {f"slot-{i}": 2 for i in ID_KINDS}
+    completed = dispatcher.event_recorder.record_task_completed.call_args_list
+    assert sorted(c.kwargs["task_id"] for c in completed) == sorted(ID_KINDS)
+    assert all(c.kwargs["runner_id"] == f"runner-{c.kwargs['task_id']}" for c in completed)
+    assert dispatcher.get_status()["running_tasks"] == 0

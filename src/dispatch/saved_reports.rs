@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::state::{Effect, ReportedState, StateMetadata};
 use crate::retry::snapshot::{saved_time, SnapshotError};
+use crate::task_id::TaskId;
 use crate::time::wall::WallTime;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -98,7 +99,7 @@ pub enum SavedMetadata {
     },
 }
 
-fn text(s: &Arc<str>) -> String {
+fn text(s: &str) -> String {
     s.to_string()
 }
 
@@ -275,11 +276,11 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
 pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
     Ok(match saved {
         SavedReport::ReleaseSlot { task_id, slot_id } => Effect::ReleaseSlot {
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             slot_id: arc(slot_id),
         },
         SavedReport::StopRunner { task_id, runner_id } => Effect::StopRunner {
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             runner_id: arc(runner_id),
         },
         SavedReport::State {
@@ -289,7 +290,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             metadata,
         } => Effect::ReportState {
             spec_name: arc(spec_name),
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             state: match state.as_str() {
                 "running" => ReportedState::Running,
                 "ready" => ReportedState::Ready,
@@ -350,7 +351,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             timestamp,
         } => Effect::TaskAssigned {
             spec_name: arc(spec_name),
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             runner_id: arc(runner_id),
             slot_id: opt_arc(slot_id),
             pool_name: arc(pool_name),
@@ -368,7 +369,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             timestamp,
         } => Effect::RunnerStarted {
             spec_name: arc(spec_name),
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             runner_id: arc(runner_id),
             slot_id: opt_arc(slot_id),
             pool_name: arc(pool_name),
@@ -385,7 +386,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             failure_reason,
         } => Effect::RunnerFinished {
             spec_name: arc(spec_name),
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             runner_id: arc(runner_id),
             slot_id: opt_arc(slot_id),
             success: *success,
@@ -399,7 +400,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             execution_time_seconds,
         } => Effect::TaskCompleted {
             spec_name: arc(spec_name),
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             runner_id: arc(runner_id),
             execution_time_seconds: *execution_time_seconds,
         },
@@ -411,7 +412,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             retry_count,
         } => Effect::TaskFailed {
             spec_name: arc(spec_name),
-            task_id: arc(task_id),
+            task_id: TaskId::from(task_id.as_str()),
             runner_id: opt_arc(runner_id),
             failure_reason: arc(failure_reason),
             retry_count: *retry_count,
@@ -427,7 +428,7 @@ mod tests {
     #[test]
     fn every_kind_of_report_survives_a_round_trip_through_json() {
         let at = WallTime::from_micros(63_900_000_000_000_000).unwrap();
-        let id: Arc<str> = Arc::from("t");
+        let id = TaskId::from("t");
         let effects: Vec<Effect<()>> = vec![
             Effect::ReleaseSlot {
                 task_id: id.clone(),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::dispatch::saved_reports::{self, SavedReport};
 use crate::dispatch::state::{DispatcherState, Effect, ReportedState};
 use crate::retry::snapshot::{self as retry_snapshot, RetryState, SnapshotError};
-use crate::retry::state::RetryBook;
+use crate::retry::state::{RetryBook, TaskId};
 use crate::time::clock::Now;
 use crate::time::wall::WallTime;
 
@@ -128,7 +128,7 @@ pub fn restore<T>(
             )));
         }
         delayed.push((
-            Arc::<str>::from(d.task_id.as_str()),
+            TaskId::from(d.task_id.as_str()),
             Arc::<str>::from(d.spec_name.as_str()),
             retry_snapshot::mono_of(now, due),
         ));

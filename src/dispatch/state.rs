@@ -675,13 +675,12 @@ impl<T> DispatcherState<T> {
             },
             _ => None,
         };
-        // An outcome's reports share their task's `Arc`: compared by address
-        // before by text.
+        // An outcome's reports carry copies of one id: equal words, compared
+        // without reading the text.
         let single = effects.first().and_then(Effect::task_id).filter(|first| {
-            effects.iter().all(|e| {
-                e.task_id()
-                    .is_some_and(|id| Arc::ptr_eq(id, first) || id == *first)
-            })
+            effects
+                .iter()
+                .all(|e| e.task_id().is_some_and(|id| id == *first))
         });
         if let Some(task) = single.cloned() {
             match self.outbox.push_and_take(&task, effects.into()) {
@@ -1177,7 +1176,7 @@ impl<T> DispatcherState<T> {
                     .map(|(_, spec)| spec.clone())
                     .or_else(|| spec_name.map(shared_name))
                     .unwrap_or_else(|| shared_name("unknown")),
-                Arc::from(task_id),
+                TaskId::from(task_id),
             ),
         };
         let recorded = book.record_failure(&id, Some(reason), now);
@@ -1468,7 +1467,7 @@ impl<T> DispatcherState<T> {
         let mut effects = Vec::new();
         if let Some(slot_id) = slot_id {
             effects.push(Effect::ReleaseSlot {
-                task_id: Arc::from(task_id),
+                task_id: TaskId::from(task_id),
                 slot_id,
             });
         }

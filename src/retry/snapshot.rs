@@ -9,6 +9,7 @@
 //! A restore checks everything first and changes nothing when any part is
 //! wrong, so a truncated or corrupted file loads nothing.
 
+use crate::task_id::TaskId;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
@@ -200,7 +201,7 @@ fn check(
             None => mono_of(now, last_retry_at),
         };
         records.push(StoredRecord {
-            task_id: Arc::from(r.task_id.as_str()),
+            task_id: TaskId::from(r.task_id.as_str()),
             retry_count,
             last_retry_at,
             next_retry_at,

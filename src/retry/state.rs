@@ -27,8 +27,7 @@ use crate::retry::slot_index::{Slot, SlotIndex};
 use crate::time::clock::{nanos_to_seconds, seconds_to_nanos, Clock, MonoNanos, Now};
 use crate::time::wall::{timedelta_micros, WallTime};
 
-/// Task ids as handed out to callers.
-pub type TaskId = Arc<str>;
+pub use crate::task_id::TaskId;
 
 const NO_REASON: u32 = u32::MAX;
 
@@ -793,7 +792,7 @@ impl RetryBook {
                 let slot = slot as Slot;
                 let gave_up = self.gave_up_of(slot, r);
                 StoredRecord {
-                    task_id: Arc::from(self.id_of(r)),
+                    task_id: TaskId::from(self.id_of(r)),
                     retry_count: r.retry_count,
                     last_retry_at: r.last_retry_at,
                     next_retry_at: r.next_retry_at,
@@ -916,13 +915,13 @@ impl RetryBook {
         self.due_now
             .iter()
             .take_while(|e| e.due <= now)
-            .map(|e| Arc::from(self.id_of(&self.slots[e.slot as usize])))
+            .map(|e| TaskId::from(self.id_of(&self.slots[e.slot as usize])))
             .collect()
     }
 
     fn snapshot(&self, r: &RetryRecord) -> RetrySnapshot {
         RetrySnapshot {
-            task_id: Arc::from(self.id_of(r)),
+            task_id: TaskId::from(self.id_of(r)),
             retry_count: u64::from(r.retry_count),
             last_retry_at: Some(r.last_retry_at),
             next_retry_at: Some(r.next_retry_at),
@@ -1388,7 +1387,7 @@ mod tests {
         let from_table: Vec<RetrySnapshot> = table
             .iter()
             .map(|(id, row)| RetrySnapshot {
-                task_id: Arc::from(id),
+                task_id: TaskId::from(id),
                 retry_count: row.retry_count,
                 last_retry_at: Some(row.last_retry_at),
                 next_retry_at: Some(row.next_retry_at),

@@ -22,6 +22,7 @@ use crate::dispatch::state::{
     Completion, CompletionPart, Effect, NewRunner, ReportedState, Reservation, Start,
     StateMetadata, TaskMeta,
 };
+use crate::task_id::TaskId;
 use crate::time::wall::WallTime;
 
 /// The outside world, injected. Each may be None (its calls are skipped).
@@ -548,6 +549,10 @@ struct TextMemo<'py> {
     len: usize,
     /// The last event time made: a launch's two events share theirs.
     timestamp: Option<(WallTime, Bound<'py, PyAny>)>,
+    /// The `str` made for the batch's task id, by the id's words (equal
+    /// words, equal ids while the batch lives): a batch is one task's lane,
+    /// so a different id is only ever made afresh, never mistaken.
+    task_id: Option<([u64; 2], Bound<'py, PyString>)>,
 }
 
 const MEMO_TEXTS: usize = 8;
@@ -559,6 +564,7 @@ impl Default for TextMemo<'_> {
             made: Default::default(),
             len: 0,
             timestamp: None,
+            task_id: None,
         }
     }
 }
@@ -571,6 +577,7 @@ impl TextMemo<'_> {
         }
         self.len = 0;
         self.timestamp = None;
+        self.task_id = None;
     }
 }
 
@@ -617,6 +624,23 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             memo.len += 1;
         }
         s
+    }
+
+    /// The Python string for the batch's task id: made once per batch.
+    fn id_text(&self, py: Python<'py>, id: &TaskId) -> Bound<'py, PyString> {
+        let words = id.words();
+        let mut memo = self.texts.borrow_mut();
+        if let Some((seen, made)) = &memo.task_id {
+            if *seen == words {
+                return made.clone();
+            }
+        }
+        let made = match self.known.find(id) {
+            Some(known) => known.clone(),
+            None => PyString::new(py, id),
+        };
+        memo.task_id = Some((words, made.clone()));
+        made
     }
 
     /// An event's `datetime`, shared with the batch's previous event of the
@@ -912,7 +936,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                 self.record_event(py, name!(py, "record_task_failed"), &NAMES, || {
                     Ok([
                         self.text(py, spec_name).into_any(),
-                        self.text(py, task_id).into_any(),
+                        self.id_text(py, task_id).into_any(),
                         any(py, self.optional_text(py, runner_id))?,
                         self.text(py, failure_reason).into_any(),
                         any(py, *retry_count)?,
@@ -959,7 +983,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         &self,
         py: Python<'py>,
         spec_name: &Arc<str>,
-        task_id: &Arc<str>,
+        task_id: &TaskId,
         state: ReportedState,
         metadata: impl FnOnce() -> PyResult<Bound<'py, PyDict>>,
     ) -> Result<(), FailedReport> {
@@ -979,7 +1003,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             };
             let values = [
                 self.text(py, spec_name).into_any(),
-                self.text(py, task_id).into_any(),
+                self.id_text(py, task_id).into_any(),
                 new_state,
                 metadata()?.into_any(),
             ];
@@ -1009,7 +1033,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     ) -> PyResult<[Bound<'py, PyAny>; 4]> {
         Ok([
             self.text(py, n.spec_name).into_any(),
-            self.text(py, n.task_id).into_any(),
+            self.id_text(py, n.task_id).into_any(),
             self.text(py, n.runner_id).into_any(),
             any(py, self.optional_text(py, n.slot_id))?,
         ])
@@ -1116,7 +1140,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         &self,
         py: Python<'py>,
         spec_name: &Arc<str>,
-        task_id: &Arc<str>,
+        task_id: &TaskId,
         runner_id: &Arc<str>,
         execution_time_seconds: f64,
     ) -> Result<(), FailedReport> {
@@ -1132,7 +1156,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         self.record_event(py, name!(py, "record_task_completed"), &NAMES, || {
             Ok([
                 self.text(py, spec_name).into_any(),
-                self.text(py, task_id).into_any(),
+                self.id_text(py, task_id).into_any(),
                 self.text(py, runner_id).into_any(),
                 any(py, execution_time_seconds)?,
             ])
@@ -1161,7 +1185,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
 /// The names an event about a runner carries.
 struct RunnerNames<'a> {
     spec_name: &'a Arc<str>,
-    task_id: &'a Arc<str>,
+    task_id: &'a TaskId,
     runner_id: &'a Arc<str>,
     slot_id: &'a Option<Arc<str>>,
 }

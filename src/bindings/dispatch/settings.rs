@@ -17,6 +17,7 @@ use crate::dispatch::task_names::TaskNames;
 use crate::interning::shared_name;
 use crate::retry::backoff::{python_float_repr, BackoffPolicy};
 use crate::retry::state::RetryOptions;
+use crate::task_id::TaskId;
 use crate::time::clock::seconds_to_nanos;
 
 /// `obj.name` (or `obj[name]` for a dict); None when absent.
@@ -273,7 +274,7 @@ pub fn task_meta_with_id<'py>(
 ) -> PyResult<TaskMeta> {
     let py = task.py();
     let id = id?.ok_or_else(|| args::type_error("task", "an object or dict with an 'id'", task))?;
-    let id: Arc<str> = Arc::from(args::string("task.id", &id)?.as_ref());
+    let id = TaskId::from(args::string("task.id", &id)?.as_ref());
     let priority = match attr_opt(task, name!(py, "priority"))?.filter(|p| !p.is_none()) {
         Some(p) => args::saturating_int("task.priority", &p)?,
         None => 0,

@@ -480,7 +480,7 @@ fn abort_puts_the_task_back_in_its_place_and_counts_nothing() {
     let b = r.remove(0);
     assert_eq!(b.meta.id.as_ref(), "b");
     assert!(s.abort_assignment("b", b.payload).applied);
-    assert_eq!(s.queued_ids(), [Arc::<str>::from("b")]);
+    assert_eq!(s.queued_ids(), [TaskId::from("b")]);
     assert_eq!(s.global_running(), 1);
     assert_eq!(
         s.status(&RetryBook::new(BackoffPolicy::default()), true)
