@@ -11,6 +11,7 @@
 //! - `time`: naive local wall time and the clocks.
 //! - `metrics`: failure statistics and the Prometheus text format.
 //! - `persist`: atomic, safe file writes; `hashing`: the id maps' hasher;
+//!   `id`: task and runner ids, kept inline when short;
 //!   `interning`: spec, repo and skill names held once, however many tasks
 //!   carry them.
 //! - `directory`: emptying a slot's directory; `events`: the local event
@@ -21,13 +22,13 @@ pub mod directory;
 pub mod dispatch;
 pub mod events;
 pub mod hashing;
+pub mod id;
 pub mod interning;
 pub mod metrics;
 pub mod persist;
 #[cfg(unix)]
 pub mod process;
 pub mod retry;
-pub mod task_id;
 pub mod time;
 
 mod bindings;

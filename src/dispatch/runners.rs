@@ -7,7 +7,7 @@ use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::pools::PoolIndex;
 use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeQueue;
-use crate::retry::state::TaskId;
+use crate::id::{RunnerId, TaskId};
 use crate::time::clock::MonoNanos;
 use crate::time::wall::WallTime;
 
@@ -57,7 +57,7 @@ impl RunnerDetails {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrackedRunner {
-    pub runner_id: Arc<str>,
+    pub runner_id: RunnerId,
     pub task_id: TaskId,
     /// The task's names, shared with it (one pointer).
     pub names: Arc<TaskNames>,
@@ -139,7 +139,7 @@ impl Runners {
 
     /// Runners silent for longer than `timeout` at `now`, longest silent
     /// first.
-    pub fn silent_since(&mut self, now: MonoNanos, timeout: MonoNanos) -> Vec<Arc<str>> {
+    pub fn silent_since(&mut self, now: MonoNanos, timeout: MonoNanos) -> Vec<RunnerId> {
         // Silent for longer than `timeout`: last heard before now - timeout.
         let Some(bound) = now.checked_sub(timeout) else {
             return Vec::new();
@@ -164,7 +164,7 @@ impl Runners {
         self.by_id.values()
     }
 
-    pub fn ids(&self) -> Vec<Arc<str>> {
+    pub fn ids(&self) -> Vec<RunnerId> {
         self.by_id.values().map(|r| r.runner_id.clone()).collect()
     }
 }
@@ -217,7 +217,7 @@ mod tests {
         let mut runners = Runners::default();
         runners.insert(runner("old", 0));
         runners.insert(runner("new", 50));
-        assert_eq!(runners.silent_since(100, 60), vec![Arc::from("old")]);
+        assert_eq!(runners.silent_since(100, 60), vec![RunnerId::from("old")]);
         assert!(runners.heartbeat("old", 90, WallTime::MIN));
         assert!(runners.silent_since(100, 60).is_empty());
         assert!(!runners.heartbeat("gone", 90, WallTime::MIN));
@@ -226,16 +226,16 @@ mod tests {
         assert!(runners.silent_since(100, 60).is_empty());
         assert_eq!(
             runners.silent_since(200, 60),
-            vec![Arc::from("new"), Arc::from("old")]
+            vec![RunnerId::from("new"), RunnerId::from("old")]
         );
         runners.take("new");
-        assert_eq!(runners.silent_since(200, 60), vec![Arc::from("old")]);
+        assert_eq!(runners.silent_since(200, 60), vec![RunnerId::from("old")]);
         assert_eq!(runners.by_heartbeat.len(), runners.len());
         // A slot freed by "new" and taken by another runner is its own.
         runners.insert(runner("newer", 150));
         assert_eq!(
             runners.silent_since(300, 60),
-            vec![Arc::from("old"), Arc::from("newer")]
+            vec![RunnerId::from("old"), RunnerId::from("newer")]
         );
         assert_eq!(runners.by_heartbeat.len(), runners.len());
     }

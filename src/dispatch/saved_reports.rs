@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::state::{Effect, ReportedState, StateMetadata};
+use crate::id::{RunnerId, TaskId};
 use crate::retry::snapshot::{saved_time, SnapshotError};
-use crate::task_id::TaskId;
 use crate::time::wall::WallTime;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,7 +190,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
                 } => SavedMetadata::Failed {
                     reason: text(reason),
                     retries: *retries,
-                    runner_id: opt(runner_id),
+                    runner_id: runner_id.as_deref().map(str::to_owned),
                 },
             },
         },
@@ -265,7 +265,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
         } => SavedReport::TaskFailed {
             spec_name: text(spec_name),
             task_id: text(task_id),
-            runner_id: opt(runner_id),
+            runner_id: runner_id.as_deref().map(str::to_owned),
             failure_reason: text(failure_reason),
             retry_count: *retry_count,
         },
@@ -281,7 +281,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
         },
         SavedReport::StopRunner { task_id, runner_id } => Effect::StopRunner {
             task_id: TaskId::from(task_id.as_str()),
-            runner_id: arc(runner_id),
+            runner_id: RunnerId::from(runner_id.as_str()),
         },
         SavedReport::State {
             spec_name,
@@ -309,7 +309,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
                     pool_name,
                     started_at,
                 } => StateMetadata::Running {
-                    runner_id: arc(runner_id),
+                    runner_id: RunnerId::from(runner_id.as_str()),
                     assigned_slot: opt_arc(assigned_slot),
                     pool_name: arc(pool_name),
                     started_at: saved_time("metadata.started_at", started_at)?,
@@ -328,7 +328,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
                     runner_id,
                     completed_at,
                 } => StateMetadata::Done {
-                    runner_id: arc(runner_id),
+                    runner_id: RunnerId::from(runner_id.as_str()),
                     completed_at: saved_time("metadata.completed_at", completed_at)?,
                 },
                 SavedMetadata::Failed {
@@ -338,7 +338,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
                 } => StateMetadata::Failed {
                     reason: arc(reason),
                     retries: *retries,
-                    runner_id: opt_arc(runner_id),
+                    runner_id: runner_id.as_deref().map(RunnerId::from),
                 },
             },
         },
@@ -352,7 +352,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
         } => Effect::TaskAssigned {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
-            runner_id: arc(runner_id),
+            runner_id: RunnerId::from(runner_id.as_str()),
             slot_id: opt_arc(slot_id),
             pool_name: arc(pool_name),
             timestamp: saved_time("timestamp", timestamp)?,
@@ -370,7 +370,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
         } => Effect::RunnerStarted {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
-            runner_id: arc(runner_id),
+            runner_id: RunnerId::from(runner_id.as_str()),
             slot_id: opt_arc(slot_id),
             pool_name: arc(pool_name),
             details: RunnerDetails::new(*pid, opt_arc(container_id), opt_arc(job_name)),
@@ -387,7 +387,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
         } => Effect::RunnerFinished {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
-            runner_id: arc(runner_id),
+            runner_id: RunnerId::from(runner_id.as_str()),
             slot_id: opt_arc(slot_id),
             success: *success,
             execution_time_seconds: *execution_time_seconds,
@@ -401,7 +401,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
         } => Effect::TaskCompleted {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
-            runner_id: arc(runner_id),
+            runner_id: RunnerId::from(runner_id.as_str()),
             execution_time_seconds: *execution_time_seconds,
         },
         SavedReport::TaskFailed {
@@ -413,7 +413,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
         } => Effect::TaskFailed {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
-            runner_id: opt_arc(runner_id),
+            runner_id: runner_id.as_deref().map(RunnerId::from),
             failure_reason: arc(failure_reason),
             retry_count: *retry_count,
         },

@@ -20,6 +20,7 @@ use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
 use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeIndex;
+use crate::id::RunnerId;
 use crate::interning::shared_name;
 use crate::metrics::FailureStats;
 use crate::retry::state::{RecordIndex, RecordedFailure, RetryBook, TaskId};
@@ -78,7 +79,7 @@ pub enum Place {
         early: Option<Box<EarlyReport>>,
     },
     Running {
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
     },
 }
 
@@ -88,13 +89,13 @@ pub enum Place {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EarlyReport {
     Completion {
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
         success: bool,
         timed_out: bool,
         reason: Option<Arc<str>>,
     },
     Failure {
-        runner_id: Option<Arc<str>>,
+        runner_id: Option<RunnerId>,
         reason: Arc<str>,
     },
 }
@@ -150,7 +151,7 @@ impl ReportedState {
 #[derive(Clone, Debug, PartialEq)]
 pub enum StateMetadata {
     Running {
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
         assigned_slot: Option<Arc<str>>,
         pool_name: Arc<str>,
         started_at: WallTime,
@@ -162,13 +163,13 @@ pub enum StateMetadata {
     },
     Interrupted,
     Done {
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
         completed_at: WallTime,
     },
     Failed {
         reason: Arc<str>,
         retries: u64,
-        runner_id: Option<Arc<str>>,
+        runner_id: Option<RunnerId>,
     },
 }
 
@@ -188,7 +189,7 @@ pub enum Effect<T> {
     RunnerFinished {
         spec_name: Arc<str>,
         task_id: TaskId,
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
         slot_id: Option<Arc<str>>,
         success: bool,
         execution_time_seconds: f64,
@@ -197,24 +198,24 @@ pub enum Effect<T> {
     TaskCompleted {
         spec_name: Arc<str>,
         task_id: TaskId,
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
         execution_time_seconds: f64,
     },
     TaskFailed {
         spec_name: Arc<str>,
         task_id: TaskId,
-        runner_id: Option<Arc<str>>,
+        runner_id: Option<RunnerId>,
         failure_reason: Arc<str>,
         retry_count: u64,
     },
     StopRunner {
         task_id: TaskId,
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
     },
     TaskAssigned {
         spec_name: Arc<str>,
         task_id: TaskId,
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
         slot_id: Option<Arc<str>>,
         pool_name: Arc<str>,
         timestamp: WallTime,
@@ -222,7 +223,7 @@ pub enum Effect<T> {
     RunnerStarted {
         spec_name: Arc<str>,
         task_id: TaskId,
-        runner_id: Arc<str>,
+        runner_id: RunnerId,
         slot_id: Option<Arc<str>>,
         pool_name: Arc<str>,
         details: RunnerDetails,
@@ -254,7 +255,7 @@ impl<T> Report for Effect<T> {
 pub struct Start {
     pub spec_name: Arc<str>,
     pub task_id: TaskId,
-    pub runner_id: Arc<str>,
+    pub runner_id: RunnerId,
     pub slot_id: Option<Arc<str>>,
     pub pool_name: Arc<str>,
     pub details: RunnerDetails,
@@ -321,7 +322,7 @@ impl Start {
 pub struct Completion {
     pub spec_name: Arc<str>,
     pub task_id: TaskId,
-    pub runner_id: Arc<str>,
+    pub runner_id: RunnerId,
     pub slot_id: Option<Arc<str>>,
     pub execution_time_seconds: f64,
     pub completed_at: WallTime,
@@ -574,7 +575,7 @@ pub struct DelayedTask {
 /// A runner as the caller describes it when it starts running a task.
 #[derive(Clone, Debug)]
 pub struct NewRunner {
-    pub runner_id: Arc<str>,
+    pub runner_id: RunnerId,
     pub slot_id: Option<Arc<str>>,
     pub started_at: Option<WallTime>,
     pub details: RunnerDetails,
@@ -1026,7 +1027,7 @@ impl<T> DispatcherState<T> {
         pool: PoolIndex,
         runner: NewRunner,
         now: Now,
-    ) -> Arc<str> {
+    ) -> RunnerId {
         let runner_id = runner.runner_id;
         self.runners.insert(TrackedRunner {
             runner_id: runner_id.clone(),
@@ -1089,7 +1090,7 @@ impl<T> DispatcherState<T> {
             Some(rid) => match self.runners.take(rid) {
                 None => {
                     let early = EarlyReport::Failure {
-                        runner_id: Some(Arc::from(rid)),
+                        runner_id: Some(RunnerId::from(rid)),
                         reason: Arc::from(reason),
                     };
                     return Ok(self.note_early(task_id, early));
@@ -1265,7 +1266,7 @@ impl<T> DispatcherState<T> {
     ) -> Outcome<T> {
         let Some(runner) = self.runners.take(runner_id) else {
             let early = EarlyReport::Completion {
-                runner_id: Arc::from(runner_id),
+                runner_id: RunnerId::from(runner_id),
                 success,
                 timed_out,
                 reason: failure_reason.map(Arc::from),

@@ -9,7 +9,7 @@
 //! A restore checks everything first and changes nothing when any part is
 //! wrong, so a truncated or corrupted file loads nothing.
 
-use crate::task_id::TaskId;
+use crate::id::TaskId;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;

@@ -27,7 +27,7 @@ use crate::retry::slot_index::{Slot, SlotIndex};
 use crate::time::clock::{nanos_to_seconds, seconds_to_nanos, Clock, MonoNanos, Now};
 use crate::time::wall::{timedelta_micros, WallTime};
 
-pub use crate::task_id::TaskId;
+pub use crate::id::TaskId;
 
 const NO_REASON: u32 = u32::MAX;
 

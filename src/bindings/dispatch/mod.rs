@@ -42,6 +42,7 @@ use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::scheduling::{Policy, Scheduler};
 use crate::dispatch::snapshot as dispatcher_snapshot;
 use crate::dispatch::state::{DispatcherState, NewRunner, Place};
+use crate::id::RunnerId;
 use crate::persist;
 use crate::retry::manager::RetryManager;
 use crate::retry::snapshot::SnapshotError;
@@ -575,7 +576,7 @@ impl PyDispatcherCore {
         let meta = task_meta(task)?;
         let pool_name = args::string("pool_name", pool_name)?;
         let runner = NewRunner {
-            runner_id: Arc::from(args::string("runner_id", runner_id)?.as_ref()),
+            runner_id: RunnerId::from(args::string("runner_id", runner_id)?.as_ref()),
             slot_id: optional_arc("slot_id", slot_id)?,
             started_at: match started_at {
                 Some(s) => datetime::optional_from_py("started_at", s)?,

@@ -22,7 +22,7 @@ use crate::dispatch::state::{
     Completion, CompletionPart, Effect, NewRunner, ReportedState, Reservation, Start,
     StateMetadata, TaskMeta,
 };
-use crate::task_id::TaskId;
+use crate::id::{Id, RunnerId, TaskId};
 use crate::time::wall::WallTime;
 
 /// The outside world, injected. Each may be None (its calls are skipped).
@@ -434,12 +434,12 @@ fn exact_str(raw: Option<Bound<'_, PyAny>>) -> Option<Bound<'_, PyString>> {
 /// what it holds, and the id when it is a `str`. The outer error is the
 /// attribute read raising; the inner one says why the id cannot be used.
 #[allow(clippy::type_complexity)]
-fn id_attribute<'py>(
+fn id_attribute<'py, I: for<'t> From<&'t str>>(
     object: &Bound<'py, PyAny>,
     attribute: &Bound<'py, PyString>,
     name: &str,
     description: &str,
-) -> PyResult<(Option<Bound<'py, PyAny>>, PyResult<Arc<str>>)> {
+) -> PyResult<(Option<Bound<'py, PyAny>>, PyResult<I>)> {
     let raw = attr_opt(object, attribute)?;
     let id = match &raw {
         // The argument's name is formatted only for an error message.
@@ -448,9 +448,9 @@ fn id_attribute<'py>(
             .ok()
             .and_then(|s| args::text(s).ok())
         {
-            Some(id) => Ok(Arc::from(id.as_ref())),
+            Some(id) => Ok(I::from(id.as_ref())),
             None => {
-                args::string(&format!("{name}.{attribute}"), value).map(|id| Arc::from(id.as_ref()))
+                args::string(&format!("{name}.{attribute}"), value).map(|id| I::from(id.as_ref()))
             }
         },
         None => Err(args::type_error(
@@ -549,13 +549,14 @@ struct TextMemo<'py> {
     len: usize,
     /// The last event time made: a launch's two events share theirs.
     timestamp: Option<(WallTime, Bound<'py, PyAny>)>,
-    /// The `str` made for the batch's task id, by the id's words (equal
-    /// words, equal ids while the batch lives): a batch is one task's lane,
-    /// so a different id is only ever made afresh, never mistaken.
-    task_id: Option<([u64; 2], Bound<'py, PyString>)>,
+    /// The `str`s made for the batch's ids, by the ids' words (equal words,
+    /// equal ids while the batch lives): a batch is one task's lane, with
+    /// its task's id and mostly one runner's.
+    ids: [Option<([u64; 2], Bound<'py, PyString>)>; MEMO_IDS],
 }
 
 const MEMO_TEXTS: usize = 8;
+const MEMO_IDS: usize = 2;
 
 impl Default for TextMemo<'_> {
     fn default() -> Self {
@@ -564,7 +565,7 @@ impl Default for TextMemo<'_> {
             made: Default::default(),
             len: 0,
             timestamp: None,
-            task_id: None,
+            ids: Default::default(),
         }
     }
 }
@@ -577,7 +578,7 @@ impl TextMemo<'_> {
         }
         self.len = 0;
         self.timestamp = None;
-        self.task_id = None;
+        self.ids = Default::default();
     }
 }
 
@@ -626,11 +627,11 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         s
     }
 
-    /// The Python string for the batch's task id: made once per batch.
-    fn id_text(&self, py: Python<'py>, id: &TaskId) -> Bound<'py, PyString> {
+    /// The Python string for one of the batch's ids: made once per batch.
+    fn id_text(&self, py: Python<'py>, id: &Id) -> Bound<'py, PyString> {
         let words = id.words();
         let mut memo = self.texts.borrow_mut();
-        if let Some((seen, made)) = &memo.task_id {
+        for (seen, made) in memo.ids.iter().flatten() {
             if *seen == words {
                 return made.clone();
             }
@@ -639,8 +640,18 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             Some(known) => known.clone(),
             None => PyString::new(py, id),
         };
-        memo.task_id = Some((words, made.clone()));
+        // A third id takes the second's place.
+        let free = memo
+            .ids
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(MEMO_IDS - 1);
+        memo.ids[free] = Some((words, made.clone()));
         made
+    }
+
+    fn optional_id_text(&self, py: Python<'py>, id: &Option<Id>) -> Option<Bound<'py, PyString>> {
+        id.as_ref().map(|id| self.id_text(py, id))
     }
 
     /// An event's `datetime`, shared with the batch's previous event of the
@@ -670,13 +681,13 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     fn running_metadata(
         &self,
         py: Python<'py>,
-        runner_id: &Arc<str>,
+        runner_id: &RunnerId,
         assigned_slot: &Option<Arc<str>>,
         pool_name: &Arc<str>,
         started_at: WallTime,
     ) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
+        d.set_item(name!(py, "runner_id"), self.id_text(py, runner_id))?;
         d.set_item(
             name!(py, "assigned_slot"),
             self.optional_text(py, assigned_slot),
@@ -690,11 +701,11 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     fn done_metadata(
         &self,
         py: Python<'py>,
-        runner_id: &Arc<str>,
+        runner_id: &RunnerId,
         completed_at: WallTime,
     ) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item(name!(py, "runner_id"), self.text(py, runner_id))?;
+        d.set_item(name!(py, "runner_id"), self.id_text(py, runner_id))?;
         d.set_item(
             name!(py, "completed_at"),
             datetime::iso_str(py, completed_at)?,
@@ -741,7 +752,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             } => {
                 d.set_item(name!(py, "reason"), self.text(py, reason))?;
                 d.set_item(name!(py, "retries"), retries)?;
-                d.set_item(name!(py, "runner_id"), self.optional_text(py, runner_id))?;
+                d.set_item(name!(py, "runner_id"), self.optional_id_text(py, runner_id))?;
             }
         }
         Ok(d)
@@ -937,7 +948,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
                     Ok([
                         self.text(py, spec_name).into_any(),
                         self.id_text(py, task_id).into_any(),
-                        any(py, self.optional_text(py, runner_id))?,
+                        any(py, self.optional_id_text(py, runner_id))?,
                         self.text(py, failure_reason).into_any(),
                         any(py, *retry_count)?,
                     ])
@@ -1034,7 +1045,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         Ok([
             self.text(py, n.spec_name).into_any(),
             self.id_text(py, n.task_id).into_any(),
-            self.text(py, n.runner_id).into_any(),
+            self.id_text(py, n.runner_id).into_any(),
             any(py, self.optional_text(py, n.slot_id))?,
         ])
     }
@@ -1141,7 +1152,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         py: Python<'py>,
         spec_name: &Arc<str>,
         task_id: &TaskId,
-        runner_id: &Arc<str>,
+        runner_id: &RunnerId,
         execution_time_seconds: f64,
     ) -> Result<(), FailedReport> {
         static NAMES: KeywordNames = KeywordNames::new(&[
@@ -1157,7 +1168,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             Ok([
                 self.text(py, spec_name).into_any(),
                 self.id_text(py, task_id).into_any(),
-                self.text(py, runner_id).into_any(),
+                self.id_text(py, runner_id).into_any(),
                 any(py, execution_time_seconds)?,
             ])
         })
@@ -1186,7 +1197,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
 struct RunnerNames<'a> {
     spec_name: &'a Arc<str>,
     task_id: &'a TaskId,
-    runner_id: &'a Arc<str>,
+    runner_id: &'a RunnerId,
     slot_id: &'a Option<Arc<str>>,
 }
 

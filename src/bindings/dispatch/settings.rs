@@ -14,10 +14,10 @@ use crate::dispatch::pools::{PoolState, Pools};
 use crate::dispatch::scheduling::{Policy, SkillMapping};
 use crate::dispatch::state::{Limits, TaskMeta};
 use crate::dispatch::task_names::TaskNames;
+use crate::id::TaskId;
 use crate::interning::shared_name;
 use crate::retry::backoff::{python_float_repr, BackoffPolicy};
 use crate::retry::state::RetryOptions;
-use crate::task_id::TaskId;
 use crate::time::clock::seconds_to_nanos;
 
 /// `obj.name` (or `obj[name]` for a dict); None when absent.

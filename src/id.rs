@@ -1,11 +1,13 @@
-//! A task's id: up to 15 bytes kept inline, a longer one shared.
+//! Task and runner ids: up to 15 bytes kept inline, a longer one shared.
 //!
-//! Every held task, runner, report and lane carries its task's id. As an
+//! Every held task, runner, report and lane carries its task's id, and every
+//! running task its runner's. As an
 //! `Arc<str>` each id was its own heap block (48 bytes to glibc for a
 //! 12-character id, more than the task's entry is worth halved) and every
 //! copy an atomic increment. Ids are short (NecroCode's are "1", "1.2",
 //! "task-0000042"), so one of up to 15 bytes lives in the 16 bytes the
 //! `Arc<str>` pointer took, and a copy of it is a copy of those bytes.
+//! Runner ids ("runner-0000042", a container's short hash) are alike.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -17,18 +19,32 @@ use std::sync::Arc;
 
 /// The longest id kept inline.
 const INLINE: usize = 15;
-/// `tag` of a shared id; an inline id's `tag` is its length (0..=15).
-const SHARED: u8 = u8::MAX;
+/// The last byte: an inline id's length, or `Shared`. An enum, so that the
+/// byte's other 238 values are free for `Option<Id>` and the enums holding
+/// an id to keep their variant in (as an `Arc`'s non-null pointer allowed).
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[rustfmt::skip]
+#[allow(dead_code)] // the lengths are made by transmuting, never by name
+enum Tag {
+    L0, L1, L2, L3, L4, L5, L6, L7, L8, L9, L10, L11, L12, L13, L14, L15,
+    Shared = 0xFF,
+}
 
 /// 16 bytes whatever the target: the first 15 hold an inline id's text, or
 /// a shared id's `Arc` address and then its length, and the last says which.
 #[repr(C)]
-pub struct TaskId {
+pub struct Id {
     head: Head,
     /// Inline: text bytes 8..15. Shared: the length, 7 bytes little-endian.
     rest: [u8; 7],
-    tag: u8,
+    tag: Tag,
 }
+
+/// A task's id.
+pub type TaskId = Id;
+/// A runner's id.
+pub type RunnerId = Id;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -40,11 +56,11 @@ union Head {
 }
 
 // A shared id owns one strong count of an `Arc<str>`, which is Send + Sync.
-unsafe impl Send for TaskId {}
-unsafe impl Sync for TaskId {}
+unsafe impl Send for Id {}
+unsafe impl Sync for Id {}
 
-impl TaskId {
-    pub fn new(text: &str) -> TaskId {
+impl Id {
+    pub fn new(text: &str) -> Id {
         if text.len() <= INLINE {
             Self::inline(text)
         } else {
@@ -52,16 +68,16 @@ impl TaskId {
         }
     }
 
-    fn inline(text: &str) -> TaskId {
+    fn inline(text: &str) -> Id {
         let mut bytes = [0u8; 16];
         bytes[..text.len()].copy_from_slice(text.as_bytes());
         bytes[15] = text.len() as u8;
-        // SAFETY: `TaskId` is 16 bytes of plain data when inline (the union
-        // read as bytes), and a tag of at most 15 says so.
-        unsafe { std::mem::transmute::<[u8; 16], TaskId>(bytes) }
+        // SAFETY: `Id` is 16 bytes of plain data when inline (the union
+        // read as bytes), and a length of at most 15 is a valid `Tag`.
+        unsafe { std::mem::transmute::<[u8; 16], Id>(bytes) }
     }
 
-    fn shared(text: Arc<str>) -> TaskId {
+    fn shared(text: Arc<str>) -> Id {
         let len = text.len() as u64;
         // A length fits 7 bytes: nothing holds 2^56 bytes.
         debug_assert!(len < 1 << 56);
@@ -72,16 +88,16 @@ impl TaskId {
         let mut head = Head { text: [0; 8] };
         // SAFETY: an `Arc`'s data pointer is never null.
         head.shared = unsafe { NonNull::new_unchecked(address) };
-        TaskId {
+        Id {
             head,
             rest,
-            tag: SHARED,
+            tag: Tag::Shared,
         }
     }
 
     #[inline]
     fn is_inline(&self) -> bool {
-        self.tag != SHARED
+        self.tag != Tag::Shared
     }
 
     #[inline]
@@ -100,7 +116,7 @@ impl TaskId {
     #[inline]
     pub fn as_str(&self) -> &str {
         let (address, len) = if self.is_inline() {
-            (self as *const TaskId as *const u8, self.tag as usize)
+            (self as *const Id as *const u8, self.tag as u8 as usize)
         } else {
             // SAFETY: a shared id's head is the pointer.
             (
@@ -121,7 +137,7 @@ impl TaskId {
     pub fn words(&self) -> [u64; 2] {
         // SAFETY: all 16 bytes are initialised in both forms (`shared`
         // zeroes the head before a pointer narrower than 8 bytes goes in).
-        let bytes = unsafe { std::ptr::read(self as *const TaskId as *const [u8; 16]) };
+        let bytes = unsafe { std::ptr::read(self as *const Id as *const [u8; 16]) };
         let word = |i: usize| {
             let mut w = [0u8; 8];
             w.copy_from_slice(&bytes[i..i + 8]);
@@ -131,9 +147,9 @@ impl TaskId {
     }
 }
 
-impl Clone for TaskId {
+impl Clone for Id {
     #[inline]
-    fn clone(&self) -> TaskId {
+    fn clone(&self) -> Id {
         if !self.is_inline() {
             // SAFETY: the id holds a count of this `Arc`; the copy takes one.
             unsafe { Arc::increment_strong_count(self.shared_raw()) };
@@ -143,7 +159,7 @@ impl Clone for TaskId {
     }
 }
 
-impl Drop for TaskId {
+impl Drop for Id {
     #[inline]
     fn drop(&mut self) {
         if !self.is_inline() {
@@ -153,7 +169,7 @@ impl Drop for TaskId {
     }
 }
 
-impl Deref for TaskId {
+impl Deref for Id {
     type Target = str;
     #[inline]
     fn deref(&self) -> &str {
@@ -161,91 +177,91 @@ impl Deref for TaskId {
     }
 }
 
-impl AsRef<str> for TaskId {
+impl AsRef<str> for Id {
     fn as_ref(&self) -> &str {
         self.as_str()
     }
 }
 
-impl Borrow<str> for TaskId {
+impl Borrow<str> for Id {
     #[inline]
     fn borrow(&self) -> &str {
         self.as_str()
     }
 }
 
-impl From<&str> for TaskId {
-    fn from(text: &str) -> TaskId {
-        TaskId::new(text)
+impl From<&str> for Id {
+    fn from(text: &str) -> Id {
+        Id::new(text)
     }
 }
 
-impl From<String> for TaskId {
-    fn from(text: String) -> TaskId {
-        TaskId::new(&text)
+impl From<String> for Id {
+    fn from(text: String) -> Id {
+        Id::new(&text)
     }
 }
 
-impl From<Arc<str>> for TaskId {
+impl From<Arc<str>> for Id {
     /// Shares a long text's `Arc` instead of copying it.
-    fn from(text: Arc<str>) -> TaskId {
+    fn from(text: Arc<str>) -> Id {
         if text.len() <= INLINE {
-            TaskId::inline(&text)
+            Id::inline(&text)
         } else {
-            TaskId::shared(text)
+            Id::shared(text)
         }
     }
 }
 
-impl PartialEq for TaskId {
+impl PartialEq for Id {
     #[inline]
-    fn eq(&self, other: &TaskId) -> bool {
+    fn eq(&self, other: &Id) -> bool {
         // Equal words are equal ids; inline ids are equal only then.
         self.words() == other.words()
             || (!self.is_inline() && !other.is_inline() && self.as_str() == other.as_str())
     }
 }
 
-impl Eq for TaskId {}
+impl Eq for Id {}
 
-impl PartialEq<str> for TaskId {
+impl PartialEq<str> for Id {
     fn eq(&self, other: &str) -> bool {
         self.as_str() == other
     }
 }
 
-impl PartialEq<&str> for TaskId {
+impl PartialEq<&str> for Id {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
     }
 }
 
-impl Hash for TaskId {
+impl Hash for Id {
     /// As its text, so that maps keyed by ids can be asked with a `&str`.
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.as_str().hash(state)
     }
 }
 
-impl Ord for TaskId {
-    fn cmp(&self, other: &TaskId) -> Ordering {
+impl Ord for Id {
+    fn cmp(&self, other: &Id) -> Ordering {
         self.as_str().cmp(other.as_str())
     }
 }
 
-impl PartialOrd for TaskId {
-    fn partial_cmp(&self, other: &TaskId) -> Option<Ordering> {
+impl PartialOrd for Id {
+    fn partial_cmp(&self, other: &Id) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl fmt::Debug for TaskId {
+impl fmt::Debug for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
-impl fmt::Display for TaskId {
+impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self.as_str(), f)
     }
@@ -257,15 +273,15 @@ mod tests {
 
     #[test]
     fn sixteen_bytes() {
-        assert_eq!(std::mem::size_of::<TaskId>(), 16);
-        assert_eq!(std::mem::size_of::<Option<TaskId>>(), 24);
+        assert_eq!(std::mem::size_of::<Id>(), 16);
+        assert_eq!(std::mem::size_of::<Option<Id>>(), 16);
     }
 
     #[test]
     fn every_length_reads_back_its_text() {
         let text: String = ('a'..='z').chain('A'..='Z').collect();
         for n in 0..=text.len() {
-            let id = TaskId::new(&text[..n]);
+            let id = Id::new(&text[..n]);
             assert_eq!(id.as_str(), &text[..n]);
             assert_eq!(id.is_inline(), n <= INLINE, "length {n}");
             let copy = id.clone();
@@ -273,16 +289,16 @@ mod tests {
             assert_eq!(&*copy, &text[..n]);
         }
         let multibyte = "tâche-été-🚀-x"; // 19 bytes, inline limit in bytes
-        assert_eq!(TaskId::new(multibyte).as_str(), multibyte);
-        assert_eq!(TaskId::new("été").as_str(), "été");
+        assert_eq!(Id::new(multibyte).as_str(), multibyte);
+        assert_eq!(Id::new("été").as_str(), "été");
     }
 
     #[test]
     fn a_long_id_shares_one_text_and_gives_its_counts_back() {
         let text: Arc<str> = Arc::from("a-task-id-longer-than-fifteen");
-        let id = TaskId::from(Arc::clone(&text));
+        let id = Id::from(Arc::clone(&text));
         assert_eq!(Arc::strong_count(&text), 2);
-        let copies: Vec<TaskId> = (0..5).map(|_| id.clone()).collect();
+        let copies: Vec<Id> = (0..5).map(|_| id.clone()).collect();
         assert_eq!(Arc::strong_count(&text), 7);
         assert!(copies.iter().all(|c| c.as_str().as_ptr() == text.as_ptr()));
         drop(copies);
@@ -290,9 +306,9 @@ mod tests {
         assert_eq!(Arc::strong_count(&text), 1);
         // A short text's `Arc` is copied inline and given back at once.
         let short: Arc<str> = Arc::from("t1");
-        let id = TaskId::from(Arc::clone(&short));
+        let id = Id::from(Arc::clone(&short));
         assert_eq!(Arc::strong_count(&short), 1);
-        assert_eq!(id, TaskId::new("t1"));
+        assert_eq!(id, Id::new("t1"));
     }
 
     #[test]
@@ -315,23 +331,23 @@ mod tests {
         ];
         for a in names {
             for b in names {
-                let (x, y) = (TaskId::new(a), TaskId::new(b));
+                let (x, y) = (Id::new(a), Id::new(b));
                 assert_eq!(x == y, a == b, "{a:?} == {b:?}");
                 assert_eq!(x.cmp(&y), a.cmp(b), "{a:?} cmp {b:?}");
                 assert_eq!(x.words() == y.words(), a == b && a.len() <= INLINE);
             }
             // Two separately made long ids are equal by text.
-            assert_eq!(TaskId::new(a), TaskId::new(a));
-            assert_eq!(hash(&|h| TaskId::new(a).hash(h)), hash(&|h| a.hash(h)));
-            assert!(TaskId::new(a) == *a);
+            assert_eq!(Id::new(a), Id::new(a));
+            assert_eq!(hash(&|h| Id::new(a).hash(h)), hash(&|h| a.hash(h)));
+            assert!(Id::new(a) == *a);
         }
     }
 
     #[test]
     fn a_map_keyed_by_ids_is_asked_with_text() {
         let mut map = std::collections::HashMap::new();
-        map.insert(TaskId::new("short"), 1);
-        map.insert(TaskId::new("a-rather-longer-task-id"), 2);
+        map.insert(Id::new("short"), 1);
+        map.insert(Id::new("a-rather-longer-task-id"), 2);
         assert_eq!(map.get("short"), Some(&1));
         assert_eq!(map.get("a-rather-longer-task-id"), Some(&2));
         assert_eq!(map.get("other"), None);
@@ -340,12 +356,12 @@ mod tests {
     #[test]
     fn copies_made_and_dropped_on_many_threads_give_every_count_back() {
         let text: Arc<str> = Arc::from("a-task-id-longer-than-fifteen");
-        let id = TaskId::from(Arc::clone(&text));
+        let id = Id::from(Arc::clone(&text));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let id = id.clone();
                 std::thread::spawn(move || {
-                    let copies: Vec<TaskId> = (0..1000).map(|_| id.clone()).collect();
+                    let copies: Vec<Id> = (0..1000).map(|_| id.clone()).collect();
                     copies.iter().all(|c| *c == id)
                 })
             })
