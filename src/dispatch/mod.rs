@@ -10,6 +10,7 @@ pub mod runners;
 pub mod saved_reports;
 pub mod scheduling;
 pub mod snapshot;
+pub mod sorted_chunks;
 pub mod state;
 pub mod task_names;
 pub mod time_index;

@@ -14,14 +14,16 @@
 //!
 //! The queue does not remember where a task is: the caller passes the task's
 //! [`QueueKey`] to [`ReadyQueue::remove`] (the dispatcher holds it in the
-//! task's entry), which keeps a queued task's cost to one B-tree entry. A
+//! task's entry), which keeps a queued task's cost to one 32-byte entry of a
+//! [`SortedChunks`] (dense when tasks arrive in queue order). A
 //! task is named by whatever the caller uses (`K`): the dispatcher queues
 //! its tasks' slot numbers, 4 bytes each, not their ids.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use crate::dispatch::sorted_chunks::SortedChunks;
 use crate::hashing::FastMap;
 use crate::retry::state::TaskId;
 
@@ -50,7 +52,7 @@ pub struct QueueKey<'a> {
 /// The sort key: (reversed priority or 0, age, seq); smaller goes first.
 pub type Rank = (u64, i64, u64);
 
-type Ordered<K> = BTreeSet<(Rank, K)>;
+type Ordered<K> = SortedChunks<(Rank, K)>;
 
 #[derive(Debug)]
 enum Tasks<K> {
@@ -121,7 +123,7 @@ impl<K: Ord + Clone> ReadyQueue<K> {
                     tasks: if self.by_spec {
                         Tasks::BySpec(BTreeMap::new())
                     } else {
-                        Tasks::Ordered(BTreeSet::new())
+                        Tasks::Ordered(SortedChunks::default())
                     },
                 });
                 self.route_index.insert(route.clone(), i);
