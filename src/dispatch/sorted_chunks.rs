@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn behaves_like_a_btree_set_under_random_operations() {
         for seed in 1..=60u64 {
-            let mut steps = Steps(seed * 0x9E37_79B9_7F4A_7C15);
+            let mut steps = Steps(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut set = SortedChunks::default();
             let mut model = BTreeSet::new();
             // Mostly ascending keys with some in the middle, as a queue sees.
