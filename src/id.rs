@@ -7,7 +7,8 @@
 //! copy an atomic increment. Ids are short (NecroCode's are "1", "1.2",
 //! "task-0000042"), so one of up to 15 bytes lives in the 16 bytes the
 //! `Arc<str>` pointer took, and a copy of it is a copy of those bytes.
-//! Runner ids ("runner-0000042", a container's short hash) are alike.
+//! Runner and slot ids ("runner-0000042", a container's short hash,
+//! "slot-3") are alike.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -45,6 +46,8 @@ pub struct Id {
 pub type TaskId = Id;
 /// A runner's id.
 pub type RunnerId = Id;
+/// A repo slot's id.
+pub type SlotId = Id;
 
 #[repr(C)]
 #[derive(Clone, Copy)]

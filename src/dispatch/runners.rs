@@ -7,7 +7,7 @@ use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::pools::PoolIndex;
 use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeQueue;
-use crate::id::{RunnerId, TaskId};
+use crate::id::{RunnerId, SlotId, TaskId};
 use crate::time::clock::MonoNanos;
 use crate::time::wall::WallTime;
 
@@ -61,7 +61,7 @@ pub struct TrackedRunner {
     pub task_id: TaskId,
     /// The task's names, shared with it (one pointer).
     pub names: Arc<TaskNames>,
-    pub slot_id: Option<Arc<str>>,
+    pub slot_id: Option<SlotId>,
     pub pool: PoolIndex,
     pub started_mono: MonoNanos,
     pub started_at: WallTime,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::state::{Effect, ReportedState, StateMetadata};
-use crate::id::{RunnerId, TaskId};
+use crate::id::{RunnerId, SlotId, TaskId};
 use crate::retry::snapshot::{saved_time, SnapshotError};
 use crate::time::wall::WallTime;
 
@@ -162,7 +162,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
                     started_at,
                 } => SavedMetadata::Running {
                     runner_id: text(runner_id),
-                    assigned_slot: opt(assigned_slot),
+                    assigned_slot: assigned_slot.as_deref().map(str::to_owned),
                     pool_name: text(pool_name),
                     started_at: iso(*started_at),
                 },
@@ -205,7 +205,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
             spec_name: text(spec_name),
             task_id: text(task_id),
             runner_id: text(runner_id),
-            slot_id: opt(slot_id),
+            slot_id: slot_id.as_deref().map(str::to_owned),
             pool_name: text(pool_name),
             timestamp: iso(*timestamp),
         },
@@ -221,7 +221,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
             spec_name: text(spec_name),
             task_id: text(task_id),
             runner_id: text(runner_id),
-            slot_id: opt(slot_id),
+            slot_id: slot_id.as_deref().map(str::to_owned),
             pool_name: text(pool_name),
             pid: details.pid(),
             container_id: details.container_id().map(|s| s.to_string()),
@@ -240,7 +240,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
             spec_name: text(spec_name),
             task_id: text(task_id),
             runner_id: text(runner_id),
-            slot_id: opt(slot_id),
+            slot_id: slot_id.as_deref().map(str::to_owned),
             success: *success,
             execution_time_seconds: *execution_time_seconds,
             failure_reason: opt(failure_reason),
@@ -277,7 +277,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
     Ok(match saved {
         SavedReport::ReleaseSlot { task_id, slot_id } => Effect::ReleaseSlot {
             task_id: TaskId::from(task_id.as_str()),
-            slot_id: arc(slot_id),
+            slot_id: SlotId::from(slot_id.as_str()),
         },
         SavedReport::StopRunner { task_id, runner_id } => Effect::StopRunner {
             task_id: TaskId::from(task_id.as_str()),
@@ -310,7 +310,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
                     started_at,
                 } => StateMetadata::Running {
                     runner_id: RunnerId::from(runner_id.as_str()),
-                    assigned_slot: opt_arc(assigned_slot),
+                    assigned_slot: assigned_slot.as_deref().map(SlotId::from),
                     pool_name: arc(pool_name),
                     started_at: saved_time("metadata.started_at", started_at)?,
                 },
@@ -353,7 +353,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
             runner_id: RunnerId::from(runner_id.as_str()),
-            slot_id: opt_arc(slot_id),
+            slot_id: slot_id.as_deref().map(SlotId::from),
             pool_name: arc(pool_name),
             timestamp: saved_time("timestamp", timestamp)?,
         },
@@ -371,7 +371,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
             runner_id: RunnerId::from(runner_id.as_str()),
-            slot_id: opt_arc(slot_id),
+            slot_id: slot_id.as_deref().map(SlotId::from),
             pool_name: arc(pool_name),
             details: RunnerDetails::new(*pid, opt_arc(container_id), opt_arc(job_name)),
             timestamp: saved_time("timestamp", timestamp)?,
@@ -388,7 +388,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
             runner_id: RunnerId::from(runner_id.as_str()),
-            slot_id: opt_arc(slot_id),
+            slot_id: slot_id.as_deref().map(SlotId::from),
             success: *success,
             execution_time_seconds: *execution_time_seconds,
             failure_reason: opt_arc(failure_reason),
@@ -481,7 +481,7 @@ mod tests {
             spec_name: "spec".into(),
             task_id: "t".into(),
             runner_id: "r".into(),
-            slot_id: slot.map(Arc::from),
+            slot_id: slot.map(SlotId::from),
             execution_time_seconds: 1.5,
             completed_at: WallTime::from_micros(63_900_000_000_000_000).unwrap(),
             delivered,

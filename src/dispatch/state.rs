@@ -20,7 +20,7 @@ use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
 use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeIndex;
-use crate::id::RunnerId;
+use crate::id::{RunnerId, SlotId};
 use crate::interning::shared_name;
 use crate::metrics::FailureStats;
 use crate::retry::state::{RecordIndex, RecordedFailure, RetryBook, TaskId};
@@ -152,7 +152,7 @@ impl ReportedState {
 pub enum StateMetadata {
     Running {
         runner_id: RunnerId,
-        assigned_slot: Option<Arc<str>>,
+        assigned_slot: Option<SlotId>,
         pool_name: Arc<str>,
         started_at: WallTime,
     },
@@ -178,7 +178,7 @@ pub enum StateMetadata {
 pub enum Effect<T> {
     ReleaseSlot {
         task_id: TaskId,
-        slot_id: Arc<str>,
+        slot_id: SlotId,
     },
     ReportState {
         spec_name: Arc<str>,
@@ -190,7 +190,7 @@ pub enum Effect<T> {
         spec_name: Arc<str>,
         task_id: TaskId,
         runner_id: RunnerId,
-        slot_id: Option<Arc<str>>,
+        slot_id: Option<SlotId>,
         success: bool,
         execution_time_seconds: f64,
         failure_reason: Option<Arc<str>>,
@@ -216,7 +216,7 @@ pub enum Effect<T> {
         spec_name: Arc<str>,
         task_id: TaskId,
         runner_id: RunnerId,
-        slot_id: Option<Arc<str>>,
+        slot_id: Option<SlotId>,
         pool_name: Arc<str>,
         timestamp: WallTime,
     },
@@ -224,7 +224,7 @@ pub enum Effect<T> {
         spec_name: Arc<str>,
         task_id: TaskId,
         runner_id: RunnerId,
-        slot_id: Option<Arc<str>>,
+        slot_id: Option<SlotId>,
         pool_name: Arc<str>,
         details: RunnerDetails,
         timestamp: WallTime,
@@ -256,7 +256,7 @@ pub struct Start {
     pub spec_name: Arc<str>,
     pub task_id: TaskId,
     pub runner_id: RunnerId,
-    pub slot_id: Option<Arc<str>>,
+    pub slot_id: Option<SlotId>,
     pub pool_name: Arc<str>,
     pub details: RunnerDetails,
     /// When the runner started (RUNNING's `started_at`).
@@ -323,7 +323,7 @@ pub struct Completion {
     pub spec_name: Arc<str>,
     pub task_id: TaskId,
     pub runner_id: RunnerId,
-    pub slot_id: Option<Arc<str>>,
+    pub slot_id: Option<SlotId>,
     pub execution_time_seconds: f64,
     pub completed_at: WallTime,
     pub delivered: u8,
@@ -576,7 +576,7 @@ pub struct DelayedTask {
 #[derive(Clone, Debug)]
 pub struct NewRunner {
     pub runner_id: RunnerId,
-    pub slot_id: Option<Arc<str>>,
+    pub slot_id: Option<SlotId>,
     pub started_at: Option<WallTime>,
     pub details: RunnerDetails,
 }
@@ -1455,7 +1455,7 @@ impl<T> DispatcherState<T> {
         &mut self,
         task_id: &str,
         payload: T,
-        slot_id: Option<Arc<str>>,
+        slot_id: Option<SlotId>,
         reason: &str,
         book: &mut RetryBook,
         now: Now,

@@ -30,7 +30,7 @@ pub use errors::{
 pub use lifecycle::{_after_fork_in_child, _stop_loops_at_exit, DispatchLoop, Waker};
 use ports::{Assigned, KnownTexts, Ports};
 use run_loop::LoopControl;
-use settings::{config_number, optional_arc, read_pools, read_tunables, task_meta};
+use settings::{config_number, optional_arc, optional_id, read_pools, read_tunables, task_meta};
 
 use crate::bindings::args;
 use crate::bindings::files;
@@ -577,7 +577,7 @@ impl PyDispatcherCore {
         let pool_name = args::string("pool_name", pool_name)?;
         let runner = NewRunner {
             runner_id: RunnerId::from(args::string("runner_id", runner_id)?.as_ref()),
-            slot_id: optional_arc("slot_id", slot_id)?,
+            slot_id: optional_id("slot_id", slot_id)?,
             started_at: match started_at {
                 Some(s) => datetime::optional_from_py("started_at", s)?,
                 None => None,

@@ -22,7 +22,7 @@ use crate::dispatch::state::{
     Completion, CompletionPart, Effect, NewRunner, ReportedState, Reservation, Start,
     StateMetadata, TaskMeta,
 };
-use crate::id::{Id, RunnerId, TaskId};
+use crate::id::{Id, RunnerId, SlotId, TaskId};
 use crate::time::wall::WallTime;
 
 /// The outside world, injected. Each may be None (its calls are skipped).
@@ -75,7 +75,7 @@ pub enum Assigned {
 /// What the slot allocation gave: the slot object for `launch` and its id.
 struct Slot<'py> {
     object: Bound<'py, PyAny>,
-    id: Option<Arc<str>>,
+    id: Option<SlotId>,
     /// The id as the port gave it, passed on to the reports unchanged.
     id_text: Option<Bound<'py, PyString>>,
 }
@@ -551,12 +551,12 @@ struct TextMemo<'py> {
     timestamp: Option<(WallTime, Bound<'py, PyAny>)>,
     /// The `str`s made for the batch's ids, by the ids' words (equal words,
     /// equal ids while the batch lives): a batch is one task's lane, with
-    /// its task's id and mostly one runner's.
+    /// its task's id and mostly one runner's and one slot's.
     ids: [Option<([u64; 2], Bound<'py, PyString>)>; MEMO_IDS],
 }
 
 const MEMO_TEXTS: usize = 8;
-const MEMO_IDS: usize = 2;
+const MEMO_IDS: usize = 3;
 
 impl Default for TextMemo<'_> {
     fn default() -> Self {
@@ -640,7 +640,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             Some(known) => known.clone(),
             None => PyString::new(py, id),
         };
-        // A third id takes the second's place.
+        // A fourth id takes the last one's place.
         let free = memo
             .ids
             .iter()
@@ -682,7 +682,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         &self,
         py: Python<'py>,
         runner_id: &RunnerId,
-        assigned_slot: &Option<Arc<str>>,
+        assigned_slot: &Option<SlotId>,
         pool_name: &Arc<str>,
         started_at: WallTime,
     ) -> PyResult<Bound<'py, PyDict>> {
@@ -690,7 +690,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
         d.set_item(name!(py, "runner_id"), self.id_text(py, runner_id))?;
         d.set_item(
             name!(py, "assigned_slot"),
-            self.optional_text(py, assigned_slot),
+            self.optional_id_text(py, assigned_slot),
         )?;
         d.set_item(name!(py, "pool_name"), self.text(py, pool_name))?;
         d.set_item(name!(py, "started_at"), datetime::iso_str(py, started_at)?)?;
@@ -969,7 +969,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
     }
 
     /// `repo_pool_manager.release_slot(slot_id, cleanup=True)`.
-    fn release_slot(&self, py: Python<'py>, slot_id: &Arc<str>) -> Result<(), FailedReport> {
+    fn release_slot(&self, py: Python<'py>, slot_id: &SlotId) -> Result<(), FailedReport> {
         static CLEANUP: KeywordNames = KeywordNames::new(&["cleanup"]);
         let Some(pool) = self.port(|p| &p.repo_pool_manager) else {
             return Ok(());
@@ -978,7 +978,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             call_method(
                 pool,
                 name!(py, "release_slot"),
-                &[self.text(py, slot_id).into_any()],
+                &[self.id_text(py, slot_id).into_any()],
                 &CLEANUP,
                 &[any(py, true)?],
             )
@@ -1046,7 +1046,7 @@ impl<'a, 'py> EffectPorts<'a, 'py> {
             self.text(py, n.spec_name).into_any(),
             self.id_text(py, n.task_id).into_any(),
             self.id_text(py, n.runner_id).into_any(),
-            any(py, self.optional_text(py, n.slot_id))?,
+            any(py, self.optional_id_text(py, n.slot_id))?,
         ])
     }
 
@@ -1198,7 +1198,7 @@ struct RunnerNames<'a> {
     spec_name: &'a Arc<str>,
     task_id: &'a TaskId,
     runner_id: &'a RunnerId,
-    slot_id: &'a Option<Arc<str>>,
+    slot_id: &'a Option<SlotId>,
 }
 
 impl Start {

@@ -14,7 +14,7 @@ use crate::dispatch::pools::{PoolState, Pools};
 use crate::dispatch::scheduling::{Policy, SkillMapping};
 use crate::dispatch::state::{Limits, TaskMeta};
 use crate::dispatch::task_names::TaskNames;
-use crate::id::TaskId;
+use crate::id::{Id, TaskId};
 use crate::interning::shared_name;
 use crate::retry::backoff::{python_float_repr, BackoffPolicy};
 use crate::retry::state::RetryOptions;
@@ -309,4 +309,9 @@ pub fn task_meta_with_id<'py>(
 
 pub fn optional_arc(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Arc<str>>> {
     Ok(args::optional_string(name, obj)?.map(|s| Arc::from(s.as_ref())))
+}
+
+/// [`optional_arc`] for an id.
+pub fn optional_id(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Id>> {
+    Ok(args::optional_string(name, obj)?.map(|s| Id::from(s.as_ref())))
 }
