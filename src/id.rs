@@ -1,10 +1,10 @@
-//! Task and runner ids: up to 15 bytes kept inline, a longer one shared.
+//! Task, runner and slot ids: up to 15 bytes kept inline, a longer one
+//! shared.
 //!
 //! Every held task, runner, report and lane carries its task's id, and every
-//! running task its runner's. As an
-//! `Arc<str>` each id was its own heap block (48 bytes to glibc for a
-//! 12-character id, more than the task's entry is worth halved) and every
-//! copy an atomic increment. Ids are short (NecroCode's are "1", "1.2",
+//! running task its runner's and its slot's. As an `Arc<str>` each id was
+//! its own heap block (48 bytes to glibc for a 12-character id, more than
+//! half a held task's 80-byte entry) and every copy an atomic increment. Ids are short (NecroCode's are "1", "1.2",
 //! "task-0000042"), so one of up to 15 bytes lives in the 16 bytes the
 //! `Arc<str>` pointer took, and a copy of it is a copy of those bytes.
 //! Runner and slot ids ("runner-0000042", a container's short hash,
@@ -21,7 +21,7 @@ use std::sync::Arc;
 /// The longest id kept inline.
 const INLINE: usize = 15;
 /// The last byte: an inline id's length, or `Shared`. An enum, so that the
-/// byte's other 238 values are free for `Option<Id>` and the enums holding
+/// byte's other 239 values are free for `Option<Id>` and the enums holding
 /// an id to keep their variant in (as an `Arc`'s non-null pointer allowed).
 #[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq)]
