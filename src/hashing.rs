@@ -92,6 +92,13 @@ fn half_word(bytes: &[u8]) -> u32 {
 
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
+/// 32 bits of an id's hash, as the slot indexes keep them.
+#[inline]
+pub fn short_hash(id: &str) -> u32 {
+    use std::hash::BuildHasher;
+    (BuildHasherDefault::<FxHasher>::default().hash_one(id) >> 32) as u32
+}
+
 /// Whether two byte strings are equal, comparing ids of up to 16 bytes by
 /// overlapping word loads inline: the C library's `memcmp` behind `==` costs a
 /// call and its size dispatch on every lookup that finds its key.

@@ -15,10 +15,9 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
-use crate::hashing::{bytes_eq, FastMap, FxHasher};
+use crate::hashing::{bytes_eq, short_hash, FastMap};
 use crate::retry::backoff::BackoffPolicy;
 use crate::retry::budget::{BudgetSettings, RetryBudget};
 use crate::retry::failure_policy::{FailureClass, FailureClasses, GiveUp};
@@ -347,12 +346,6 @@ fn stored_id<'a>(slots: &'a [RetryRecord], ids: &'a str, slot: Slot) -> &'a [u8]
     let r = &slots[slot as usize];
     let start = r.id_start as usize;
     &ids.as_bytes()[start..start + r.id_len as usize]
-}
-
-/// 32 bits of an id's hash, kept in the index.
-fn short_hash(id: &str) -> u32 {
-    use std::hash::BuildHasher;
-    (BuildHasherDefault::<FxHasher>::default().hash_one(id) >> 32) as u32
 }
 
 impl RetryBook {
