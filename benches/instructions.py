@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 
 
-def completion(kind: str, n: int) -> Callable[[], None]:
-    d = bench.dispatchers(n)[0][kind]
+def completion(
+    kind: str, n: int, ports: type[bench.NoOpPorts] = bench.NoOpPorts
+) -> Callable[[], None]:
+    d = bench.dispatchers(n, ports=ports())[0][kind]
     tasks = [bench.make_task(k) for k in bench.ids(n)]
     for t in tasks:
         d.track_running(t, f"r-{t.id}", "pool", f"s-{t.id}")
@@ -57,9 +59,9 @@ def failure(kind: str, n: int) -> Callable[[], None]:
     return run
 
 
-def cycle(kind: str, n: int) -> Callable[[], None]:
+def cycle(kind: str, n: int, ports: type[bench.NoOpPorts] = bench.NoOpPorts) -> Callable[[], None]:
     """assign -> complete for each of N tasks, as bench.py's cycle row."""
-    d = bench.dispatchers(n, initial_delay=0.0)[0][kind]
+    d = bench.dispatchers(n, initial_delay=0.0, ports=ports())[0][kind]
     tasks = [bench.make_task(k) for k in bench.ids(n, prefix="c")]
 
     def run():
@@ -111,6 +113,9 @@ PATHS: dict[str, Callable[[str, int], Callable[[], None]]] = {
     "cycle": cycle,
     "record_failure": record_failure,
     "should_retry": should_retry,
+    # The event recorder taking its optional details as **kwargs (bench.KwargsPorts).
+    "completion-kwargs": lambda kind, n: completion(kind, n, bench.KwargsPorts),
+    "cycle-kwargs": lambda kind, n: cycle(kind, n, bench.KwargsPorts),
 }
 
 
@@ -159,7 +164,7 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     print(f"instructions a call, callgrind, PYTHONHASHSEED=0, N={args.n:,}")
-    print(f"{'path':<16}{'reference':>12}{'rust':>10}{'ratio':>8}")
+    print(f"{'path':<20}{'reference':>12}{'rust':>10}{'ratio':>8}")
     for path in args.paths or PATHS:
         per_call = {}
         for kind in ("reference", "rust"):
@@ -167,7 +172,7 @@ def main() -> None:
             setup = counted(path, kind, args.n, calls=False)
             per_call[kind] = (with_calls - setup) / args.n
         ratio = per_call["reference"] / per_call["rust"]
-        print(f"{path:<16}{per_call['reference']:>12,.0f}{per_call['rust']:>10,.0f}{ratio:>7.1f}x")
+        print(f"{path:<20}{per_call['reference']:>12,.0f}{per_call['rust']:>10,.0f}{ratio:>7.1f}x")
 
 
 if __name__ == "__main__":
