@@ -82,6 +82,19 @@ impl<V: Keyed> KeyedSlab<V> {
         self.slots.get_mut(slot as usize)?.as_mut()
     }
 
+    /// Makes room for `additional` more entries at once: a batch that grows
+    /// the slab and index once instead of doubling them step by step, each
+    /// step moving what was there (and the slab then ends its growth at its
+    /// size, not at the next power of two).
+    pub fn reserve(&mut self, additional: usize) {
+        self.slots
+            .reserve(additional.saturating_sub(self.free.len()));
+        let slots = &self.slots;
+        self.index.reserve(additional, |&s| {
+            slots[s as usize].as_ref().map_or(0, |v| hash(v.key()))
+        });
+    }
+
     /// Holds `value` under its key; returns the entry it replaces, if any.
     pub fn insert(&mut self, value: V) -> Option<V> {
         self.insert_in_slot(value).1
@@ -211,5 +224,26 @@ mod tests {
         let mut expected: Vec<(String, u32)> = model.into_iter().collect();
         expected.sort();
         assert_eq!(all, expected);
+    }
+
+    #[test]
+    fn a_reserved_batch_fits_without_growing_and_earlier_entries_stay_found() {
+        let mut slab = KeyedSlab::default();
+        for i in 0..10 {
+            slab.insert(Entry(format!("old{i}"), i));
+        }
+        slab.remove("old3");
+        slab.reserve(1_000);
+        let (slots, buckets) = (slab.slots.capacity(), slab.index.capacity());
+        assert!(slots >= 1_009 && buckets >= 1_009);
+        for i in 0..1_000 {
+            slab.insert(Entry(format!("new{i}"), i));
+        }
+        assert_eq!(slab.slots.capacity(), slots);
+        assert_eq!(slab.index.capacity(), buckets);
+        assert_eq!(slab.len(), 1_009);
+        assert_eq!(slab.get("old9").map(|e| e.1), Some(9));
+        assert_eq!(slab.get("new999").map(|e| e.1), Some(999));
+        assert!(slab.get("old3").is_none());
     }
 }

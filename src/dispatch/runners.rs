@@ -98,6 +98,11 @@ fn heard_at(by_id: &KeyedSlab<TrackedRunner>) -> impl Fn(MonoNanos, u32) -> bool
 }
 
 impl Runners {
+    /// Makes room for `additional` runners at once (an assignment pass's).
+    pub fn reserve(&mut self, additional: usize) {
+        self.by_id.reserve(additional);
+    }
+
     /// Tracks a runner; false (and no change) when the id is already tracked.
     pub fn insert(&mut self, runner: TrackedRunner) -> bool {
         if self.by_id.contains_key(&runner.runner_id) {

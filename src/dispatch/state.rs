@@ -873,6 +873,11 @@ impl<T> DispatcherState<T> {
         }
     }
 
+    /// Makes room for `additional` tasks about to be offered (a poll's).
+    pub fn expect_offers(&mut self, additional: usize) {
+        self.tasks.reserve(additional);
+    }
+
     /// A task from a poll. Queued unless already held (queued, delayed or
     /// running), in which case the poll is ignored and the handle comes back —
     /// except that a delayed task held without a handle keeps this one.
@@ -1353,6 +1358,8 @@ impl<T> DispatcherState<T> {
             return Vec::new();
         }
         let picks = self.scheduler.plan(&mut self.queue, &self.pools, budget);
+        // Each reservation that launches becomes a tracked runner.
+        self.runners.reserve(picks.len());
         let mut reservations = Vec::with_capacity(picks.len());
         for (slot, pool) in picks {
             let Some(held) = self.tasks.at_mut(slot) else {

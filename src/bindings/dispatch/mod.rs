@@ -224,6 +224,7 @@ impl PyDispatcherCore {
         let mut counts = TickCounts::default();
         let (ignored, reservations) = self.decide(|state, _, now| {
             let mut ignored = Vec::new();
+            state.expect_offers(polled.len());
             for (meta, handle) in polled {
                 match state.offer(meta, handle, now) {
                     Ok(()) => counts.enqueued += 1,
