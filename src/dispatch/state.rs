@@ -20,6 +20,7 @@ use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
 use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeIndex;
+use crate::hashing::FastMap;
 use crate::id::{RunnerId, SlotId};
 use crate::interning::shared_name;
 use crate::metrics::FailureStats;
@@ -73,14 +74,32 @@ pub enum Place {
     },
     /// Capacity reserved in `pool`; the slot and runner are being set up.
     /// Counts as running.
+    /// An outcome reported meanwhile waits in
+    /// [`DispatcherState::early_reports`].
     Assigning {
-        pool: PoolIndex,
-        /// Boxed: rare, and it would double the size of every place.
-        early: Option<Box<EarlyReport>>,
+        pool: ReservedPool,
     },
     Running {
         runner_id: RunnerId,
     },
+}
+
+/// A pool's index in 4 bytes: `Assigning` then leaves the last byte free,
+/// where a runner id keeps its tag, and the variants share that byte's free
+/// values, so a place takes 16 bytes, not 24, in every held task. (Pools are
+/// configured objects, never 2^32 of them.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReservedPool(u32);
+
+impl ReservedPool {
+    fn new(pool: PoolIndex) -> Self {
+        debug_assert!(u32::try_from(pool).is_ok());
+        ReservedPool(pool as u32)
+    }
+
+    pub fn index(self) -> PoolIndex {
+        self.0 as PoolIndex
+    }
 }
 
 /// An outcome reported while the task's runner was still being launched (a
@@ -611,6 +630,11 @@ pub struct DispatcherState<T> {
     /// not tracked yet and without a task id: applied if a launch returns
     /// one of these runners. Only kept while an assignment is in progress.
     orphan_completions: Vec<EarlyReport>,
+    /// Outcomes reported for tasks being assigned (a fast runner can finish
+    /// before `launch` returns), applied when the launch is confirmed. At
+    /// most one a task, only while it is `Assigning`: kept apart, as they
+    /// are rare, so that a place stays 16 bytes.
+    early_reports: FastMap<TaskId, EarlyReport>,
 }
 
 /// At most this many orphan completions are kept.
@@ -638,6 +662,7 @@ impl<T> DispatcherState<T> {
             outbox: Outbox::default(),
             finished: RecentlyFinished::default(),
             orphan_completions: Vec::new(),
+            early_reports: FastMap::default(),
         }
     }
 
@@ -1056,7 +1081,8 @@ impl<T> DispatcherState<T> {
         match &held.place {
             Place::Queued => dequeue(&mut self.queue, &self.scheduler, &held, slot),
             Place::Delayed { .. } => self.delayed.forget(delayed_at(&self.tasks)),
-            Place::Assigning { .. } | Place::Running { .. } => {}
+            Place::Assigning { .. } => drop(self.take_early(task_id)),
+            Place::Running { .. } => {}
         }
         Some(held)
     }
@@ -1373,7 +1399,9 @@ impl<T> DispatcherState<T> {
                 enqueue(&mut self.queue, &self.scheduler, held, slot);
                 continue;
             };
-            held.place = Place::Assigning { pool, early: None };
+            held.place = Place::Assigning {
+                pool: ReservedPool::new(pool),
+            };
             self.global_running += 1;
             reservations.push(Reservation {
                 meta: held.meta.clone(),
@@ -1388,7 +1416,7 @@ impl<T> DispatcherState<T> {
     /// The pool a task's reservation holds, if it is being assigned.
     fn reserved_pool(&self, task_id: &str) -> Option<PoolIndex> {
         match self.tasks.get(task_id).map(|t| &t.place) {
-            Some(Place::Assigning { pool, .. }) => Some(*pool),
+            Some(Place::Assigning { pool, .. }) => Some(pool.index()),
             _ => None,
         }
     }
@@ -1401,13 +1429,24 @@ impl<T> DispatcherState<T> {
     /// Keeps the first outcome reported for a task whose runner is being
     /// launched; anything else is ignored.
     fn note_early(&mut self, task_id: &str, report: EarlyReport) -> Outcome<T> {
-        match self.tasks.get_mut(task_id).map(|t| &mut t.place) {
-            Some(Place::Assigning { early, .. }) if early.is_none() => {
-                *early = Some(Box::new(report));
+        match self.tasks.get(task_id) {
+            Some(held)
+                if matches!(held.place, Place::Assigning { .. })
+                    && !self.early_reports.contains_key(task_id) =>
+            {
+                self.early_reports.insert(held.meta.id.clone(), report);
                 Outcome::accepted()
             }
             _ => Outcome::ignored(),
         }
+    }
+
+    /// The early report of a task leaving `Assigning`, if one came.
+    fn take_early(&mut self, task_id: &str) -> Option<EarlyReport> {
+        if self.early_reports.is_empty() {
+            return None;
+        }
+        self.early_reports.remove(task_id)
     }
 
     /// A completion for a runner not tracked, without a task id: while a
@@ -1445,6 +1484,8 @@ impl<T> DispatcherState<T> {
         let Some(pool) = self.reserved_pool(task_id) else {
             return Outcome::returning(payload);
         };
+        // What its runner reported is moot: it was never started.
+        self.take_early(task_id);
         self.release_reservation(pool);
         self.prune_orphans();
         let Some((slot, held)) = self.tasks.get_mut_in_slot(task_id) else {
@@ -1470,6 +1511,7 @@ impl<T> DispatcherState<T> {
         let Some(pool) = self.reserved_pool(task_id) else {
             return Outcome::returning(payload);
         };
+        self.take_early(task_id);
         self.release_reservation(pool);
         self.prune_orphans();
         let mut effects = Vec::new();
@@ -1505,7 +1547,7 @@ impl<T> DispatcherState<T> {
             return Outcome::returning(payload);
         };
         let pool = match self.tasks.at(slot).map(|t| &t.place) {
-            Some(Place::Assigning { pool, .. }) => *pool,
+            Some(Place::Assigning { pool, .. }) => pool.index(),
             _ => return Outcome::returning(payload),
         };
         if self.runners.get(&runner.runner_id).is_some() {
@@ -1522,13 +1564,18 @@ impl<T> DispatcherState<T> {
         let running = Place::Running {
             runner_id: runner.runner_id.clone(),
         };
-        let early = match std::mem::replace(&mut held.place, running) {
-            Place::Assigning { early, .. } => early.map(|report| *report),
-            _ => None,
-        };
+        let was_assigning = matches!(
+            std::mem::replace(&mut held.place, running),
+            Place::Assigning { .. }
+        );
         held.payload = Some(payload);
         let id = held.meta.id.clone();
         let names = held.meta.names.clone();
+        let early = if was_assigning {
+            self.take_early(&id)
+        } else {
+            None
+        };
         let early = early.or_else(|| self.take_orphan(&runner.runner_id));
         let runner_id = runner.runner_id.clone();
         let mut effects = Vec::with_capacity(2);
@@ -1741,7 +1788,7 @@ impl<T> DispatcherState<T> {
         let mut reserved = 0u64;
         for t in self.tasks.values() {
             if let Place::Assigning { pool, .. } = t.place {
-                per_pool[pool] += 1;
+                per_pool[pool.index()] += 1;
                 reserved += 1;
             }
         }
@@ -1761,6 +1808,16 @@ impl<T> DispatcherState<T> {
             }
             if pool.running > pool.max_concurrency {
                 return Err(format!("pool {} over its limit", pool.name));
+            }
+        }
+        for task_id in self.early_reports.keys() {
+            match self.tasks.get(task_id).map(|t| &t.place) {
+                Some(Place::Assigning { .. }) => {}
+                other => {
+                    return Err(format!(
+                        "early report for task {task_id} in place {other:?}"
+                    ))
+                }
             }
         }
         if self.global_running != self.runners.len() as u64 + reserved {

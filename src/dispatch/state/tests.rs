@@ -576,6 +576,55 @@ fn a_completion_reported_during_the_launch_is_applied_on_confirmation() {
 }
 
 #[test]
+fn an_early_report_of_an_aborted_launch_is_not_applied_to_the_next_one() {
+    let mut s = state();
+    let mut book = RetryBook::new(BackoffPolicy::default());
+    queued(&mut s, "t1", 0, 0);
+    let first = s.schedule().pop().unwrap();
+    assert!(
+        s.complete(
+            "r1",
+            Some("t1"),
+            false,
+            false,
+            Some("boom"),
+            &mut book,
+            at(1)
+        )
+        .applied
+    );
+    // No slot: the launch never happened, the task goes back to the queue
+    // and its early report with it.
+    assert!(s.abort_assignment("t1", first.payload).applied);
+    assert_eq!(s.place_of("t1"), Some(&Place::Queued));
+    s.check_invariants().unwrap();
+    let second = s.schedule().pop().unwrap();
+    let out = s.confirm_assignment("t1", second.payload, runner("r2"), &mut book, at(2));
+    assert_eq!(reported(&out.effects), [ReportedState::Running]);
+    assert_eq!(
+        s.place_of("t1"),
+        Some(&Place::Running {
+            runner_id: "r2".into()
+        })
+    );
+    assert_eq!(book.retry_count("t1"), 0);
+    s.check_invariants().unwrap();
+    // A report during a launch that then fails is dropped with it too.
+    let mut s = state();
+    queued(&mut s, "t2", 0, 0);
+    let r = s.schedule().pop().unwrap();
+    assert!(
+        s.fail_task("t2", None, "crash", None, &mut book, at(1))
+            .unwrap()
+            .applied
+    );
+    s.fail_assignment("t2", r.payload, None, "no docker", &mut book, at(2));
+    assert!(matches!(s.place_of("t2"), Some(Place::Delayed { .. })));
+    assert_eq!(book.retry_count("t2"), 1);
+    s.check_invariants().unwrap();
+}
+
+#[test]
 fn a_failure_reported_during_the_launch_is_applied_on_confirmation() {
     let mut s = state();
     let mut book = RetryBook::new(BackoffPolicy::default());
@@ -718,11 +767,13 @@ fn a_dispatcher_snapshot_round_trip_keeps_retries_and_delays() {
 }
 
 #[test]
-fn a_held_task_takes_80_bytes() {
+fn a_held_task_takes_72_bytes() {
     // SPEC §6, memory per task held: names shared, the age kept in
-    // `created_at` (a handle is one pointer, as a Python object's).
+    // `created_at` (a handle is one pointer, as a Python object's), the
+    // place in 16 bytes.
+    assert_eq!(std::mem::size_of::<Place>(), 16);
     assert_eq!(
         std::mem::size_of::<Option<HeldTask<std::ptr::NonNull<u8>>>>(),
-        80
+        72
     );
 }
