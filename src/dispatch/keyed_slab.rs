@@ -82,10 +82,9 @@ impl<V: Keyed> KeyedSlab<V> {
         self.slots.get_mut(slot as usize)?.as_mut()
     }
 
-    /// Makes room for `additional` more entries at once: a batch that grows
-    /// the slab and index once instead of doubling them step by step, each
-    /// step moving what was there (and the slab then ends its growth at its
-    /// size, not at the next power of two).
+    /// Makes room for `additional` more entries at once: a batch grows the
+    /// slab and its index once instead of doubling them step by step, each
+    /// step moving what was there.
     pub fn reserve(&mut self, additional: usize) {
         self.slots
             .reserve(additional.saturating_sub(self.free.len()));

@@ -1,6 +1,7 @@
 //! Runners the dispatcher tracks: which task each one runs, where, since when,
 //! and when it was last heard from.
 
+use std::num::NonZeroI32;
 use std::sync::Arc;
 
 use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
@@ -12,17 +13,21 @@ use crate::time::clock::MonoNanos;
 use crate::time::wall::WallTime;
 
 /// What the launcher told us about a runner: its pid, container and job, if
-/// any. A container or job name is rare (container and cluster pools), so
-/// the two are kept behind one pointer, allocated only when there is one:
-/// 24 bytes in every tracked runner and launch report instead of 48.
+/// any. A pid is kept in 4 bytes when it fits (an operating system's pids
+/// do); a container or job name, or a pid that does not fit, is rare
+/// (container and cluster pools, odd launchers), so those sit behind one
+/// pointer, allocated only when there is one: 16 bytes in every tracked
+/// runner and launch report instead of 48.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunnerDetails {
-    pid: Option<i64>,
-    names: Option<Box<WorkloadNames>>,
+    pid: Option<NonZeroI32>,
+    rare: Option<Box<RareDetails>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-struct WorkloadNames {
+struct RareDetails {
+    /// A pid that is not a non-zero 32-bit integer.
+    wide_pid: Option<i64>,
     container_id: Option<Arc<str>>,
     job_name: Option<Arc<str>>,
 }
@@ -33,25 +38,32 @@ impl RunnerDetails {
         container_id: Option<Arc<str>>,
         job_name: Option<Arc<str>>,
     ) -> Self {
-        let names = (container_id.is_some() || job_name.is_some()).then(|| {
-            Box::new(WorkloadNames {
-                container_id,
-                job_name,
-            })
-        });
-        RunnerDetails { pid, names }
+        let narrow = pid.and_then(|p| i32::try_from(p).ok().and_then(NonZeroI32::new));
+        let wide_pid = pid.filter(|_| narrow.is_none());
+        let rare =
+            (wide_pid.is_some() || container_id.is_some() || job_name.is_some()).then(|| {
+                Box::new(RareDetails {
+                    wide_pid,
+                    container_id,
+                    job_name,
+                })
+            });
+        RunnerDetails { pid: narrow, rare }
     }
 
     pub fn pid(&self) -> Option<i64> {
-        self.pid
+        match self.pid {
+            Some(pid) => Some(i64::from(pid.get())),
+            None => self.rare.as_ref()?.wide_pid,
+        }
     }
 
     pub fn container_id(&self) -> Option<&Arc<str>> {
-        self.names.as_ref()?.container_id.as_ref()
+        self.rare.as_ref()?.container_id.as_ref()
     }
 
     pub fn job_name(&self) -> Option<&Arc<str>> {
-        self.names.as_ref()?.job_name.as_ref()
+        self.rare.as_ref()?.job_name.as_ref()
     }
 }
 
@@ -198,13 +210,38 @@ mod tests {
         let pid_only = RunnerDetails::new(Some(7), None, None);
         assert_eq!(pid_only.pid(), Some(7));
         assert_eq!((pid_only.container_id(), pid_only.job_name()), (None, None));
-        assert!(pid_only.names.is_none());
+        assert!(pid_only.rare.is_none());
         let named = RunnerDetails::new(None, None, Some("job".into()));
         assert_eq!(named.job_name().map(|s| &**s), Some("job"));
         assert_eq!((named.pid(), named.container_id()), (None, None));
-        assert_eq!(std::mem::size_of::<RunnerDetails>(), 24);
+        assert_eq!(std::mem::size_of::<RunnerDetails>(), 16);
         // SPEC §6, memory per running task: the task's names are one pointer.
-        assert_eq!(std::mem::size_of::<TrackedRunner>(), 120);
+        assert_eq!(std::mem::size_of::<TrackedRunner>(), 112);
+    }
+
+    #[test]
+    fn every_pid_reads_back_as_given_the_wide_ones_kept_aside() {
+        let max32 = i64::from(i32::MAX);
+        let min32 = i64::from(i32::MIN);
+        for pid in [1, 4_194_304, max32, min32, -5] {
+            let d = RunnerDetails::new(Some(pid), None, None);
+            assert_eq!(d.pid(), Some(pid));
+            assert!(d.rare.is_none(), "{pid} fits in 4 bytes");
+        }
+        for pid in [0, max32 + 1, min32 - 1, i64::MAX, i64::MIN] {
+            let d = RunnerDetails::new(Some(pid), None, None);
+            assert_eq!(d.pid(), Some(pid));
+            assert!(d.rare.is_some(), "{pid} is kept aside");
+            assert_eq!((d.container_id(), d.job_name()), (None, None));
+        }
+        let both = RunnerDetails::new(Some(i64::MAX), Some("c".into()), None);
+        assert_eq!(both.pid(), Some(i64::MAX));
+        assert_eq!(both.container_id().map(|s| &**s), Some("c"));
+        assert_eq!(RunnerDetails::new(None, None, None).pid(), None);
+        assert_eq!(
+            RunnerDetails::new(None, None, None),
+            RunnerDetails::default()
+        );
     }
 
     #[test]
