@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::pools::PoolIndex;
-use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeQueue;
 use crate::id::{RunnerId, SlotId, TaskId};
 use crate::time::clock::MonoNanos;
@@ -70,9 +69,8 @@ impl RunnerDetails {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrackedRunner {
     pub runner_id: RunnerId,
+    /// Its task, which holds the names (spec, repo, skill).
     pub task_id: TaskId,
-    /// The task's names, shared with it (one pointer).
-    pub names: Arc<TaskNames>,
     pub slot_id: Option<SlotId>,
     pub pool: PoolIndex,
     pub started_mono: MonoNanos,
@@ -80,12 +78,6 @@ pub struct TrackedRunner {
     pub last_heartbeat: MonoNanos,
     pub last_heartbeat_at: WallTime,
     pub details: RunnerDetails,
-}
-
-impl TrackedRunner {
-    pub fn spec_name(&self) -> &Arc<str> {
-        &self.names.spec
-    }
 }
 
 impl Keyed for TrackedRunner {
@@ -194,7 +186,6 @@ mod tests {
         TrackedRunner {
             runner_id: id.into(),
             task_id: format!("task-of-{id}").into(),
-            names: TaskNames::shared("spec".into(), "spec".into(), None),
             slot_id: Some("slot".into()),
             pool: 0,
             started_mono: 0,
@@ -215,8 +206,8 @@ mod tests {
         assert_eq!(named.job_name().map(|s| &**s), Some("job"));
         assert_eq!((named.pid(), named.container_id()), (None, None));
         assert_eq!(std::mem::size_of::<RunnerDetails>(), 16);
-        // SPEC §6, memory per running task: the task's names are one pointer.
-        assert_eq!(std::mem::size_of::<TrackedRunner>(), 112);
+        // SPEC §6, memory per running task: the task's names are the task's.
+        assert_eq!(std::mem::size_of::<TrackedRunner>(), 104);
     }
 
     #[test]

@@ -1038,7 +1038,7 @@ impl<T> DispatcherState<T> {
         }
         self.global_running += 1;
         let seq = self.arrive(&mut meta, now);
-        let runner_id = self.track_runner(meta.id.clone(), meta.names.clone(), pool, runner, now);
+        let runner_id = self.track_runner(meta.id.clone(), pool, runner, now);
         self.tasks.insert(HeldTask {
             meta,
             payload,
@@ -1053,7 +1053,6 @@ impl<T> DispatcherState<T> {
     fn track_runner(
         &mut self,
         task_id: TaskId,
-        names: Arc<TaskNames>,
         pool: PoolIndex,
         runner: NewRunner,
         now: Now,
@@ -1062,7 +1061,6 @@ impl<T> DispatcherState<T> {
         self.runners.insert(TrackedRunner {
             runner_id: runner_id.clone(),
             task_id,
-            names,
             slot_id: runner.slot_id,
             pool,
             started_mono: now.mono,
@@ -1174,8 +1172,8 @@ impl<T> DispatcherState<T> {
         now: Now,
         effects: &mut Vec<Effect<T>>,
     ) -> (TaskId, RecordedFailure) {
-        // The runner's names are moved where they go, not copied.
-        let runner = runner.map(|r| {
+        // The runner's ids are moved where they go, not copied.
+        let runner_id = runner.map(|r| {
             self.free_capacity(&r);
             if let Some(slot_id) = r.slot_id {
                 effects.push(Effect::ReleaseSlot {
@@ -1183,7 +1181,7 @@ impl<T> DispatcherState<T> {
                     slot_id,
                 });
             }
-            (r.runner_id, r.names.spec.clone())
+            r.runner_id
         });
         // The task leaves the queue or the delayed set but keeps its entry:
         // below the limit it is only re-placed, not removed and re-inserted.
@@ -1200,13 +1198,13 @@ impl<T> DispatcherState<T> {
             }
             None => None,
         };
+        // A runner's task is always held (`check_invariants`): only a
+        // failure reported for a task not held comes here without one.
         let (spec, id): (Arc<str>, TaskId) = match held {
             Some(known) => known,
             None => (
-                runner
-                    .as_ref()
-                    .map(|(_, spec)| spec.clone())
-                    .or_else(|| spec_name.map(shared_name))
+                spec_name
+                    .map(shared_name)
                     .unwrap_or_else(|| shared_name("unknown")),
                 TaskId::from(task_id),
             ),
@@ -1217,7 +1215,6 @@ impl<T> DispatcherState<T> {
             Some(kept) => kept.clone(),
             None => Arc::from(reason),
         };
-        let runner_id = runner.map(|(id, _)| id);
         if recorded.limit_reached {
             self.failure_stats.permanent_failures.add(&reason);
             let reason = recorded.final_reason(&reason);
@@ -1313,7 +1310,7 @@ impl<T> DispatcherState<T> {
             let mut effects = Vec::with_capacity(5);
             let reason = failure_reason.map(Arc::from);
             effects.push(Effect::RunnerFinished {
-                spec_name: runner.spec_name().clone(),
+                spec_name: self.spec_of(&runner.task_id),
                 task_id: runner.task_id.clone(),
                 runner_id: runner.runner_id.clone(),
                 slot_id: runner.slot_id.clone(),
@@ -1343,11 +1340,15 @@ impl<T> DispatcherState<T> {
             };
         }
         self.free_capacity(&runner);
-        let handle = self.take_task(&runner.task_id).and_then(|h| h.payload);
+        let held = self.take_task(&runner.task_id);
         book.record_success(&runner.task_id);
         self.finished.insert(&runner.task_id);
         self.metrics.tasks_completed += 1;
-        let spec_name = runner.spec_name().clone();
+        // The runner's task is held while it runs (`check_invariants`).
+        let (spec_name, handle) = match held {
+            Some(held) => (held.meta.names.spec.clone(), held.payload),
+            None => (shared_name("unknown"), None),
+        };
         let TrackedRunner {
             runner_id,
             task_id,
@@ -1590,7 +1591,7 @@ impl<T> DispatcherState<T> {
             confirmed_at: now.wall,
             delivered: 0,
         }));
-        self.track_runner(id.clone(), names, pool, runner, now);
+        self.track_runner(id.clone(), pool, runner, now);
         let mut failure = None;
         if self.forced {
             self.interrupt(&runner_id, now, &mut effects);
@@ -1632,12 +1633,13 @@ impl<T> DispatcherState<T> {
         let Some(runner) = self.runners.take(runner_id) else {
             return;
         };
+        let spec_name = self.spec_of(&runner.task_id);
         effects.push(Effect::StopRunner {
             task_id: runner.task_id.clone(),
             runner_id: runner.runner_id.clone(),
         });
         effects.push(Effect::RunnerFinished {
-            spec_name: runner.spec_name().clone(),
+            spec_name: spec_name.clone(),
             task_id: runner.task_id.clone(),
             runner_id: runner.runner_id.clone(),
             slot_id: runner.slot_id.clone(),
@@ -1647,7 +1649,7 @@ impl<T> DispatcherState<T> {
         });
         self.release_runner(&runner, effects);
         effects.push(Effect::ReportState {
-            spec_name: runner.spec_name().clone(),
+            spec_name,
             task_id: runner.task_id.clone(),
             state: ReportedState::Ready,
             metadata: StateMetadata::Interrupted,
@@ -1662,6 +1664,15 @@ impl<T> DispatcherState<T> {
             }
         }
         self.metrics.runners_force_stopped += 1;
+    }
+
+    /// The spec name of a held task (a runner's task always is; see
+    /// `check_invariants`).
+    fn spec_of(&self, task_id: &str) -> Arc<str> {
+        match self.tasks.get(task_id) {
+            Some(held) => held.meta.names.spec.clone(),
+            None => shared_name("unknown"),
+        }
     }
 
     /// `stop()` after the grace period: every runner still tracked is forced
