@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dispatch::runners::RunnerDetails;
 use crate::dispatch::state::{Effect, ReportedState, StateMetadata};
-use crate::id::{RunnerId, SlotId, TaskId};
+use crate::id::{Id, RunnerId, SlotId, TaskId};
 use crate::retry::snapshot::{saved_time, SnapshotError};
 use crate::time::wall::WallTime;
 
@@ -103,7 +103,8 @@ fn text(s: &str) -> String {
     s.to_string()
 }
 
-fn opt(s: &Option<Arc<str>>) -> Option<String> {
+/// An optional name or id, as saved.
+fn opt<S: std::ops::Deref<Target = str>>(s: &Option<S>) -> Option<String> {
     s.as_deref().map(str::to_owned)
 }
 
@@ -117,6 +118,10 @@ fn arc(s: &str) -> Arc<str> {
 
 fn opt_arc(s: &Option<String>) -> Option<Arc<str>> {
     s.as_deref().map(Arc::from)
+}
+
+fn opt_id(s: &Option<String>) -> Option<Id> {
+    s.as_deref().map(Id::from)
 }
 
 /// A pending report as saved: one entry per port call it has still to make
@@ -162,7 +167,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
                     started_at,
                 } => SavedMetadata::Running {
                     runner_id: text(runner_id),
-                    assigned_slot: assigned_slot.as_deref().map(str::to_owned),
+                    assigned_slot: opt(assigned_slot),
                     pool_name: text(pool_name),
                     started_at: iso(*started_at),
                 },
@@ -190,7 +195,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
                 } => SavedMetadata::Failed {
                     reason: text(reason),
                     retries: *retries,
-                    runner_id: runner_id.as_deref().map(str::to_owned),
+                    runner_id: opt(runner_id),
                 },
             },
         },
@@ -205,7 +210,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
             spec_name: text(spec_name),
             task_id: text(task_id),
             runner_id: text(runner_id),
-            slot_id: slot_id.as_deref().map(str::to_owned),
+            slot_id: opt(slot_id),
             pool_name: text(pool_name),
             timestamp: iso(*timestamp),
         },
@@ -221,7 +226,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
             spec_name: text(spec_name),
             task_id: text(task_id),
             runner_id: text(runner_id),
-            slot_id: slot_id.as_deref().map(str::to_owned),
+            slot_id: opt(slot_id),
             pool_name: text(pool_name),
             pid: details.pid(),
             container_id: details.container_id().map(|s| s.to_string()),
@@ -240,7 +245,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
             spec_name: text(spec_name),
             task_id: text(task_id),
             runner_id: text(runner_id),
-            slot_id: slot_id.as_deref().map(str::to_owned),
+            slot_id: opt(slot_id),
             success: *success,
             execution_time_seconds: *execution_time_seconds,
             failure_reason: opt(failure_reason),
@@ -265,7 +270,7 @@ fn save_single<T>(effect: &Effect<T>) -> Option<SavedReport> {
         } => SavedReport::TaskFailed {
             spec_name: text(spec_name),
             task_id: text(task_id),
-            runner_id: runner_id.as_deref().map(str::to_owned),
+            runner_id: opt(runner_id),
             failure_reason: text(failure_reason),
             retry_count: *retry_count,
         },
@@ -310,7 +315,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
                     started_at,
                 } => StateMetadata::Running {
                     runner_id: RunnerId::from(runner_id.as_str()),
-                    assigned_slot: assigned_slot.as_deref().map(SlotId::from),
+                    assigned_slot: opt_id(assigned_slot),
                     pool_name: arc(pool_name),
                     started_at: saved_time("metadata.started_at", started_at)?,
                 },
@@ -338,7 +343,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
                 } => StateMetadata::Failed {
                     reason: arc(reason),
                     retries: *retries,
-                    runner_id: runner_id.as_deref().map(RunnerId::from),
+                    runner_id: opt_id(runner_id),
                 },
             },
         },
@@ -353,7 +358,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
             runner_id: RunnerId::from(runner_id.as_str()),
-            slot_id: slot_id.as_deref().map(SlotId::from),
+            slot_id: opt_id(slot_id),
             pool_name: arc(pool_name),
             timestamp: saved_time("timestamp", timestamp)?,
         },
@@ -371,7 +376,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
             runner_id: RunnerId::from(runner_id.as_str()),
-            slot_id: slot_id.as_deref().map(SlotId::from),
+            slot_id: opt_id(slot_id),
             pool_name: arc(pool_name),
             details: RunnerDetails::new(*pid, opt_arc(container_id), opt_arc(job_name)),
             timestamp: saved_time("timestamp", timestamp)?,
@@ -388,7 +393,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
             runner_id: RunnerId::from(runner_id.as_str()),
-            slot_id: slot_id.as_deref().map(SlotId::from),
+            slot_id: opt_id(slot_id),
             success: *success,
             execution_time_seconds: *execution_time_seconds,
             failure_reason: opt_arc(failure_reason),
@@ -413,7 +418,7 @@ pub fn load<T>(saved: &SavedReport) -> Result<Effect<T>, SnapshotError> {
         } => Effect::TaskFailed {
             spec_name: arc(spec_name),
             task_id: TaskId::from(task_id.as_str()),
-            runner_id: runner_id.as_deref().map(RunnerId::from),
+            runner_id: opt_id(runner_id),
             failure_reason: arc(failure_reason),
             retry_count: *retry_count,
         },
