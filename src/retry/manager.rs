@@ -144,10 +144,7 @@ impl RetryManager {
     /// [`Self::should_retry`], making no log record more verbose than
     /// `most_verbose`: its records are DEBUG, one per call that backs off.
     pub fn should_retry_logging(&self, task_id: &str, most_verbose: LevelFilter) -> bool {
-        let decision = {
-            let book = self.book.lock();
-            book.retry_check(task_id).read(&*self.clock)
-        };
+        let decision = self.book.lock().retry_decision(task_id, &*self.clock);
         if most_verbose < LevelFilter::Debug {
             return decision.allowed();
         }

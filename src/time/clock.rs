@@ -34,6 +34,12 @@ impl LaggingReading {
     pub fn is_before(self, time: MonoNanos) -> bool {
         self.at.saturating_add(self.max_lag) < time
     }
+
+    /// Whether `time` has certainly come: the exact clock is never behind
+    /// the lagging one.
+    pub fn has_reached(self, time: MonoNanos) -> bool {
+        self.at >= time
+    }
 }
 
 pub trait Clock: Send + Sync + fmt::Debug {
