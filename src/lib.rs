@@ -11,7 +11,8 @@
 //! - `time`: naive local wall time and the clocks.
 //! - `metrics`: failure statistics and the Prometheus text format.
 //! - `persist`: atomic, safe file writes; `hashing`: the id maps' hasher;
-//!   `huge_pages`: large tables probed at random in 2 MiB pages; `id`: task and runner ids, kept inline when short;
+//!   `huge_pages`: large tables probed at random, in 2 MiB pages;
+//!   `id`: task and runner ids, kept inline when short;
 //!   `interning`: spec, repo and skill names held once, however many tasks
 //!   carry them.
 //! - `directory`: emptying a slot's directory; `events`: the local event
