@@ -9,14 +9,13 @@ use crate::dispatch::pools::PoolIndex;
 use crate::dispatch::time_index::TimeQueue;
 use crate::id::{RunnerId, SlotId, TaskId};
 use crate::time::clock::MonoNanos;
-use crate::time::wall::WallTime;
 
 /// What the launcher told us about a runner: its pid, container and job, if
 /// any. A pid is kept in 4 bytes when it fits (an operating system's pids
 /// do); a container or job name, or a pid that does not fit, is rare
 /// (container and cluster pools, odd launchers), so those sit behind one
-/// pointer, allocated only when there is one: 16 bytes in every tracked
-/// runner and launch report instead of 48.
+/// pointer, allocated only when there is one: 16 bytes in every launch
+/// report instead of 48.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunnerDetails {
     pid: Option<NonZeroI32>,
@@ -66,6 +65,9 @@ impl RunnerDetails {
     }
 }
 
+/// A running runner, as decisions need it. What it started with (its
+/// details, its wall-clock start) goes out in its launch's reports and is
+/// read nowhere after, so it is not kept (SPEC §6, memory per running task).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrackedRunner {
     pub runner_id: RunnerId,
@@ -74,10 +76,7 @@ pub struct TrackedRunner {
     pub slot_id: Option<SlotId>,
     pub pool: PoolIndex,
     pub started_mono: MonoNanos,
-    pub started_at: WallTime,
     pub last_heartbeat: MonoNanos,
-    pub last_heartbeat_at: WallTime,
-    pub details: RunnerDetails,
 }
 
 impl Keyed for TrackedRunner {
@@ -130,14 +129,13 @@ impl Runners {
         self.by_id.get(runner_id)
     }
 
-    pub fn heartbeat(&mut self, runner_id: &str, mono: MonoNanos, wall: WallTime) -> bool {
+    pub fn heartbeat(&mut self, runner_id: &str, mono: MonoNanos) -> bool {
         let Some(slot) = self.by_id.slot_of(runner_id) else {
             return false;
         };
         let Some(r) = self.by_id.at_mut(slot) else {
             return false;
         };
-        r.last_heartbeat_at = wall;
         if mono > r.last_heartbeat {
             r.last_heartbeat = mono;
             self.by_heartbeat.forget(heard_at(&self.by_id));
@@ -189,10 +187,7 @@ mod tests {
             slot_id: Some("slot".into()),
             pool: 0,
             started_mono: 0,
-            started_at: WallTime::MIN,
             last_heartbeat: heartbeat,
-            last_heartbeat_at: WallTime::MIN,
-            details: RunnerDetails::default(),
         }
     }
 
@@ -206,8 +201,9 @@ mod tests {
         assert_eq!(named.job_name().map(|s| &**s), Some("job"));
         assert_eq!((named.pid(), named.container_id()), (None, None));
         assert_eq!(std::mem::size_of::<RunnerDetails>(), 16);
-        // SPEC §6, memory per running task: the task's names are the task's.
-        assert_eq!(std::mem::size_of::<TrackedRunner>(), 104);
+        // SPEC §6, memory per running task: the task's names are the task's,
+        // and what the runner started with went out in its reports.
+        assert_eq!(std::mem::size_of::<TrackedRunner>(), 72);
     }
 
     #[test]
@@ -251,11 +247,11 @@ mod tests {
         runners.insert(runner("old", 0));
         runners.insert(runner("new", 50));
         assert_eq!(runners.silent_since(100, 60), vec![RunnerId::from("old")]);
-        assert!(runners.heartbeat("old", 90, WallTime::MIN));
+        assert!(runners.heartbeat("old", 90));
         assert!(runners.silent_since(100, 60).is_empty());
-        assert!(!runners.heartbeat("gone", 90, WallTime::MIN));
+        assert!(!runners.heartbeat("gone", 90));
         // An older heartbeat reported late changes nothing.
-        assert!(runners.heartbeat("old", 10, WallTime::MIN));
+        assert!(runners.heartbeat("old", 10));
         assert!(runners.silent_since(100, 60).is_empty());
         assert_eq!(
             runners.silent_since(200, 60),

@@ -1064,10 +1064,7 @@ impl<T> DispatcherState<T> {
             slot_id: runner.slot_id,
             pool,
             started_mono: now.mono,
-            started_at: runner.started_at.unwrap_or(now.wall),
             last_heartbeat: now.mono,
-            last_heartbeat_at: now.wall,
-            details: runner.details,
         });
         self.metrics.tasks_assigned += 1;
         runner_id
@@ -1694,7 +1691,7 @@ impl<T> DispatcherState<T> {
     }
 
     pub fn heartbeat(&mut self, runner_id: &str, now: Now) -> bool {
-        self.runners.heartbeat(runner_id, now.mono, now.wall)
+        self.runners.heartbeat(runner_id, now.mono)
     }
 
     /// One runner's timeout: the failure path with reason `timeout`.
