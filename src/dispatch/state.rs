@@ -1559,22 +1559,17 @@ impl<T> DispatcherState<T> {
         let Some(held) = self.tasks.at_mut(slot) else {
             return Outcome::returning(payload);
         };
-        let running = Place::Running {
+        // It was `Assigning` (checked above): its early report, if any,
+        // leaves the side table now.
+        held.place = Place::Running {
             runner_id: runner.runner_id.clone(),
         };
-        let was_assigning = matches!(
-            std::mem::replace(&mut held.place, running),
-            Place::Assigning { .. }
-        );
         held.payload = Some(payload);
         let id = held.meta.id.clone();
         let names = held.meta.names.clone();
-        let early = if was_assigning {
-            self.take_early(&id)
-        } else {
-            None
-        };
-        let early = early.or_else(|| self.take_orphan(&runner.runner_id));
+        let early = self
+            .take_early(&id)
+            .or_else(|| self.take_orphan(&runner.runner_id));
         let runner_id = runner.runner_id.clone();
         let mut effects = Vec::with_capacity(2);
         effects.push(Effect::Started(Start {
