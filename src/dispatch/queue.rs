@@ -12,20 +12,21 @@
 //! one queue per spec name, so the round-robin finds the next spec with a
 //! placeable task by a range lookup.
 //!
-//! The queue does not remember where a task is: the caller passes the task's
-//! [`QueueKey`] to [`ReadyQueue::remove`] (the dispatcher holds it in the
-//! task's entry), which keeps a queued task's cost to one 32-byte entry of a
-//! [`SortedChunks`] (dense when tasks arrive in queue order). A
-//! task is named by whatever the caller uses (`K`): the dispatcher queues
-//! its tasks' slot numbers, 4 bytes each, not their ids.
+//! The queue holds only what names a task (`K`; the dispatcher's slot
+//! numbers, 4 bytes each) in a [`SortedChunks`]: its order is read from the
+//! task's own entry by the `order_of` each call is given, and the caller
+//! passes a task's [`QueueKey`] to [`ReadyQueue::remove`]. So a queued task
+//! costs 4 bytes here (dense when tasks arrive in queue order), not a
+//! 32-byte (rank, slot) pair. A task's order must not change while it is
+//! queued: the dispatcher takes it out, changes it, and puts it back.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::dispatch::sorted_chunks::SortedChunks;
 use crate::hashing::FastMap;
-use crate::retry::state::TaskId;
 
 /// What the queue needs to know to order a task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +53,7 @@ pub struct QueueKey<'a> {
 /// The sort key: (reversed priority or 0, age, seq); smaller goes first.
 pub type Rank = (u64, i64, u64);
 
-type Ordered<K> = SortedChunks<(Rank, K)>;
+type Ordered<K> = SortedChunks<K>;
 
 #[derive(Debug)]
 enum Tasks<K> {
@@ -70,7 +71,7 @@ struct RouteQueue<K> {
 pub type RouteIndex = usize;
 
 #[derive(Debug)]
-pub struct ReadyQueue<K = TaskId> {
+pub struct ReadyQueue<K> {
     by_priority: bool,
     by_spec: bool,
     routes: Vec<RouteQueue<K>>,
@@ -78,7 +79,7 @@ pub struct ReadyQueue<K = TaskId> {
     len: usize,
 }
 
-impl<K: Ord + Clone> ReadyQueue<K> {
+impl<K: Eq + Clone> ReadyQueue<K> {
     pub fn new(by_priority: bool, by_spec: bool) -> Self {
         ReadyQueue {
             by_priority,
@@ -104,13 +105,7 @@ impl<K: Ord + Clone> ReadyQueue<K> {
     }
 
     fn rank(&self, o: QueueOrder) -> Rank {
-        // Maps i64 onto u64 preserving order, then reverses it: higher first.
-        let p = if self.by_priority {
-            !((o.priority as u64) ^ (1 << 63))
-        } else {
-            0
-        };
-        (p, o.age, o.seq)
+        rank(self.by_priority, o)
     }
 
     fn route_mut(&mut self, route: &Route) -> &mut RouteQueue<K> {
@@ -134,29 +129,35 @@ impl<K: Ord + Clone> ReadyQueue<K> {
     }
 
     /// Adds a task; false (and no change) when it is already queued there.
-    pub fn push(&mut self, id: K, key: QueueKey<'_>) -> bool {
-        let rank = self.rank(key.order);
+    /// `order_of` gives the order of each task queued.
+    pub fn push(&mut self, id: K, key: QueueKey<'_>, order_of: impl Fn(&K) -> QueueOrder) -> bool {
+        let cmp = against(self.rank(key.order), order_of, self.by_priority);
         let added = match &mut self.route_mut(key.route).tasks {
-            Tasks::Ordered(set) => set.insert((rank, id)),
+            Tasks::Ordered(set) => set.insert_by(id, |held, new| cmp(held, new)),
             Tasks::BySpec(specs) => specs
                 .entry(key.spec.clone())
                 .or_default()
-                .insert((rank, id)),
+                .insert_by(id, |held, new| cmp(held, new)),
         };
         self.len += usize::from(added);
         added
     }
 
     /// Removes a task queued with `key`; false when it is not there.
-    pub fn remove(&mut self, id: &K, key: QueueKey<'_>) -> bool {
-        let rank = self.rank(key.order);
+    pub fn remove(
+        &mut self,
+        id: &K,
+        key: QueueKey<'_>,
+        order_of: impl Fn(&K) -> QueueOrder,
+    ) -> bool {
         let Some(&index) = self.route_index.get(key.route) else {
             return false;
         };
-        let entry = (rank, id.clone());
+        let cmp = against(self.rank(key.order), order_of, self.by_priority);
+        let found = |held: &K| cmp(held, id);
         let removed = match &mut self.routes[index].tasks {
-            Tasks::Ordered(set) => set.remove(&entry),
-            Tasks::BySpec(specs) => remove_by_spec(specs, key.spec, &entry),
+            Tasks::Ordered(set) => set.remove_by(found).is_some(),
+            Tasks::BySpec(specs) => remove_by_spec(specs, key.spec, found),
         };
         self.len -= usize::from(removed);
         removed
@@ -183,9 +184,9 @@ impl<K: Ord + Clone> ReadyQueue<K> {
     }
 
     /// The rank of a route's first task (priority or FIFO order).
-    pub fn head(&self, route: RouteIndex) -> Option<Rank> {
+    pub fn head(&self, route: RouteIndex, order_of: impl Fn(&K) -> QueueOrder) -> Option<Rank> {
         match &self.routes[route].tasks {
-            Tasks::Ordered(set) => set.first().map(|(rank, _)| *rank),
+            Tasks::Ordered(set) => set.first().map(|id| self.rank(order_of(id))),
             Tasks::BySpec(_) => None,
         }
     }
@@ -193,7 +194,7 @@ impl<K: Ord + Clone> ReadyQueue<K> {
     /// Takes a route's first task.
     pub fn pop_head(&mut self, route: RouteIndex) -> Option<K> {
         let taken = match &mut self.routes[route].tasks {
-            Tasks::Ordered(set) => set.pop_first().map(|(_, id)| id),
+            Tasks::Ordered(set) => set.pop_first(),
             Tasks::BySpec(_) => None,
         };
         self.len -= usize::from(taken.is_some());
@@ -223,9 +224,17 @@ impl<K: Ord + Clone> ReadyQueue<K> {
     }
 
     /// Fair share: the rank of the first task of `spec` on this route.
-    pub fn spec_head(&self, route: RouteIndex, spec: &str) -> Option<Rank> {
+    pub fn spec_head(
+        &self,
+        route: RouteIndex,
+        spec: &str,
+        order_of: impl Fn(&K) -> QueueOrder,
+    ) -> Option<Rank> {
         match &self.routes[route].tasks {
-            Tasks::BySpec(specs) => specs.get(spec).and_then(|s| s.first()).map(|(r, _)| *r),
+            Tasks::BySpec(specs) => specs
+                .get(spec)
+                .and_then(|s| s.first())
+                .map(|id| self.rank(order_of(id))),
             Tasks::Ordered(_) => None,
         }
     }
@@ -235,7 +244,7 @@ impl<K: Ord + Clone> ReadyQueue<K> {
         let taken = match &mut self.routes[route].tasks {
             Tasks::BySpec(specs) => {
                 let queue = specs.get_mut(spec)?;
-                let taken = queue.pop_first().map(|(_, id)| id);
+                let taken = queue.pop_first();
                 if queue.is_empty() {
                     specs.remove(spec);
                 }
@@ -247,30 +256,71 @@ impl<K: Ord + Clone> ReadyQueue<K> {
         taken
     }
 
+    /// Whether every sub-queue is in the order `order_of` gives now: false
+    /// when a task's order changed while it was queued (for
+    /// `check_invariants`).
+    pub fn in_order(&self, order_of: impl Fn(&K) -> QueueOrder) -> bool {
+        let sorted = |set: &Ordered<K>| {
+            let ranks: Vec<Rank> = set.iter().map(|id| self.rank(order_of(id))).collect();
+            ranks.windows(2).all(|w| w[0] < w[1])
+        };
+        self.routes.iter().all(|r| match &r.tasks {
+            Tasks::Ordered(set) => sorted(set),
+            Tasks::BySpec(specs) => specs.values().all(sorted),
+        })
+    }
+
     /// Task ids in scheduling order (merged across routes and specs);
     /// O(n log n), for status and snapshots.
-    pub fn ids_in_order(&self) -> Vec<K> {
-        let mut all: Vec<&(Rank, K)> = Vec::with_capacity(self.len);
-        for r in &self.routes {
-            match &r.tasks {
-                Tasks::Ordered(set) => all.extend(set.iter()),
-                Tasks::BySpec(specs) => specs.values().for_each(|s| all.extend(s.iter())),
-            }
+    pub fn ids_in_order(&self, order_of: impl Fn(&K) -> QueueOrder) -> Vec<K> {
+        let sets = self.routes.iter().flat_map(|r| match &r.tasks {
+            Tasks::Ordered(set) => vec![set],
+            Tasks::BySpec(specs) => specs.values().collect(),
+        });
+        let mut all: Vec<(Rank, &K)> = Vec::with_capacity(self.len);
+        for set in sets {
+            all.extend(set.iter().map(|id| (self.rank(order_of(id)), id)));
         }
-        all.sort_unstable();
+        // Ranks are unique (a task's arrival number is in it).
+        all.sort_unstable_by_key(|(rank, _)| *rank);
         all.into_iter().map(|(_, id)| id.clone()).collect()
     }
 }
 
-fn remove_by_spec<K: Ord>(
+/// A task's [`Rank`] under the queue's policy.
+fn rank(by_priority: bool, o: QueueOrder) -> Rank {
+    // Maps i64 onto u64 preserving order, then reverses it: higher first.
+    let p = if by_priority {
+        !((o.priority as u64) ^ (1 << 63))
+    } else {
+        0
+    };
+    (p, o.age, o.seq)
+}
+
+/// How a queued task compares to one whose rank is `target`: by rank, and
+/// the task itself equal whatever its entry says (its entry may be gone
+/// already, when it leaves).
+fn against<K: Eq>(
+    target: Rank,
+    order_of: impl Fn(&K) -> QueueOrder,
+    by_priority: bool,
+) -> impl Fn(&K, &K) -> Ordering {
+    move |held, task| match held == task {
+        true => Ordering::Equal,
+        false => rank(by_priority, order_of(held)).cmp(&target),
+    }
+}
+
+fn remove_by_spec<K>(
     specs: &mut BTreeMap<Arc<str>, Ordered<K>>,
     spec: &str,
-    entry: &(Rank, K),
+    found: impl Fn(&K) -> Ordering,
 ) -> bool {
     let Some(queue) = specs.get_mut(spec) else {
         return false;
     };
-    let removed = queue.remove(entry);
+    let removed = queue.remove_by(found).is_some();
     if queue.is_empty() {
         specs.remove(spec);
     }
@@ -281,40 +331,52 @@ fn remove_by_spec<K: Ord>(
 mod tests {
     use super::*;
 
-    fn order(priority: i64, age: i64, seq: u64) -> QueueOrder {
-        QueueOrder { priority, age, seq }
+    /// A queued task that carries its own order, as a dispatcher's entry does.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct Task(&'static str, QueueOrder);
+
+    fn order_of(t: &Task) -> QueueOrder {
+        t.1
     }
 
-    fn push(q: &mut ReadyQueue, id: &str, o: QueueOrder, route: &Route, spec: &str) -> bool {
-        q.push(
-            id.into(),
-            QueueKey {
-                order: o,
-                route,
-                spec: &spec.into(),
-            },
-        )
+    fn task(name: &'static str, priority: i64, age: i64, seq: u64) -> Task {
+        Task(name, QueueOrder { priority, age, seq })
     }
 
-    fn ids(q: &ReadyQueue) -> Vec<String> {
-        q.ids_in_order().iter().map(|s| s.to_string()).collect()
+    fn key<'a>(t: Task, route: &'a Route, spec: &'a Arc<str>) -> QueueKey<'a> {
+        QueueKey {
+            order: t.1,
+            route,
+            spec,
+        }
+    }
+
+    fn push(q: &mut ReadyQueue<Task>, t: Task, route: &Route, spec: &str) -> bool {
+        q.push(t, key(t, route, &spec.into()), order_of)
+    }
+
+    fn names(q: &ReadyQueue<Task>) -> Vec<&'static str> {
+        q.ids_in_order(order_of).iter().map(|t| t.0).collect()
     }
 
     #[test]
     fn priority_first_then_oldest_across_routes() {
         let mut q = ReadyQueue::new(true, false);
         let gpu: Route = Some("gpu".into());
-        push(&mut q, "low-old", order(1, 10, 0), &None, "s");
-        push(&mut q, "high-new", order(5, 30, 1), &gpu, "s");
-        push(&mut q, "high-old", order(5, 20, 2), &None, "s");
-        push(&mut q, "negative", order(-3, 0, 3), &gpu, "s");
-        push(&mut q, "min", order(i64::MIN, 0, 4), &gpu, "s");
-        push(&mut q, "max", order(i64::MAX, 99, 5), &None, "s");
+        push(&mut q, task("low-old", 1, 10, 0), &None, "s");
+        push(&mut q, task("high-new", 5, 30, 1), &gpu, "s");
+        push(&mut q, task("high-old", 5, 20, 2), &None, "s");
+        push(&mut q, task("negative", -3, 0, 3), &gpu, "s");
+        push(&mut q, task("min", i64::MIN, 0, 4), &gpu, "s");
+        push(&mut q, task("max", i64::MAX, 99, 5), &None, "s");
         assert_eq!(
-            ids(&q),
+            names(&q),
             ["max", "high-old", "high-new", "low-old", "negative", "min"]
         );
-        let heads: Vec<_> = q.routes().map(|(i, _)| q.head(i).unwrap()).collect();
+        let heads: Vec<_> = q
+            .routes()
+            .map(|(i, _)| q.head(i, order_of).unwrap())
+            .collect();
         assert!(
             heads[0] < heads[1],
             "the route without a skill holds the first task"
@@ -324,38 +386,80 @@ mod tests {
     #[test]
     fn fifo_ignores_priority() {
         let mut q = ReadyQueue::new(false, false);
-        push(&mut q, "a", order(1, 10, 0), &None, "s");
-        push(&mut q, "b", order(9, 20, 1), &None, "s");
-        assert_eq!(ids(&q), ["a", "b"]);
+        push(&mut q, task("a", 1, 10, 0), &None, "s");
+        push(&mut q, task("b", 9, 20, 1), &None, "s");
+        assert_eq!(names(&q), ["a", "b"]);
+    }
+
+    #[test]
+    fn equal_age_keeps_arrival_order() {
+        let mut q = ReadyQueue::new(true, false);
+        push(&mut q, task("second", 0, 5, 2), &None, "s");
+        push(&mut q, task("first", 0, 5, 1), &None, "s");
+        push(&mut q, task("third", 0, 5, 3), &None, "s");
+        assert_eq!(names(&q), ["first", "second", "third"]);
     }
 
     #[test]
     fn duplicates_are_refused_and_any_task_can_leave() {
         let mut q = ReadyQueue::new(true, false);
-        let o = order(0, 1, 2);
-        assert!(push(&mut q, "a", order(0, 0, 0), &None, "s"));
-        assert!(!push(&mut q, "a", order(0, 0, 0), &None, "s"));
-        push(&mut q, "b", o, &None, "s");
+        let a = task("a", 0, 0, 0);
+        let b = task("b", 0, 1, 2);
+        assert!(push(&mut q, a, &None, "s"));
+        assert!(!push(&mut q, a, &None, "s"));
+        push(&mut q, b, &None, "s");
         let spec: Arc<str> = "s".into();
-        let key = QueueKey {
-            order: o,
-            route: &None,
-            spec: &spec,
-        };
-        assert!(q.remove(&"b".into(), key));
-        assert!(!q.remove(&"b".into(), key));
-        assert_eq!(ids(&q), ["a"]);
+        assert!(q.remove(&b, key(b, &None, &spec), order_of));
+        assert!(!q.remove(&b, key(b, &None, &spec), order_of));
+        assert_eq!(names(&q), ["a"]);
         assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn a_task_leaves_by_its_key_even_when_its_entry_says_otherwise() {
+        // The dispatcher may take a task's entry away before the task leaves
+        // the queue: the task is found by the key it was queued with.
+        let mut q = ReadyQueue::new(true, false);
+        for (i, name) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            push(&mut q, task(name, 0, i as i64, i as u64), &None, "s");
+        }
+        let c = task("c", 0, 2, 2);
+        let spec: Arc<str> = "s".into();
+        // What `order_of` reads for "c" now would place it last.
+        let gone = |t: &Task| match t.0 {
+            "c" => QueueOrder {
+                priority: i64::MIN,
+                age: i64::MAX,
+                seq: u64::MAX,
+            },
+            _ => t.1,
+        };
+        assert!(q.remove(&c, key(c, &None, &spec), gone));
+        assert_eq!(names(&q), ["a", "b", "d", "e"]);
+    }
+
+    #[test]
+    fn an_order_changed_while_queued_is_noticed() {
+        let mut q = ReadyQueue::new(true, true);
+        push(&mut q, task("a", 5, 0, 0), &None, "s");
+        push(&mut q, task("b", 1, 1, 1), &None, "s");
+        assert!(q.in_order(order_of));
+        // "b" raised above "a" behind the queue's back.
+        let raised = |t: &Task| match t.0 {
+            "b" => QueueOrder { priority: 9, ..t.1 },
+            _ => t.1,
+        };
+        assert!(!q.in_order(raised));
     }
 
     #[test]
     fn heads_pop_in_order_and_empty_routes_are_not_listed() {
         let mut q = ReadyQueue::new(true, false);
-        push(&mut q, "a", order(0, 0, 0), &None, "s");
-        push(&mut q, "b", order(0, 1, 1), &None, "s");
+        push(&mut q, task("a", 0, 0, 0), &None, "s");
+        push(&mut q, task("b", 0, 1, 1), &None, "s");
         let (route, _) = q.routes().next().unwrap();
-        assert_eq!(q.pop_head(route).as_deref(), Some("a"));
-        assert_eq!(q.pop_head(route).as_deref(), Some("b"));
+        assert_eq!(q.pop_head(route).map(|t| t.0), Some("a"));
+        assert_eq!(q.pop_head(route).map(|t| t.0), Some("b"));
         assert_eq!(q.pop_head(route), None);
         assert_eq!(q.routes().count(), 0);
         assert!(q.is_empty());
@@ -364,10 +468,10 @@ mod tests {
     #[test]
     fn fair_share_finds_the_next_spec_cyclically() {
         let mut q = ReadyQueue::new(true, true);
-        push(&mut q, "a1", order(0, 0, 0), &None, "alpha");
-        push(&mut q, "g1", order(0, 1, 1), &None, "gamma");
+        push(&mut q, task("a1", 0, 0, 0), &None, "alpha");
+        push(&mut q, task("g1", 0, 1, 1), &None, "gamma");
         let (route, _) = q.routes().next().unwrap();
-        let next = |q: &ReadyQueue, after: Option<&str>| {
+        let next = |q: &ReadyQueue<Task>, after: Option<&str>| {
             let after: Option<Arc<str>> = after.map(Into::into);
             q.next_spec(route, after.as_ref())
                 .map(|(w, s)| (w, s.to_string()))
@@ -376,9 +480,9 @@ mod tests {
         assert_eq!(next(&q, Some("alpha")), Some((false, "gamma".into())));
         assert_eq!(next(&q, Some("beta")), Some((false, "gamma".into())));
         assert_eq!(next(&q, Some("gamma")), Some((true, "alpha".into())));
-        assert_eq!(q.pop_spec_head(route, "gamma").as_deref(), Some("g1"));
+        assert_eq!(q.pop_spec_head(route, "gamma").map(|t| t.0), Some("g1"));
         assert_eq!(next(&q, Some("alpha")), Some((true, "alpha".into())));
-        assert_eq!(q.spec_head(route, "gamma"), None);
+        assert_eq!(q.spec_head(route, "gamma", order_of), None);
         assert_eq!(q.len(), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::dispatch::pools::{PoolIndex, Pools};
-use crate::dispatch::queue::{ReadyQueue, Route, RouteIndex};
+use crate::dispatch::queue::{QueueOrder, ReadyQueue, Route, RouteIndex};
 
 /// How queued tasks are ordered and taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,17 +200,18 @@ impl Scheduler {
     /// `max_concurrency`. A task none of whose pools has room stays queued
     /// and does not block the tasks behind it; its route is not looked at
     /// again in the pass, so the pass costs O(picks x routes x log n).
-    pub fn plan<K: Ord + Clone>(
+    pub fn plan<K: Eq + Clone>(
         &mut self,
         queue: &mut ReadyQueue<K>,
+        order_of: impl Fn(&K) -> QueueOrder,
         pools: &Pools,
         budget: u64,
     ) -> Vec<(K, PoolIndex)> {
         let mut pass = Pass::new(pools, budget, &self.mapping);
         if queue.by_spec() {
-            self.last_spec = fair_share(&mut pass, queue, self.last_spec.take());
+            self.last_spec = fair_share(&mut pass, queue, &order_of, self.last_spec.take());
         } else {
-            in_queue_order(&mut pass, queue);
+            in_queue_order(&mut pass, queue, &order_of);
         }
         pass.picks
     }
@@ -218,7 +219,7 @@ impl Scheduler {
 
 /// Routes that hold tasks and whose pools have room (pools only fill up
 /// during a pass, so a route once full stays out of it).
-fn open_routes<K: Ord + Clone>(
+fn open_routes<K: Eq + Clone>(
     pass: &Pass<'_, K>,
     queue: &ReadyQueue<K>,
 ) -> Vec<(RouteIndex, Route)> {
@@ -230,11 +231,15 @@ fn open_routes<K: Ord + Clone>(
 }
 
 /// Queue order: repeatedly the first task among the open routes' heads.
-fn in_queue_order<K: Ord + Clone>(pass: &mut Pass<'_, K>, queue: &mut ReadyQueue<K>) {
+fn in_queue_order<K: Eq + Clone>(
+    pass: &mut Pass<'_, K>,
+    queue: &mut ReadyQueue<K>,
+    order_of: &impl Fn(&K) -> QueueOrder,
+) {
     let mut open = open_routes(pass, queue);
     while !pass.exhausted() {
-        open.retain(|(i, route)| queue.head(*i).is_some() && pass.has_room(route));
-        let Some((i, route)) = open.iter().min_by_key(|(i, _)| queue.head(*i)) else {
+        open.retain(|(i, route)| queue.head(*i, order_of).is_some() && pass.has_room(route));
+        let Some((i, route)) = open.iter().min_by_key(|(i, _)| queue.head(*i, order_of)) else {
             break;
         };
         let id = queue.pop_head(*i).expect("an open route has a head");
@@ -245,9 +250,10 @@ fn in_queue_order<K: Ord + Clone>(pass: &mut Pass<'_, K>, queue: &mut ReadyQueue
 /// Round-robin across spec names (in name order, starting after the one
 /// served last), each spec's tasks in queue order; a spec with no task that
 /// fits is passed over. Returns the spec served last.
-fn fair_share<K: Ord + Clone>(
+fn fair_share<K: Eq + Clone>(
     pass: &mut Pass<'_, K>,
     queue: &mut ReadyQueue<K>,
+    order_of: &impl Fn(&K) -> QueueOrder,
     mut last: Option<Arc<str>>,
 ) -> Option<Arc<str>> {
     let mut open = open_routes(pass, queue);
@@ -265,7 +271,11 @@ fn fair_share<K: Ord + Clone>(
         // Its first task among the open routes.
         let (i, route) = open
             .iter()
-            .filter_map(|(i, route)| queue.spec_head(*i, &spec).map(|rank| (rank, *i, route)))
+            .filter_map(|(i, route)| {
+                queue
+                    .spec_head(*i, &spec, order_of)
+                    .map(|rank| (rank, *i, route))
+            })
             .min_by_key(|(rank, _, _)| *rank)
             .map(|(_, i, route)| (i, route.clone()))
             .expect("the spec was found on an open route");
@@ -290,26 +300,63 @@ mod tests {
         }))
     }
 
+    /// A queue and the order of each task it holds, as a dispatcher keeps
+    /// them.
+    struct Queued {
+        q: ReadyQueue<TaskId>,
+        orders: HashMap<TaskId, QueueOrder>,
+    }
+
+    impl Queued {
+        fn order_of(&self) -> impl Fn(&TaskId) -> QueueOrder + '_ {
+            |id| self.orders[id]
+        }
+
+        fn ids_in_order(&self) -> Vec<String> {
+            let ids = self.q.ids_in_order(self.order_of());
+            ids.iter().map(|id| id.to_string()).collect()
+        }
+    }
+
     /// A queue as the dispatcher would build it for `s`, in the given order.
-    fn queue(s: &Scheduler, tasks: &[(&str, &str, Option<&str>)]) -> ReadyQueue {
-        let mut q = ReadyQueue::new(s.policy.orders_by_priority(), s.policy == Policy::FairShare);
+    fn queue(s: &Scheduler, tasks: &[(&str, &str, Option<&str>)]) -> Queued {
+        let mut q = Queued {
+            q: ReadyQueue::new(s.policy.orders_by_priority(), s.policy == Policy::FairShare),
+            orders: HashMap::new(),
+        };
         for (seq, &(id, spec, skill)) in tasks.iter().enumerate() {
-            let order = QueueOrder {
-                priority: 0,
-                age: 0,
-                seq: seq as u64,
-            };
+            let order = arrival(seq);
+            q.orders.insert(id.into(), order);
             let route = s.route_of(skill);
-            q.push(
-                id.into(),
-                QueueKey {
-                    order,
-                    route: &route,
-                    spec: &spec.into(),
-                },
-            );
+            let key = QueueKey {
+                order,
+                route: &route,
+                spec: &spec.into(),
+            };
+            let orders = &q.orders;
+            q.q.push(id.into(), key, |id| orders[id]);
         }
         q
+    }
+
+    /// The n-th task to arrive: priority 0, age 0.
+    pub(super) fn arrival(n: usize) -> QueueOrder {
+        QueueOrder {
+            priority: 0,
+            age: 0,
+            seq: n as u64,
+        }
+    }
+
+    /// `s.plan` of the tasks queued in `q`.
+    fn plan(
+        s: &mut Scheduler,
+        q: &mut Queued,
+        pools: &Pools,
+        budget: u64,
+    ) -> Vec<(TaskId, PoolIndex)> {
+        let orders = &q.orders;
+        s.plan(&mut q.q, |id| orders[id], pools, budget)
     }
 
     fn names(picks: &[(TaskId, PoolIndex)], pools: &Pools) -> Vec<String> {
@@ -336,7 +383,7 @@ mod tests {
         let mapping = SkillMapping::new([("ml".into(), vec![gpu]), ("web".into(), vec![cpu])]);
         let mut s = Scheduler::new(Policy::Priority, mapping);
         let mut q = queue(&s, &[("t1", "s", Some("ml")), ("t2", "s", Some("web"))]);
-        let picks = s.plan(&mut q, &pools, 10);
+        let picks = plan(&mut s, &mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["t2@cpu"]);
     }
 
@@ -350,14 +397,14 @@ mod tests {
             ("t3", "s", None),
             ("t4", "s", None),
         ];
-        assert_eq!(s.plan(&mut queue(&s, &tasks), &pools, 10).len(), 2);
-        assert_eq!(s.plan(&mut queue(&s, &tasks), &pools, 1).len(), 1);
-        assert!(s.plan(&mut queue(&s, &tasks), &pools, 0).is_empty());
+        for (budget, planned) in [(10, 2), (1, 1), (0, 0)] {
+            let mut q = queue(&s, &tasks);
+            assert_eq!(plan(&mut s, &mut q, &pools, budget).len(), planned);
+        }
         // What was not planned stays queued, in order.
         let mut q = queue(&s, &tasks);
-        s.plan(&mut q, &pools, 10);
-        let left: Vec<String> = q.ids_in_order().iter().map(|id| id.to_string()).collect();
-        assert_eq!(left, ["t3", "t4"]);
+        plan(&mut s, &mut q, &pools, 10);
+        assert_eq!(q.ids_in_order(), ["t3", "t4"]);
     }
 
     #[test]
@@ -369,7 +416,7 @@ mod tests {
         let mapping = SkillMapping::new([("default".into(), vec![small, big])]);
         let mut s = Scheduler::new(Policy::SkillBased, mapping);
         let mut q = queue(&s, &[("t1", "s", Some("unmapped")), ("t2", "s", None)]);
-        let picks = s.plan(&mut q, &pools, 10);
+        let picks = plan(&mut s, &mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["t1@big", "t2@big"]);
     }
 
@@ -379,7 +426,7 @@ mod tests {
         p.set_enabled(p.index("off").unwrap(), false);
         let mut s = Scheduler::new(Policy::Priority, SkillMapping::default());
         let mut q = queue(&s, &[("t1", "s", Some("x")), ("t2", "s", None)]);
-        assert_eq!(names(&s.plan(&mut q, &p, 10), &p), ["t1@on"]);
+        assert_eq!(names(&plan(&mut s, &mut q, &p, 10), &p), ["t1@on"]);
     }
 
     #[test]
@@ -390,7 +437,7 @@ mod tests {
             &s,
             &[("t1", "s", None), ("t2", "s", None), ("t3", "s", None)],
         );
-        let picks = s.plan(&mut q, &pools, 10);
+        let picks = plan(&mut s, &mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["t1@first", "t2@second", "t3@first"]);
     }
 
@@ -409,11 +456,11 @@ mod tests {
                 ("c1", "gamma", None),
             ],
         );
-        let picks = s.plan(&mut q, &pools, 4);
+        let picks = plan(&mut s, &mut q, &pools, 4);
         assert_eq!(names(&picks, &pools), ["a1@a", "b1@a", "c1@a", "a2@a"]);
         // The next pass starts after "alpha", the spec served last.
         let mut q = queue(&s, &[("a3", "alpha", None), ("b2", "beta", None)]);
-        let picks = s.plan(&mut q, &pools, 1);
+        let picks = plan(&mut s, &mut q, &pools, 1);
         assert_eq!(names(&picks, &pools), ["b2@a"]);
     }
 
@@ -431,7 +478,7 @@ mod tests {
                 ("b2", "beta", None),
             ],
         );
-        let picks = s.plan(&mut q, &pools, 10);
+        let picks = plan(&mut s, &mut q, &pools, 10);
         assert_eq!(names(&picks, &pools), ["b1@cpu", "b2@cpu"]);
     }
 }
@@ -467,7 +514,8 @@ mod route_tests {
         ]);
         let mapping = SkillMapping::new([("ml".into(), vec![0]), ("web".into(), vec![1])]);
         let mut s = Scheduler::new(Policy::SkillBased, mapping);
-        let mut q: ReadyQueue = ReadyQueue::new(true, false);
+        let mut q: ReadyQueue<TaskId> = ReadyQueue::new(true, false);
+        let mut orders: HashMap<TaskId, QueueOrder> = HashMap::new();
         let spec: Arc<str> = "s".into();
         for seq in 0..1_001u64 {
             let (id, skill) = if seq < 1_000 {
@@ -481,16 +529,15 @@ mod route_tests {
                 age: 0,
                 seq,
             };
-            q.push(
-                id.as_str().into(),
-                QueueKey {
-                    order,
-                    route: &route,
-                    spec: &spec,
-                },
-            );
+            orders.insert(id.as_str().into(), order);
+            let key = QueueKey {
+                order,
+                route: &route,
+                spec: &spec,
+            };
+            q.push(id.as_str().into(), key, |id| orders[id]);
         }
-        let picks = s.plan(&mut q, &pools, 10);
+        let picks = s.plan(&mut q, |id| orders[id], &pools, 10);
         assert_eq!(picks, [("web".into(), 1)]);
         assert_eq!(q.len(), 1_000);
     }
@@ -583,6 +630,7 @@ mod route_tests {
                 })
                 .collect();
             let mut q = ReadyQueue::new(policy.orders_by_priority(), policy == Policy::FairShare);
+            let mut orders: HashMap<TaskId, QueueOrder> = HashMap::new();
             for (seq, (id, spec, skill)) in tasks.iter().enumerate() {
                 let route = s.route_of(*skill);
                 let order = QueueOrder {
@@ -590,18 +638,17 @@ mod route_tests {
                     age: 0,
                     seq: seq as u64,
                 };
-                q.push(
-                    id.as_str().into(),
-                    QueueKey {
-                        order,
-                        route: &route,
-                        spec,
-                    },
-                );
+                orders.insert(id.as_str().into(), order);
+                let key = QueueKey {
+                    order,
+                    route: &route,
+                    spec,
+                };
+                q.push(id.as_str().into(), key, |id| orders[id]);
             }
             let budget = next(6);
             let expected = naive_plan(&s, &tasks, &pools, budget, last.as_ref());
-            let picks = s.plan(&mut q, &pools, budget);
+            let picks = s.plan(&mut q, |id| orders[id], &pools, budget);
             assert_eq!(picks, expected, "case {case}: {policy:?}, tasks {tasks:?}");
             assert_eq!(q.len(), tasks.len() - picks.len());
         }

@@ -1,11 +1,16 @@
 //! An ordered set kept as a run of sorted chunks: the ready queue's tasks in
 //! scheduling order.
 //!
+//! The order is the value's own (`Ord`) or one the caller gives with each
+//! change (`insert_by`, `remove_by`): the ready queue holds bare slot numbers
+//! and reads each task's rank from its entry, so a queued task costs 4 bytes
+//! here, not the 32 of a `(rank, slot)` pair.
+//!
 //! A `BTreeSet` filled in ascending order (tasks mostly arrive in queue
 //! order) splits each full leaf in half and never fills it again: about 66
 //! bytes a 32-byte entry. Here a value past the last is appended to the last
 //! chunk, and a new chunk is started only when that one is full, so a queue
-//! filled in order is dense (about 32 bytes an entry). A value in the middle
+//! filled in order is dense. A value in the middle
 //! goes into its chunk in place, splitting it in half when full. Every chunk
 //! but the first and the last keeps at least a quarter of `CHUNK` (a removal
 //! that leaves fewer merges or rebalances with a neighbour), so memory stays
@@ -18,6 +23,7 @@
 //! values put in the middle or `LOW` taken out at most, and never for a queue
 //! filled in order.
 
+use std::cmp::Ordering;
 use std::collections::VecDeque;
 
 /// Entries per chunk at most.
@@ -45,7 +51,7 @@ fn chunk<T>() -> VecDeque<T> {
     VecDeque::with_capacity(CHUNK)
 }
 
-impl<T: Ord> SortedChunks<T> {
+impl<T> SortedChunks<T> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -54,16 +60,35 @@ impl<T: Ord> SortedChunks<T> {
         self.len == 0
     }
 
-    /// The chunk `value` belongs in: the first whose last value is not
-    /// below it (`chunks.len()` when it is past every value).
-    fn chunk_of(&self, value: &T) -> usize {
-        self.chunks
-            .partition_point(|c| c.back().is_some_and(|last| last < value))
+    /// Where a value goes: its chunk (`chunks.len()` when it is past every
+    /// value) and, inside it, `Ok` with the position of an equal value or
+    /// `Err` with where to put it. `cmp` compares a value held to it.
+    fn locate(&self, cmp: impl Fn(&T) -> Ordering) -> (usize, Result<usize, usize>) {
+        let i = self
+            .chunks
+            .partition_point(|c| c.back().is_some_and(|last| cmp(last) == Ordering::Less));
+        match self.chunks.get(i) {
+            Some(c) => (i, c.binary_search_by(&cmp)),
+            None => (i, Err(0)),
+        }
     }
 
     /// Adds `value`; false (and no change) when it is already there.
-    pub fn insert(&mut self, value: T) -> bool {
-        let i = self.chunk_of(&value);
+    pub fn insert(&mut self, value: T) -> bool
+    where
+        T: Ord,
+    {
+        self.insert_by(value, T::cmp)
+    }
+
+    /// Adds `value` in the order `cmp(held, value)` gives; false (and no
+    /// change) when a value comparing equal is there.
+    pub fn insert_by(&mut self, value: T, cmp: impl Fn(&T, &T) -> Ordering) -> bool {
+        let place = self.locate(|held| cmp(held, &value));
+        self.put(place, value)
+    }
+
+    fn put(&mut self, (i, at): (usize, Result<usize, usize>), value: T) -> bool {
         if i == self.chunks.len() {
             // Past every value: the common case, an append.
             match self.chunks.back_mut() {
@@ -80,7 +105,7 @@ impl<T: Ord> SortedChunks<T> {
             self.len += 1;
             return true;
         }
-        let Err(at) = self.chunks[i].binary_search(&value) else {
+        let Err(at) = at else {
             return false;
         };
         if self.chunks[i].len() == CHUNK {
@@ -100,18 +125,23 @@ impl<T: Ord> SortedChunks<T> {
     }
 
     /// Removes `value`; false when it is not there.
-    pub fn remove(&mut self, value: &T) -> bool {
-        let i = self.chunk_of(value);
-        let Some(c) = self.chunks.get_mut(i) else {
-            return false;
+    pub fn remove(&mut self, value: &T) -> bool
+    where
+        T: Ord,
+    {
+        self.remove_by(|held| held.cmp(value)).is_some()
+    }
+
+    /// Removes and returns the value `cmp` finds equal; `None` when there is
+    /// none.
+    pub fn remove_by(&mut self, cmp: impl Fn(&T) -> Ordering) -> Option<T> {
+        let (i, Ok(at)) = self.locate(cmp) else {
+            return None;
         };
-        let Ok(at) = c.binary_search(value) else {
-            return false;
-        };
-        c.remove(at);
-        self.len -= 1;
+        let value = self.chunks[i].remove(at);
+        self.len -= usize::from(value.is_some());
         self.settle(i);
-        true
+        value
     }
 
     /// Keeps chunk `i` within the bounds after a removal: gone when empty,
@@ -161,7 +191,10 @@ impl<T: Ord> SortedChunks<T> {
     /// Checks the layout: sorted, no empty chunk, no chunk over `CHUNK`,
     /// every middle chunk at least `LOW`, the count right.
     #[cfg(test)]
-    fn check(&self) {
+    fn check(&self)
+    where
+        T: Ord,
+    {
         let mut previous: Option<&T> = None;
         for (i, c) in self.chunks.iter().enumerate() {
             assert!(!c.is_empty() && c.len() <= CHUNK, "chunk {i}: {}", c.len());

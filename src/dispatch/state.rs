@@ -812,12 +812,12 @@ impl<T> DispatcherState<T> {
         let by_priority = self.scheduler.policy.orders_by_priority();
         let by_spec = self.scheduler.policy == Policy::FairShare;
         self.queue.reset(by_priority, by_spec);
-        for (slot, held) in self
+        for (slot, _) in self
             .tasks
             .entries()
             .filter(|(_, t)| t.place == Place::Queued)
         {
-            enqueue(&mut self.queue, &self.scheduler, held, slot);
+            enqueue(&mut self.queue, &self.scheduler, &self.tasks, slot);
         }
     }
 
@@ -871,7 +871,7 @@ impl<T> DispatcherState<T> {
     }
 
     pub fn queued_ids(&self) -> Vec<TaskId> {
-        let ids = self.queue.ids_in_order().into_iter();
+        let ids = self.queue.ids_in_order(order_in(&self.tasks)).into_iter();
         ids.filter_map(|slot| Some(self.tasks.at(slot)?.meta.id.clone()))
             .collect()
     }
@@ -938,9 +938,7 @@ impl<T> DispatcherState<T> {
             seq,
         };
         let slot = self.tasks.insert_absent(held);
-        if let Some(held) = self.tasks.at(slot) {
-            enqueue(&mut self.queue, &self.scheduler, held, slot);
-        }
+        enqueue(&mut self.queue, &self.scheduler, &self.tasks, slot);
         self.metrics.tasks_enqueued += 1;
         Ok(())
     }
@@ -993,7 +991,7 @@ impl<T> DispatcherState<T> {
             };
             if held.payload.is_some() {
                 held.place = Place::Queued;
-                enqueue(&mut self.queue, &self.scheduler, held, slot);
+                enqueue(&mut self.queue, &self.scheduler, &self.tasks, slot);
                 queued += 1;
             } else {
                 let id = held.meta.id.clone();
@@ -1074,7 +1072,7 @@ impl<T> DispatcherState<T> {
     fn take_task(&mut self, task_id: &str) -> Option<HeldTask<T>> {
         let (slot, held) = self.tasks.remove_from_slot(task_id)?;
         match &held.place {
-            Place::Queued => dequeue(&mut self.queue, &self.scheduler, &held, slot),
+            Place::Queued => dequeue(&mut self.queue, &self.scheduler, &self.tasks, &held, slot),
             Place::Delayed { .. } => self.delayed.forget(delayed_at(&self.tasks)),
             Place::Assigning { .. } => drop(self.take_early(task_id)),
             Place::Running { .. } => {}
@@ -1186,7 +1184,9 @@ impl<T> DispatcherState<T> {
         let held = match slot.and_then(|slot| Some((slot, self.tasks.at(slot)?))) {
             Some((slot, h)) => {
                 match &h.place {
-                    Place::Queued => dequeue(&mut self.queue, &self.scheduler, h, slot),
+                    Place::Queued => {
+                        dequeue(&mut self.queue, &self.scheduler, &self.tasks, h, slot)
+                    }
                     // Stale once the task is re-placed below.
                     Place::Delayed { .. } => self.delayed.forget(delayed_at(&self.tasks)),
                     Place::Assigning { .. } | Place::Running { .. } => {}
@@ -1381,7 +1381,9 @@ impl<T> DispatcherState<T> {
         if !self.accepting || budget == 0 || self.queue.is_empty() {
             return Vec::new();
         }
-        let picks = self.scheduler.plan(&mut self.queue, &self.pools, budget);
+        let picks =
+            self.scheduler
+                .plan(&mut self.queue, order_in(&self.tasks), &self.pools, budget);
         // Each reservation that launches becomes a tracked runner.
         self.runners.reserve(picks.len());
         let mut reservations = Vec::with_capacity(picks.len());
@@ -1394,7 +1396,7 @@ impl<T> DispatcherState<T> {
             // task that cannot be reserved goes back to the queue.
             let reserved = held.payload.is_some() && self.pools.reserve(pool);
             let Some(payload) = held.payload.take().filter(|_| reserved) else {
-                enqueue(&mut self.queue, &self.scheduler, held, slot);
+                enqueue(&mut self.queue, &self.scheduler, &self.tasks, slot);
                 continue;
             };
             held.place = Place::Assigning {
@@ -1491,7 +1493,7 @@ impl<T> DispatcherState<T> {
         };
         held.payload = Some(payload);
         held.place = Place::Queued;
-        enqueue(&mut self.queue, &self.scheduler, held, slot);
+        enqueue(&mut self.queue, &self.scheduler, &self.tasks, slot);
         Outcome::accepted()
     }
 
@@ -1649,7 +1651,7 @@ impl<T> DispatcherState<T> {
         match self.tasks.get_mut_in_slot(&runner.task_id) {
             Some((slot, held)) if held.payload.is_some() => {
                 held.place = Place::Queued;
-                enqueue(&mut self.queue, &self.scheduler, held, slot);
+                enqueue(&mut self.queue, &self.scheduler, &self.tasks, slot);
             }
             _ => {
                 self.tasks.remove(&runner.task_id);
@@ -1726,16 +1728,23 @@ impl<T> DispatcherState<T> {
 
     /// Changes a held task's priority (reordering the queue if it is queued).
     pub fn set_priority(&mut self, task_id: &str, priority: i64) -> bool {
-        let Some((slot, held)) = self.tasks.get_mut_in_slot(task_id) else {
+        let Some((slot, held)) = self
+            .tasks
+            .slot_of(task_id)
+            .and_then(|slot| Some((slot, self.tasks.at(slot)?)))
+        else {
             return false;
         };
+        // The queue reads a task's order from its entry: out while it changes.
         let queued = held.place == Place::Queued;
         if queued {
-            dequeue(&mut self.queue, &self.scheduler, held, slot);
+            dequeue(&mut self.queue, &self.scheduler, &self.tasks, held, slot);
         }
-        held.meta.priority = priority;
+        if let Some(held) = self.tasks.at_mut(slot) {
+            held.meta.priority = priority;
+        }
         if queued {
-            enqueue(&mut self.queue, &self.scheduler, held, slot);
+            enqueue(&mut self.queue, &self.scheduler, &self.tasks, slot);
         }
         true
     }
@@ -1843,10 +1852,13 @@ impl<T> DispatcherState<T> {
         if queued != self.queue.len() || delayed != self.delayed.len() {
             return Err("queue or delayed index out of step with task places".to_owned());
         }
-        for slot in self.queue.ids_in_order() {
+        for slot in self.queue.ids_in_order(order_in(&self.tasks)) {
             if self.tasks.at(slot).is_none_or(|t| t.place != Place::Queued) {
                 return Err(format!("queue entry for slot {slot} is stale"));
             }
+        }
+        if !self.queue.in_order(order_in(&self.tasks)) {
+            return Err("a queued task's order changed while it was queued".to_owned());
         }
         let listed = self.delayed.live_sorted(delayed_at(&self.tasks));
         if listed.len() != self.delayed.len() {
@@ -1873,15 +1885,44 @@ fn delayed_at<T>(tasks: &KeyedSlab<HeldTask<T>>) -> impl Fn(MonoNanos, u32) -> b
 }
 
 /// Puts a queued task, held in `slot`, in the ready queue on its route.
-fn enqueue<T>(queue: &mut ReadyQueue<u32>, scheduler: &Scheduler, held: &HeldTask<T>, slot: u32) {
+fn enqueue<T>(
+    queue: &mut ReadyQueue<u32>,
+    scheduler: &Scheduler,
+    tasks: &KeyedSlab<HeldTask<T>>,
+    slot: u32,
+) {
+    let Some(held) = tasks.at(slot) else {
+        return;
+    };
     let route = scheduler.route_of(held.meta.required_skill());
-    queue.push(slot, queue_key(held, &route));
+    queue.push(slot, queue_key(held, &route), order_in(tasks));
 }
 
-/// Takes a queued task, held in `slot`, out of the ready queue.
-fn dequeue<T>(queue: &mut ReadyQueue<u32>, scheduler: &Scheduler, held: &HeldTask<T>, slot: u32) {
+/// Takes a queued task out of the ready queue: `held`, which was in `slot`
+/// (and may have left `tasks` already).
+fn dequeue<T>(
+    queue: &mut ReadyQueue<u32>,
+    scheduler: &Scheduler,
+    tasks: &KeyedSlab<HeldTask<T>>,
+    held: &HeldTask<T>,
+    slot: u32,
+) {
     let route = scheduler.route_of(held.meta.required_skill());
-    queue.remove(&slot, queue_key(held, &route));
+    queue.remove(&slot, queue_key(held, &route), order_in(tasks));
+}
+
+/// The queue order of the task in a slot, read from its entry. The queue
+/// holds only slot numbers; a slot without a task (a queue out of step,
+/// which `check_invariants` reports) sorts last.
+fn order_in<T>(tasks: &KeyedSlab<HeldTask<T>>) -> impl Fn(&u32) -> QueueOrder + '_ {
+    |&slot| match tasks.at(slot) {
+        Some(held) => held.order(),
+        None => QueueOrder {
+            priority: i64::MIN,
+            age: i64::MAX,
+            seq: u64::MAX,
+        },
+    }
 }
 
 fn queue_key<'a, T>(held: &'a HeldTask<T>, route: &'a Route) -> QueueKey<'a> {
