@@ -8,6 +8,7 @@
 
 use std::hash::{BuildHasher, BuildHasherDefault};
 
+use hashbrown::hash_table::OccupiedEntry;
 use hashbrown::HashTable;
 
 use crate::hashing::{bytes_eq, FxHasher};
@@ -32,6 +33,20 @@ impl<V> Default for KeyedSlab<V> {
             index: HashTable::new(),
         }
     }
+}
+
+/// The index's entry for `key`, if an entry in `slots` has that key.
+fn indexed<'a, V: Keyed>(
+    index: &'a mut HashTable<u32>,
+    slots: &[Option<V>],
+    key: &str,
+) -> Option<OccupiedEntry<'a, u32>> {
+    let same = |&slot: &u32| {
+        slots[slot as usize]
+            .as_ref()
+            .is_some_and(|v| bytes_eq(v.key().as_bytes(), key.as_bytes()))
+    };
+    index.find_entry(hash(key), same).ok()
 }
 
 fn hash(key: &str) -> u64 {
@@ -136,23 +151,44 @@ impl<V: Keyed> KeyedSlab<V> {
 
     /// [`Self::remove`], also telling the slot the entry was in.
     pub fn remove_from_slot(&mut self, key: &str) -> Option<(u32, V)> {
-        let slots = &self.slots;
-        let entry = self
-            .index
-            .find_entry(hash(key), |&slot| {
-                slots[slot as usize]
-                    .as_ref()
-                    .is_some_and(|v| bytes_eq(v.key().as_bytes(), key.as_bytes()))
-            })
-            .ok()?;
+        let entry = indexed(&mut self.index, &self.slots, key)?;
         let (slot, _) = entry.remove();
+        Some((slot, self.vacate(slot)?))
+    }
+
+    /// [`Self::remove`], but only when `wanted` says so of the entry;
+    /// otherwise it stays, and `Err` tells its slot. One lookup either way.
+    pub fn remove_if(
+        &mut self,
+        key: &str,
+        wanted: impl FnOnce(&V) -> bool,
+    ) -> Option<Result<V, u32>> {
+        let entry = indexed(&mut self.index, &self.slots, key)?;
+        let slot = *entry.get();
+        if !self.slots[slot as usize].as_ref().is_some_and(wanted) {
+            return Some(Err(slot));
+        }
+        entry.remove();
+        self.vacate(slot).map(Ok)
+    }
+
+    /// Removes the entry in `slot`, if one is there.
+    pub fn remove_at(&mut self, slot: u32) -> Option<V> {
+        let key = self.slots.get(slot as usize)?.as_ref()?.key();
+        let entry = self.index.find_entry(hash(key), |&s| s == slot).ok()?;
+        entry.remove();
+        self.vacate(slot)
+    }
+
+    /// Takes the entry out of `slot`, already unindexed.
+    fn vacate(&mut self, slot: u32) -> Option<V> {
         let value = self.slots[slot as usize].take()?;
         if slot as usize + 1 == self.slots.len() {
             self.slots.pop();
         } else {
             self.free.push(slot);
         }
-        Some((slot, value))
+        Some(value)
     }
 
     /// Every entry, in no particular order.
@@ -204,7 +240,21 @@ mod tests {
                     let old = slab.insert(Entry(key.clone(), step)).map(|e| e.1);
                     assert_eq!(old, model.insert(key.clone(), step));
                 }
-                2 => assert_eq!(slab.remove(&key).map(|e| e.1), model.remove(&key)),
+                2 if step % 3 == 0 => {
+                    assert_eq!(slab.remove(&key).map(|e| e.1), model.remove(&key));
+                }
+                // Kept when not wanted; taken when wanted.
+                2 if step % 3 == 1 => {
+                    let kept = slab.remove_if(&key, |_| false);
+                    assert_eq!(kept.map(|r| r.is_err()), model.get(&key).map(|_| true));
+                    let taken = slab.remove_if(&key, |_| true).and_then(Result::ok);
+                    assert_eq!(taken.map(|e| e.1), model.remove(&key));
+                }
+                // By its slot, as a running task names its runner.
+                2 => {
+                    let taken = slab.slot_of(&key).and_then(|at| slab.remove_at(at));
+                    assert_eq!(taken.map(|e| e.1), model.remove(&key));
+                }
                 3 => {
                     if let Some(e) = slab.get_mut(&key) {
                         e.1 += 1;

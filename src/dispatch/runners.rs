@@ -85,6 +85,10 @@ impl Keyed for TrackedRunner {
     }
 }
 
+/// Where [`Runners`] keeps a runner: its number until it is taken (a
+/// running task names its runner by it, in 4 bytes, not by its id's 16).
+pub type RunnerSlot = u32;
+
 #[derive(Debug, Default)]
 pub struct Runners {
     by_id: KeyedSlab<TrackedRunner>,
@@ -106,15 +110,16 @@ impl Runners {
         self.by_id.reserve(additional);
     }
 
-    /// Tracks a runner; false (and no change) when the id is already tracked.
-    pub fn insert(&mut self, runner: TrackedRunner) -> bool {
+    /// Tracks a runner; returns its slot, or `None` (and no change) when the
+    /// id is already tracked.
+    pub fn insert(&mut self, runner: TrackedRunner) -> Option<RunnerSlot> {
         if self.by_id.contains_key(&runner.runner_id) {
-            return false;
+            return None;
         }
         let heartbeat = runner.last_heartbeat;
-        let (slot, _) = self.by_id.insert_in_slot(runner);
+        let slot = self.by_id.insert_absent(runner);
         self.by_heartbeat.insert(heartbeat, slot);
-        true
+        Some(slot)
     }
 
     /// Stops tracking a runner and hands back what was known of it. Whoever
@@ -125,8 +130,37 @@ impl Runners {
         Some(runner)
     }
 
+    /// [`Self::take`] by the runner's slot.
+    pub fn take_at(&mut self, slot: RunnerSlot) -> Option<TrackedRunner> {
+        let runner = self.by_id.remove_at(slot)?;
+        self.by_heartbeat.forget(heard_at(&self.by_id));
+        Some(runner)
+    }
+
+    /// [`Self::take`], but only when `runs` says the runner is the one
+    /// wanted; otherwise it stays tracked and `Err` tells the task it runs.
+    /// One lookup either way.
+    pub fn take_if(
+        &mut self,
+        runner_id: &str,
+        runs: impl FnOnce(&TrackedRunner) -> bool,
+    ) -> Option<Result<TrackedRunner, TaskId>> {
+        match self.by_id.remove_if(runner_id, runs)? {
+            Ok(runner) => {
+                self.by_heartbeat.forget(heard_at(&self.by_id));
+                Some(Ok(runner))
+            }
+            Err(slot) => Some(Err(self.by_id.at(slot)?.task_id.clone())),
+        }
+    }
+
     pub fn get(&self, runner_id: &str) -> Option<&TrackedRunner> {
         self.by_id.get(runner_id)
+    }
+
+    /// The runner in `slot`, if one is tracked there.
+    pub fn at(&self, slot: RunnerSlot) -> Option<&TrackedRunner> {
+        self.by_id.at(slot)
     }
 
     pub fn heartbeat(&mut self, runner_id: &str, mono: MonoNanos) -> bool {
@@ -169,6 +203,11 @@ impl Runners {
 
     pub fn iter(&self) -> impl Iterator<Item = &TrackedRunner> {
         self.by_id.values()
+    }
+
+    /// Every runner with its slot.
+    pub fn entries(&self) -> impl Iterator<Item = (RunnerSlot, &TrackedRunner)> {
+        self.by_id.entries()
     }
 
     pub fn ids(&self) -> Vec<RunnerId> {
@@ -234,11 +273,30 @@ mod tests {
     #[test]
     fn an_outcome_can_be_taken_once() {
         let mut runners = Runners::default();
-        assert!(runners.insert(runner("r1", 0)));
-        assert!(!runners.insert(runner("r1", 5)));
+        assert!(runners.insert(runner("r1", 0)).is_some());
+        assert!(runners.insert(runner("r1", 5)).is_none());
         assert!(runners.take("r1").is_some());
         assert!(runners.take("r1").is_none());
         assert!(runners.is_empty());
+    }
+
+    #[test]
+    fn a_runner_is_taken_by_its_slot_or_only_when_it_runs_the_task_asked() {
+        let mut runners = Runners::default();
+        let one = runners.insert(runner("r1", 0)).unwrap();
+        let two = runners.insert(runner("r2", 0)).unwrap();
+        assert_eq!(runners.at(two).map(|r| &*r.runner_id), Some("r2"));
+        // Kept, and its task told, when it runs another one.
+        let task = runners.at(one).unwrap().task_id.clone();
+        let kept = runners.take_if("r1", |r| r.task_id.as_ref() == "other");
+        assert_eq!(kept.unwrap().unwrap_err(), task);
+        assert_eq!(runners.at(one).map(|r| &*r.runner_id), Some("r1"));
+        assert!(runners.take_if("r1", |_| true).unwrap().is_ok());
+        assert!(runners.take_if("r1", |_| true).is_none());
+        assert_eq!(runners.take_at(two).map(|r| r.runner_id), Some("r2".into()));
+        assert!(runners.take_at(two).is_none());
+        assert!(runners.is_empty());
+        assert_eq!(runners.by_heartbeat.len(), 0);
     }
 
     #[test]

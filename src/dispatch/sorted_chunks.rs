@@ -7,11 +7,11 @@
 //! here, not the 32 of a `(rank, slot)` pair.
 //!
 //! A `BTreeSet` filled in ascending order (tasks mostly arrive in queue
-//! order) splits each full leaf in half and never fills it again: about 66
-//! bytes a 32-byte entry. Here a value past the last is appended to the last
-//! chunk, and a new chunk is started only when that one is full, so a queue
-//! filled in order is dense. A value in the middle
-//! goes into its chunk in place, splitting it in half when full. Every chunk
+//! order) splits each full leaf in half and never fills it again: about
+//! twice its entries' size. Here a value past the last is appended to the
+//! last chunk, and a new chunk is started only when that one is full, so a
+//! queue filled in order is dense. A value in the middle goes into its
+//! chunk in place, splitting it in half when full. Every chunk
 //! but the first and the last keeps at least a quarter of `CHUNK` (a removal
 //! that leaves fewer merges or rebalances with a neighbour), so memory stays
 //! within four times the dense size whatever the order of changes.

@@ -16,7 +16,7 @@ use crate::dispatch::keyed_slab::{Keyed, KeyedSlab};
 use crate::dispatch::outbox::{Outbox, OutboxStats, Report};
 use crate::dispatch::pools::{PoolIndex, PoolState, Pools};
 use crate::dispatch::queue::{QueueKey, QueueOrder, ReadyQueue, Route};
-use crate::dispatch::runners::{RunnerDetails, Runners, TrackedRunner};
+use crate::dispatch::runners::{RunnerDetails, RunnerSlot, Runners, TrackedRunner};
 use crate::dispatch::scheduling::{Policy, Scheduler, SkillMapping};
 use crate::dispatch::task_names::TaskNames;
 use crate::dispatch::time_index::TimeIndex;
@@ -70,7 +70,7 @@ impl TaskMeta {
 pub enum Place {
     Queued,
     Delayed {
-        due: MonoNanos,
+        due: Due,
     },
     /// Capacity reserved in `pool`; the slot and runner are being set up.
     /// Counts as running.
@@ -80,14 +80,34 @@ pub enum Place {
         pool: ReservedPool,
     },
     Running {
-        runner_id: RunnerId,
+        runner: RunnerSlot,
     },
 }
 
-/// A pool's index in 4 bytes: `Assigning` then leaves the last byte free,
-/// where a runner id keeps its tag, and the variants share that byte's free
-/// values, so a place takes 16 bytes, not 24, in every held task. (Pools are
-/// configured objects, never 2^32 of them.)
+impl Place {
+    pub fn delayed(due: MonoNanos) -> Place {
+        Place::Delayed { due: Due::new(due) }
+    }
+}
+
+/// A due time in two 4-byte halves: every variant of a place then aligns to
+/// 4 bytes, so a place takes 12 bytes, not 16, in every held task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Due([u32; 2]);
+
+impl Due {
+    pub fn new(at: MonoNanos) -> Due {
+        Due([at as u32, (at >> 32) as u32])
+    }
+
+    pub fn get(self) -> MonoNanos {
+        u64::from(self.0[0]) | (u64::from(self.0[1]) << 32)
+    }
+}
+
+/// A pool's index in 4 bytes, as the other places' data: a place takes 12
+/// bytes in every held task. (Pools are configured objects, never 2^32 of
+/// them.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReservedPool(u32);
 
@@ -125,7 +145,9 @@ struct HeldTask<T> {
     payload: Option<T>,
     place: Place,
     /// Arrival order, unique per task: ties of priority and age keep it.
-    seq: u64,
+    /// 4 bytes: when the numbers run out the held tasks are numbered afresh,
+    /// in the same order ([`DispatcherState::renumber`]).
+    seq: u32,
 }
 
 impl<T> HeldTask<T> {
@@ -135,7 +157,7 @@ impl<T> HeldTask<T> {
         QueueOrder {
             priority: self.meta.priority,
             age: self.meta.created_at.map_or(0, WallTime::micros),
-            seq: self.seq,
+            seq: u64::from(self.seq),
         }
     }
 }
@@ -616,7 +638,7 @@ pub struct DispatcherState<T> {
     global_running: u64,
     metrics: Metrics,
     failure_stats: FailureStats,
-    next_seq: u64,
+    next_seq: u32,
     scheduler: Scheduler,
     /// False once stopping: scheduling passes assign nothing.
     accepting: bool,
@@ -633,7 +655,7 @@ pub struct DispatcherState<T> {
     /// Outcomes reported for tasks being assigned (a fast runner can finish
     /// before `launch` returns), applied when the launch is confirmed. At
     /// most one a task, only while it is `Assigning`: kept apart, as they
-    /// are rare, so that a place stays 16 bytes.
+    /// are rare, so that a place stays 12 bytes.
     early_reports: FastMap<TaskId, EarlyReport>,
 }
 
@@ -861,6 +883,14 @@ impl<T> DispatcherState<T> {
         self.global_running < self.limits.max_global_concurrency
     }
 
+    /// The id of the runner running `task_id`, if one is.
+    pub fn runner_of(&self, task_id: &str) -> Option<&RunnerId> {
+        match self.tasks.get(task_id)?.place {
+            Place::Running { runner } => Some(&self.runners.at(runner)?.runner_id),
+            _ => None,
+        }
+    }
+
     pub fn place_of(&self, task_id: &str) -> Option<&Place> {
         self.tasks.get(task_id).map(|t| &t.place)
     }
@@ -878,11 +908,34 @@ impl<T> DispatcherState<T> {
 
     /// A new task's arrival number; a task that did not say when it was
     /// created is aged from now, when it is first held.
-    fn arrive(&mut self, meta: &mut TaskMeta, now: Now) -> u64 {
+    fn arrive(&mut self, meta: &mut TaskMeta, now: Now) -> u32 {
         meta.created_at.get_or_insert(now.wall);
+        if self.next_seq == u32::MAX {
+            self.renumber();
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         seq
+    }
+
+    /// Numbers the held tasks 0, 1, ... in their arrival order: after 2^32 - 1
+    /// arrivals, O(n log n) once. Orders compare as before, so the ready
+    /// queue stays as it is. (More than 2^32 - 1 held at once cannot be:
+    /// slots are 4-byte numbers too.)
+    fn renumber(&mut self) {
+        let mut by_arrival: Vec<(u32, u32)> = self
+            .tasks
+            .entries()
+            .map(|(slot, t)| (t.seq, slot))
+            .collect();
+        by_arrival.sort_unstable();
+        self.next_seq = 0;
+        for (_, slot) in by_arrival {
+            if let Some(held) = self.tasks.at_mut(slot) {
+                held.seq = self.next_seq;
+                self.next_seq += 1;
+            }
+        }
     }
 
     /// Whether [`Self::offer`] would ignore a polled task with this id (it is
@@ -973,7 +1026,7 @@ impl<T> DispatcherState<T> {
         let (slot, _) = self.tasks.insert_in_slot(HeldTask {
             meta,
             payload: None,
-            place: Place::Delayed { due },
+            place: Place::delayed(due),
             seq,
         });
         self.delayed.insert(due, slot);
@@ -1020,7 +1073,7 @@ impl<T> DispatcherState<T> {
         if let Some(held) = self.tasks.get(&meta.id) {
             return Err(Refusal::TaskAlreadyHeld {
                 task_id: meta.id.to_string(),
-                place: describe_place(&held.place),
+                place: describe_place(&held.place, &self.runners),
             });
         }
         if self.runners.get(&runner.runner_id).is_some() {
@@ -1036,36 +1089,41 @@ impl<T> DispatcherState<T> {
         }
         self.global_running += 1;
         let seq = self.arrive(&mut meta, now);
-        let runner_id = self.track_runner(meta.id.clone(), pool, runner, now);
+        let runner = self.track_runner(meta.id.clone(), pool, runner, now);
         self.tasks.insert(HeldTask {
             meta,
             payload,
-            place: Place::Running { runner_id },
+            place: Place::Running { runner },
             seq,
         });
         Ok(())
     }
 
-    /// Tracks `runner` as running the task `task_id` in `pool`; the caller
-    /// places the task. Returns the runner's id.
+    /// Tracks `runner` as running the task `task_id` in `pool`; the caller,
+    /// who checked that the runner is not tracked yet, places the task.
+    /// Returns the runner's slot.
     fn track_runner(
         &mut self,
         task_id: TaskId,
         pool: PoolIndex,
         runner: NewRunner,
         now: Now,
-    ) -> RunnerId {
-        let runner_id = runner.runner_id;
-        self.runners.insert(TrackedRunner {
-            runner_id: runner_id.clone(),
+    ) -> RunnerSlot {
+        let tracked = TrackedRunner {
+            runner_id: runner.runner_id,
             task_id,
             slot_id: runner.slot_id,
             pool,
             started_mono: now.mono,
             last_heartbeat: now.mono,
-        });
+        };
+        debug_assert!(self.runners.get(&tracked.runner_id).is_none());
         self.metrics.tasks_assigned += 1;
-        runner_id
+        match self.runners.insert(tracked) {
+            Some(slot) => slot,
+            // Not reached (the callers check first); a slot no runner has.
+            None => RunnerSlot::MAX,
+        }
     }
 
     /// Takes a task out of whatever place it is in.
@@ -1111,7 +1169,7 @@ impl<T> DispatcherState<T> {
         let runner = match runner_id {
             // One lookup: take the runner, and put it back in the rare case
             // that it runs another task.
-            Some(rid) => match self.runners.take(rid) {
+            Some(rid) => match self.runners.take_if(rid, |r| &*r.task_id == task_id) {
                 None => {
                     let early = EarlyReport::Failure {
                         runner_id: Some(RunnerId::from(rid)),
@@ -1119,22 +1177,18 @@ impl<T> DispatcherState<T> {
                     };
                     return Ok(self.note_early(task_id, early));
                 }
-                Some(r) if &*r.task_id != task_id => {
-                    self.runners.insert(r);
+                Some(Err(_)) => {
                     return Err(Refusal::RunnerOfAnotherTask {
                         runner_id: rid.to_owned(),
                         task_id: task_id.to_owned(),
                     });
                 }
-                Some(r) => Some(r),
+                Some(Ok(r)) => Some(r),
             },
             None => match self.tasks.get(task_id).map(|t| &t.place) {
                 // A stale report for a task that finished: nothing changes.
                 None if self.finished.contains(task_id) => return Ok(Outcome::ignored()),
-                Some(Place::Running { runner_id }) => {
-                    let rid = runner_id.clone();
-                    self.runners.take(&rid)
-                }
+                Some(&Place::Running { runner }) => self.runners.take_at(runner),
                 Some(Place::Assigning { .. }) => {
                     let early = EarlyReport::Failure {
                         runner_id: None,
@@ -1245,7 +1299,7 @@ impl<T> DispatcherState<T> {
             // Nothing was filed in or taken from `tasks` since `slot` was read.
             match slot.and_then(|slot| Some((slot, self.tasks.at_mut(slot)?))) {
                 Some((slot, h)) => {
-                    h.place = Place::Delayed { due };
+                    h.place = Place::delayed(due);
                     self.delayed.insert(due, slot);
                 }
                 None => {
@@ -1254,7 +1308,7 @@ impl<T> DispatcherState<T> {
                     let (slot, _) = self.tasks.insert_in_slot(HeldTask {
                         meta,
                         payload: None,
-                        place: Place::Delayed { due },
+                        place: Place::delayed(due),
                         seq,
                     });
                     self.delayed.insert(due, slot);
@@ -1562,10 +1616,8 @@ impl<T> DispatcherState<T> {
             return Outcome::returning(payload);
         };
         // It was `Assigning` (checked above): its early report, if any,
-        // leaves the side table now.
-        held.place = Place::Running {
-            runner_id: runner.runner_id.clone(),
-        };
+        // leaves the side table now. Its place names the runner once it is
+        // tracked, below.
         held.payload = Some(payload);
         let id = held.meta.id.clone();
         let names = held.meta.names.clone();
@@ -1585,7 +1637,10 @@ impl<T> DispatcherState<T> {
             confirmed_at: now.wall,
             delivered: 0,
         }));
-        self.track_runner(id.clone(), pool, runner, now);
+        let tracked = self.track_runner(id.clone(), pool, runner, now);
+        if let Some(held) = self.tasks.at_mut(slot) {
+            held.place = Place::Running { runner: tracked };
+        }
         let mut failure = None;
         if self.forced {
             self.interrupt(&runner_id, now, &mut effects);
@@ -1804,10 +1859,10 @@ impl<T> DispatcherState<T> {
                 reserved += 1;
             }
         }
-        for r in self.runners.iter() {
+        for (slot, r) in self.runners.entries() {
             per_pool[r.pool] += 1;
             match self.tasks.get(&r.task_id).map(|t| &t.place) {
-                Some(Place::Running { runner_id }) if *runner_id == r.runner_id => {}
+                Some(&Place::Running { runner }) if runner == slot => {}
                 other => return Err(format!("runner {} but task place {other:?}", r.runner_id)),
             }
         }
@@ -1866,7 +1921,7 @@ impl<T> DispatcherState<T> {
         }
         for (due, slot) in listed {
             match self.tasks.at(slot) {
-                Some(t) if t.place == (Place::Delayed { due }) => {}
+                Some(t) if t.place == Place::delayed(due) => {}
                 _ => return Err(format!("delayed index entry ({due}, slot {slot}) is stale")),
             }
         }
@@ -1880,7 +1935,7 @@ fn delayed_at<T>(tasks: &KeyedSlab<HeldTask<T>>) -> impl Fn(MonoNanos, u32) -> b
     move |due, slot| {
         tasks
             .at(slot)
-            .is_some_and(|t| t.place == Place::Delayed { due })
+            .is_some_and(|t| t.place == Place::delayed(due))
     }
 }
 
@@ -1933,12 +1988,15 @@ fn queue_key<'a, T>(held: &'a HeldTask<T>, route: &'a Route) -> QueueKey<'a> {
     }
 }
 
-fn describe_place(place: &Place) -> String {
+fn describe_place(place: &Place, runners: &Runners) -> String {
     match place {
         Place::Queued => "queued".to_owned(),
         Place::Delayed { .. } => "waiting for a retry".to_owned(),
         Place::Assigning { .. } => "being assigned".to_owned(),
-        Place::Running { runner_id } => format!("running on runner {runner_id:?}"),
+        Place::Running { runner } => match runners.at(*runner) {
+            Some(r) => format!("running on runner {:?}", r.runner_id),
+            None => "running".to_owned(),
+        },
     }
 }
 

@@ -118,7 +118,7 @@ fn first_failure_releases_once_and_delays_until_the_backoff() {
     assert_eq!(released(&out.effects), ["slot-r1"]);
     assert_eq!(reported(&out.effects), [ReportedState::Ready]);
     assert_eq!(s.global_running(), 0);
-    assert_eq!(s.place_of("t1"), Some(&Place::Delayed { due: 11 * SECOND }));
+    assert_eq!(s.place_of("t1"), Some(&Place::delayed(11 * SECOND)));
     assert_eq!(s.promote_due(10 * SECOND + SECOND - 1), 0);
     assert_eq!(s.promote_due(11 * SECOND), 1);
     assert_eq!(s.place_of("t1"), Some(&Place::Queued));
@@ -509,7 +509,7 @@ fn a_failed_launch_releases_the_slot_and_takes_the_failure_path() {
     assert_eq!(released(&out.effects), ["slot-1"]);
     assert_eq!(reported(&out.effects), [ReportedState::Ready]);
     assert_eq!(s.global_running(), 0);
-    assert_eq!(s.place_of("t1"), Some(&Place::Delayed { due: 6 * SECOND }));
+    assert_eq!(s.place_of("t1"), Some(&Place::delayed(6 * SECOND)));
     assert_eq!(
         book.info("t1").unwrap().failure_reason.as_deref(),
         Some("launch failed: no docker")
@@ -539,12 +539,7 @@ fn confirming_tracks_the_runner_and_reports_running_with_events() {
     ));
     assert!(matches!(singles[1], Effect::TaskAssigned { .. }));
     assert!(matches!(singles[2], Effect::RunnerStarted { .. }));
-    assert_eq!(
-        s.place_of("t1"),
-        Some(&Place::Running {
-            runner_id: "r1".into()
-        })
-    );
+    assert_eq!(s.runner_of("t1"), Some(&RunnerId::from("r1")));
     assert_eq!(s.runners().len(), 1);
     s.check_invariants().unwrap();
 }
@@ -601,12 +596,7 @@ fn an_early_report_of_an_aborted_launch_is_not_applied_to_the_next_one() {
     let second = s.schedule().pop().unwrap();
     let out = s.confirm_assignment("t1", second.payload, runner("r2"), &mut book, at(2));
     assert_eq!(reported(&out.effects), [ReportedState::Running]);
-    assert_eq!(
-        s.place_of("t1"),
-        Some(&Place::Running {
-            runner_id: "r2".into()
-        })
-    );
+    assert_eq!(s.runner_of("t1"), Some(&RunnerId::from("r2")));
     assert_eq!(book.retry_count("t1"), 0);
     s.check_invariants().unwrap();
     // A report during a launch that then fails is dropped with it too.
@@ -708,7 +698,7 @@ fn a_restored_delay_takes_the_polled_task_and_queues_it_when_due() {
     let mut polled = meta("t");
     polled.priority = 7;
     assert!(s.offer(polled, "handle", at(1)).is_ok());
-    assert_eq!(s.place_of("t"), Some(&Place::Delayed { due: 30 * SECOND }));
+    assert_eq!(s.place_of("t"), Some(&Place::delayed(30 * SECOND)));
     assert_eq!(s.promote_due(29 * SECOND), 0);
     assert_eq!(s.promote_due(30 * SECOND), 1);
     let reserved = s.schedule();
@@ -751,10 +741,7 @@ fn a_dispatcher_snapshot_round_trip_keeps_retries_and_delays() {
         wall: at(4).wall,
     };
     restore(&mut later, &mut later_book, &from_json(&text).unwrap(), now).unwrap();
-    assert_eq!(
-        later.place_of("t"),
-        Some(&Place::Delayed { due: 106 * SECOND })
-    );
+    assert_eq!(later.place_of("t"), Some(&Place::delayed(106 * SECOND)));
     assert_eq!(later_book.retry_count("t"), 1);
     assert_eq!(later_book.info("t"), book.info("t"));
     // A dispatcher already holding tasks is refused, unchanged.
@@ -767,13 +754,45 @@ fn a_dispatcher_snapshot_round_trip_keeps_retries_and_delays() {
 }
 
 #[test]
-fn a_held_task_takes_72_bytes() {
+fn a_held_task_takes_64_bytes() {
     // SPEC §6, memory per task held: names shared, the age kept in
     // `created_at` (a handle is one pointer, as a Python object's), the
-    // place in 16 bytes.
-    assert_eq!(std::mem::size_of::<Place>(), 16);
+    // place in 12 bytes (a runner by its slot), the arrival number in 4.
+    assert_eq!(std::mem::size_of::<Place>(), 12);
     assert_eq!(
         std::mem::size_of::<Option<HeldTask<std::ptr::NonNull<u8>>>>(),
-        72
+        64
     );
+}
+
+#[test]
+fn a_due_time_keeps_every_bit() {
+    for at in [
+        0,
+        1,
+        u64::from(u32::MAX),
+        1 << 32,
+        11 * SECOND,
+        u64::MAX - 1,
+        u64::MAX,
+    ] {
+        assert_eq!(Due::new(at).get(), at);
+    }
+}
+
+#[test]
+fn arrival_numbers_that_run_out_start_again_in_the_same_order() {
+    let mut s = state();
+    s.next_seq = u32::MAX - 2;
+    // Equal priority and age: arrival order alone decides.
+    for id in ["a", "b", "c", "d", "e"] {
+        queued(&mut s, id, 0, 1);
+    }
+    let ids: Vec<String> = s.queued_ids().iter().map(|id| id.to_string()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d", "e"]);
+    // Renumbered when "c" arrived: a, b as 0, 1; then c, d, e.
+    assert_eq!(s.next_seq, 5);
+    s.check_invariants().unwrap();
+    let picked = reserved_ids(&s.schedule());
+    assert_eq!(picked, ["a", "b", "c"]);
 }
