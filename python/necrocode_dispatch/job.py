@@ -4,7 +4,6 @@ Everything is checked before anything runs; a ``JobError`` names the field."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import re
@@ -55,6 +54,8 @@ class Job:
         """A digest of the work: each task's id, command and dependencies. A
         state file records it, so that another job never resumes from it
         (options such as a timeout or a priority may change between runs)."""
+        import hashlib  # only a --state run asks: not imported at start
+
         digest = hashlib.sha256()
         for t in self.tasks:
             fields = [t.id, t.metadata["command"], t.dependencies]

@@ -16,7 +16,6 @@ POSIX only (process groups). Nothing here is imported by ``import necrocode_disp
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +64,8 @@ def _safe_name(name: str) -> str:
         encoded = "%2E" + encoded[1:]
     if len(encoded) <= 120:
         return encoded
+    import hashlib  # rare: imported when needed (OpenSSL's start is not free)
+
     digest = hashlib.blake2s(name.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
     return f"{encoded[:100]}%%{digest}"
 
@@ -593,10 +593,16 @@ class LocalRunner:
     slot_id: str | None
     attempt: int
     pid: int
-    log_path: Path
+    #: The command's stdout file (its stderr: the same name ending ``.err``).
+    log_file: str
     started_at: datetime
     container_id: str | None = None
     job_name: str | None = None
+
+    @property
+    def log_path(self) -> Path:
+        # Made when asked: a Path costs 5 µs, and launches are per task.
+        return Path(self.log_file)
 
 
 @dataclass
@@ -889,7 +895,8 @@ class SubprocessLauncher:
         self._count = 0
         #: Marks this launcher's commands (``NECROCODE_RUN_ID``), so that a
         #: resumed run can tell its leftovers from anything else.
-        self.run_id = run_id or uuid.uuid4().hex
+        # 128 random bits as hex, as uuid4().hex (without importing uuid).
+        self.run_id = run_id or os.urandom(16).hex()
         self._guard = OrphanGuard() if orphan_guard and os.name == "posix" else None
         # One thread watches every runner where pidfds exist; else a thread each.
         self._reaper = _Reaper(self) if _Reaper.available() else None
@@ -947,7 +954,7 @@ class SubprocessLauncher:
             slot_id=getattr(slot, "slot_id", None),
             attempt=attempt,
             pid=popen.pid,
-            log_path=Path(log_file),
+            log_file=log_file,
             started_at=datetime.now(),
         )
         if self._guard is not None:
