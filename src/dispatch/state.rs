@@ -1167,8 +1167,8 @@ impl<T> DispatcherState<T> {
         now: Now,
     ) -> Result<Outcome<T>, Refusal> {
         let runner = match runner_id {
-            // One lookup: take the runner, and put it back in the rare case
-            // that it runs another task.
+            // One lookup: the runner is taken unless it runs another task
+            // (rare: then it stays tracked and the report is refused).
             Some(rid) => match self.runners.take_if(rid, |r| &*r.task_id == task_id) {
                 None => {
                     let early = EarlyReport::Failure {
