@@ -918,8 +918,10 @@ class SubprocessLauncher:
         with self._lock:
             self._count += 1
             runner_id = f"local-{self._count}"
-        # Paths as text: pathlib's joins cost 10-15 µs a task here.
-        slot_dir = os.fspath(getattr(slot, "path", None) or self.log_dir)
+        # Paths as text: pathlib's joins cost 10-15 µs a task here. A slot's
+        # Path is text already; any other path is normalised, as before.
+        where = getattr(slot, "path", None) or self.log_dir
+        slot_dir = str(where if isinstance(where, Path) else Path(where))
         log_file = os.path.join(self.log_dir, f"{_safe_name(task_id)}.{attempt}.log")
         err_file = log_file[: -len(".log")] + ".err"
         env = dict(
