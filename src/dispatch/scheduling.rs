@@ -339,7 +339,7 @@ mod tests {
         q
     }
 
-    /// The n-th task to arrive: priority 0, age 0.
+    /// The n-th task to arrive: priority 0, age 0 (also for `route_tests`).
     pub(super) fn arrival(n: usize) -> QueueOrder {
         QueueOrder {
             priority: 0,
@@ -485,6 +485,7 @@ mod tests {
 
 #[cfg(test)]
 mod route_tests {
+    use super::tests::arrival;
     use super::*;
     use crate::dispatch::pools::PoolState;
     use crate::dispatch::queue::{QueueKey, QueueOrder};
@@ -524,11 +525,7 @@ mod route_tests {
                 ("web".to_owned(), "web")
             };
             let route = s.route_of(Some(skill));
-            let order = QueueOrder {
-                priority: 0,
-                age: 0,
-                seq,
-            };
+            let order = arrival(seq as usize);
             orders.insert(id.as_str().into(), order);
             let key = QueueKey {
                 order,
@@ -633,11 +630,7 @@ mod route_tests {
             let mut orders: HashMap<TaskId, QueueOrder> = HashMap::new();
             for (seq, (id, spec, skill)) in tasks.iter().enumerate() {
                 let route = s.route_of(*skill);
-                let order = QueueOrder {
-                    priority: 0,
-                    age: 0,
-                    seq: seq as u64,
-                };
+                let order = arrival(seq);
                 orders.insert(id.as_str().into(), order);
                 let key = QueueKey {
                     order,
