@@ -770,3 +770,26 @@ def test_the_cli_refuses_a_platform_it_cannot_run_commands_on(tmp_path, monkeypa
     assert "run needs a POSIX system" in capsys.readouterr().err
     assert not list(tmp_path.rglob("MARKER"))
     assert not (tmp_path / "work").exists()
+
+
+def test_the_exit_skips_teardown_but_not_exit_handlers_or_output(tmp_path):
+    """The command ends without the interpreter's teardown: its exit code,
+    its whole table on a pipe and the exit handlers registered in the
+    process are as with `sys.exit`."""
+    tasks = "".join(f"  - {{id: t{i:03}, command: 'exit {i % 2}'}}\n" for i in range(300))
+    job = write_job(tmp_path, "dispatcher: {retry: {max_attempts: 1}}\ntasks:\n" + tasks)
+    program = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
+        "from necrocode_dispatch.cli import console_main\n"
+        f"sys.argv = ['necrocode-dispatch', *{cli_args(tmp_path, job, '--quiet')[3:]!r}]\n"
+        "console_main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1, result.stderr
+    assert "exit handler ran" in result.stderr
+    rows = [line.split()[:3] for line in result.stdout.splitlines()[1:301]]
+    assert rows == [[f"t{i:03}", "1", "failed" if i % 2 else "done"] for i in range(300)]
+    assert result.stdout.rstrip().endswith(f"command logs: {tmp_path / 'work' / 'logs'}")

@@ -9,6 +9,7 @@ runs), 130 interrupted by Ctrl-C (143 by SIGTERM): running commands are stopped.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from necrocode_dispatch import DispatcherCore, DispatcherError, PoolType, TaskState
 from necrocode_dispatch.job import JobError, load_job
@@ -493,9 +494,15 @@ def print_table(rows: list[Row], out: TextIO) -> None:
     header = ("task", "attempts", "outcome", "last failure")
     cells = [(r.task_id, str(r.attempts), r.outcome, r.last_failure or "-") for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header[:3])]
-    for line in [header, *cells]:
-        head = "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=False))
-        print(f"{head}  {line[3]}".rstrip(), file=out)
+    w0, w1, w2 = widths
+    # One write: a line per task, 10^4 of them, printed one by one took a
+    # few ms per thousand.
+    out.write(
+        "".join(
+            f"{a.ljust(w0)}  {b.ljust(w1)}  {c.ljust(w2)}  {d}".rstrip() + "\n"
+            for a, b, c, d in [header, *cells]
+        )
+    )
 
 
 class Progress:
@@ -644,7 +651,26 @@ class Progress:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    _exit(main())
+
+
+def _exit(code: int) -> NoReturn:
+    """Exits with ``code`` as ``sys.exit`` would, without the interpreter's
+    teardown: it frees every object of the run one by one (25 ms for 2,000
+    tasks, more than the table took to print). The exit handlers run first
+    (the launcher's gates, logging's flush, Ray's shutdown), then the
+    standard streams are flushed. With a thread of someone else's still to
+    be joined, or a stream that cannot be flushed, it is ``sys.exit``."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if any(not t.daemon and t.is_alive() for t in others):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code)
 
 
 if __name__ == "__main__":
