@@ -2,6 +2,8 @@
 (text keys, lists, text) without its generic constructor: the data must be
 what `yaml.safe_load` gives for every document, plain or not."""
 
+import gc
+
 import pytest
 import yaml
 
@@ -63,3 +65,22 @@ def test_a_job_file_with_anchors_and_numbers_loads(tmp_path):
     assert job.config.max_global_concurrency == 3
     assert [(t.id, t.priority) for t in job.tasks] == [("a", 2), ("b", 2)]
     assert job.tasks[1].metadata["command"] == "true"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("text", ["tasks:\n  - {id: a, command: 'true'}\n", "tasks: [\n"])
+def test_the_collector_is_left_as_it_was(tmp_path, enabled, text):
+    """The cyclic collector waits while a job loads, and is then as before,
+    whether the job loaded or was refused."""
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        try:
+            load_job(path)
+        except JobError:
+            pass
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
