@@ -414,6 +414,25 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
         assert ("\x1b[K" in text) is isinstance(stream, Terminal)
 
 
+def test_quiet_progress_shows_nothing_even_on_a_terminal():
+    import io
+
+    from necrocode_dispatch.cli import Progress
+    from necrocode_dispatch.models import TaskState
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = Progress(stream, ["a"], max_attempts=3, quiet=True)
+    progress.on_change("a", TaskState.RUNNING, {"pool_name": "local"})
+    progress.on_change("a", TaskState.DONE, {})
+    progress.redraw()
+    progress.finish()
+    assert stream.getvalue() == ""
+
+
 def test_the_status_line_shows_running_and_waiting_tasks_and_fits_the_terminal():
     import io
 

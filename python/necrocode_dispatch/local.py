@@ -209,7 +209,10 @@ class InMemoryTaskRegistry:
             return list(fresh.values())
 
     def update_task_state(self, spec_name, task_id, new_state, metadata=None):
-        state = TaskState(getattr(new_state, "value", new_state))
+        # A TaskState as it is (the enum's lookup by value costs 2 µs).
+        if type(new_state) is not TaskState:
+            new_state = TaskState(getattr(new_state, "value", new_state))
+        state = new_state
         change = StateChange(state, dict(metadata or {}), datetime.now())
         with self._lock:
             record = self._records.get(task_id)
@@ -225,7 +228,9 @@ class InMemoryTaskRegistry:
                 follow = self._release_dependents_of(task_id)
             elif state is TaskState.FAILED and before is not TaskState.FAILED:
                 follow = self._skip_dependents_of(task_id)
-        if state is TaskState.READY or any(c.state is TaskState.READY for _, c in follow):
+        if state is TaskState.READY or (
+            follow and any(c.state is TaskState.READY for _, c in follow)
+        ):
             self._wake()
         if self.listener is not None:
             self.listener(task_id, state, change.metadata)
