@@ -105,7 +105,7 @@ def _load_job(path: str | Path) -> Job:
         raise JobError(f"not UTF-8 text: byte {e.start} is {e.object[e.start]:#04x}") from None
     if _looks_like_json(path, text):
         # A JSON document is YAML too; the json module reads a 10^5-task job
-        # in 0.07 s where PyYAML (even with libyaml) takes 3 s.
+        # in 0.07 s where PyYAML (even with libyaml) takes 2-3 s.
         try:
             return parse_job(json.loads(text), default_spec=path.stem)
         except json.JSONDecodeError as e:
