@@ -129,7 +129,7 @@ _LOADER: Any = None
 def _yaml_loader() -> Any:
     """PyYAML's safe loader (libyaml's when PyYAML was built with it: about
     8x faster) that builds plain documents (mappings with text keys, lists,
-    text) without its generic constructor: 40 % of a 2,000-task job's load.
+    text) without its generic constructor: a third of a 2,000-task job's load.
     Anything else (numbers, booleans, anchors, merge keys, other tags) goes
     through the safe constructor as before, so the result is the same."""
     global _LOADER

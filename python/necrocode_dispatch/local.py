@@ -210,9 +210,11 @@ class InMemoryTaskRegistry:
 
     def update_task_state(self, spec_name, task_id, new_state, metadata=None):
         # A TaskState as it is (the enum's lookup by value costs 2 µs).
-        if type(new_state) is not TaskState:
-            new_state = TaskState(getattr(new_state, "value", new_state))
-        state = new_state
+        state = (
+            new_state
+            if type(new_state) is TaskState
+            else TaskState(getattr(new_state, "value", new_state))
+        )
         change = StateChange(state, dict(metadata or {}), datetime.now())
         with self._lock:
             record = self._records.get(task_id)
