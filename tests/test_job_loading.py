@@ -35,6 +35,11 @@ def test_a_document_reads_as_the_safe_loader_reads_it(text):
     assert repr(yaml.load(text, Loader=_yaml_loader())) == repr(yaml.safe_load(text))
 
 
+def test_documents_of_one_stream_read_as_with_the_safe_loader():
+    text = "a: 1\nb: x\n---\nc: [2, y]\n---\n- &q z\n- *q\n"
+    assert list(yaml.load_all(text, Loader=_yaml_loader())) == list(yaml.safe_load_all(text))
+
+
 def test_an_alias_is_one_object_as_with_the_safe_loader():
     data = yaml.load("- &a [1]\n- *a\n", Loader=_yaml_loader())
     assert data[0] is data[1]

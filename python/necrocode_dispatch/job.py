@@ -147,7 +147,10 @@ def _yaml_loader() -> Any:
         def construct_document(self, node: Any) -> Any:
             seen: set[int] = set()
             try:
-                return self._plain(node, seen)
+                data = self._plain(node, seen)
+                # As the safe constructor leaves itself after a document.
+                self.constructed_objects = {}
+                return data
             except NotPlain:
                 # A shared or self-referencing node (an alias), a merge key,
                 # a key that is not text: the safe constructor's own rules.
