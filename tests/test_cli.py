@@ -2,6 +2,7 @@
 codes, retries and their delays, timeouts, bad job files, pool limits (all
 checked from the event log), --json, and Ctrl-C."""
 
+import io
 import json
 import os
 import shutil
@@ -48,6 +49,13 @@ def run_cli(tmp_path, job, *extra, timeout=60):
         text=True,
         timeout=timeout,
     )
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal: progress draws its status line."""
+
+    def isatty(self):
+        return True
 
 
 def events(tmp_path, kind=None):
@@ -387,14 +395,8 @@ def test_the_example_job_prints_the_table_the_readme_shows(tmp_path):
 
 
 def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
-    import io
-
     from necrocode_dispatch.cli import Progress
     from necrocode_dispatch.models import TaskState
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     for stream in (Terminal(), io.StringIO()):
         progress = Progress(stream, ["a", "bb"], max_attempts=3)
@@ -415,14 +417,8 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
 
 
 def test_quiet_progress_shows_nothing_even_on_a_terminal():
-    import io
-
     from necrocode_dispatch.cli import Progress
     from necrocode_dispatch.models import TaskState
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     stream = Terminal()
     progress = Progress(stream, ["a"], max_attempts=3, quiet=True)
@@ -434,14 +430,8 @@ def test_quiet_progress_shows_nothing_even_on_a_terminal():
 
 
 def test_the_status_line_shows_running_and_waiting_tasks_and_fits_the_terminal():
-    import io
-
     from necrocode_dispatch.cli import Progress
     from necrocode_dispatch.models import TaskState
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     stream = Terminal()
     progress = Progress(stream, ["build", "test"], max_attempts=3, columns=lambda: 200)
