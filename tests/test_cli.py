@@ -781,24 +781,48 @@ def test_the_cli_refuses_a_platform_it_cannot_run_commands_on(tmp_path, monkeypa
     assert not (tmp_path / "work").exists()
 
 
+def run_console_main(tmp_path, job, prelude):
+    """`console_main()` on `job` in a fresh interpreter, after `prelude`."""
+    program = (
+        f"{prelude}\n"
+        "import sys\n"
+        "from necrocode_dispatch.cli import console_main\n"
+        f"sys.argv = ['necrocode-dispatch', *{cli_args(tmp_path, job, '--quiet')[3:]!r}]\n"
+        "console_main()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+
+
 def test_the_exit_skips_teardown_but_not_exit_handlers_or_output(tmp_path):
     """The command ends without the interpreter's teardown: its exit code,
     its whole table on a pipe and the exit handlers registered in the
     process are as with `sys.exit`."""
     tasks = "".join(f"  - {{id: t{i:03}, command: 'exit {i % 2}'}}\n" for i in range(300))
     job = write_job(tmp_path, "dispatcher: {retry: {max_attempts: 1}}\ntasks:\n" + tasks)
-    program = (
-        "import atexit, sys\n"
-        "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
-        "from necrocode_dispatch.cli import console_main\n"
-        f"sys.argv = ['necrocode-dispatch', *{cli_args(tmp_path, job, '--quiet')[3:]!r}]\n"
-        "console_main()\n"
+    prelude = (
+        "import atexit, sys\natexit.register(lambda: print('exit handler ran', file=sys.stderr))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
-    )
+    result = run_console_main(tmp_path, job, prelude)
     assert result.returncode == 1, result.stderr
     assert "exit handler ran" in result.stderr
     rows = [line.split()[:3] for line in result.stdout.splitlines()[1:301]]
     assert rows == [[f"t{i:03}", "1", "failed" if i % 2 else "done"] for i in range(300)]
     assert result.stdout.rstrip().endswith(f"command logs: {tmp_path / 'work' / 'logs'}")
+
+
+def test_the_exit_waits_for_a_thread_of_the_program_as_sys_exit_does(tmp_path):
+    """A non-daemon thread of the calling program still running when the
+    command ends is joined, not killed: the exit is then `sys.exit`."""
+    job = write_job(tmp_path, "tasks:\n  - {id: a, command: 'true'}\n")
+    prelude = (
+        "import sys, threading\n"
+        "def after_main():\n"
+        "    threading.main_thread().join()\n"
+        "    print('thread finished', file=sys.stderr, flush=True)\n"
+        "threading.Thread(target=after_main).start()"
+    )
+    result = run_console_main(tmp_path, job, prelude)
+    assert result.returncode == 0, result.stderr
+    assert "thread finished" in result.stderr
